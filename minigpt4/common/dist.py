@@ -1,0 +1,126 @@
+"""torch.distributed helpers for runs launched by torchrun (or by plain `python`).
+
+torchrun tells every process who it is through RANK, WORLD_SIZE and LOCAL_RANK. Those are the only source of
+truth here: CUDA_VISIBLE_DEVICES only says which GPUs a process may see, not how many processes there are (the
+released reference code read the device count from it, which breaks as soon as a launcher restricts it).
+
+Without those variables (plain `python train.py ...`) the run is a single process and no process group is
+created; every helper below then degrades to the obvious single-process behaviour, so callers never branch.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. 'cuda' without a GPU is an error, not a fallback."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cuda", "cpu"):
+        raise ValueError(f"run.device must be 'cuda', 'cpu' or 'auto', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("run.device is 'cuda' but torch sees no GPU; use device: cpu (or auto)")
+    return device
+
+
+def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> tuple[int, int, int, torch.device]:
+    """Join the process group torchrun set up; returns (rank, world_size, local_rank, device).
+
+    NCCL on CUDA, gloo on CPU. Each CUDA process uses GPU `local_rank` of the GPUs it can see. Calling it again
+    after the group exists just reports the current values.
+    """
+    kind = resolve_device(device)
+    rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    if rank is None or world_size is None:
+        # Plain `python`: one process, no process group.
+        rank, world_size, local_rank = 0, 1, 0
+    else:
+        local_rank = rank if local_rank is None else local_rank
+        if not 0 <= rank < world_size:
+            raise ValueError(f"RANK={rank} is outside WORLD_SIZE={world_size}")
+
+    if kind == "cuda":
+        if local_rank >= torch.cuda.device_count():
+            raise RuntimeError(
+                f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} GPU(s) are visible; "
+                "launch at most one process per GPU (torchrun --nproc_per_node)"
+            )
+        torch.cuda.set_device(local_rank)
+        run_device = torch.device("cuda", local_rank)
+    else:
+        run_device = torch.device("cpu")
+
+    if world_size > 1 and not dist.is_initialized():
+        backend = "nccl" if kind == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+            device_id=run_device if kind == "cuda" else None,
+        )
+    return rank, world_size, local_rank, run_device
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_dist() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_dist() else 1
+
+
+def is_main() -> bool:
+    """True on the process that writes files (rank 0), and in a single-process run."""
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """Every rank's `obj`, in rank order (a one-element list in a single-process run)."""
+    if not is_dist():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op in a single-process run); returns the tensor for chaining."""
+    if is_dist():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
+    """Overwrite each tensor in place with rank `src`'s copy."""
+    if is_dist():
+        for tensor in tensors:
+            dist.broadcast(tensor, src=src)
+
+
+def cleanup() -> None:
+    """Leave the process group (safe to call when none exists)."""
+    if is_dist():
+        dist.destroy_process_group()

@@ -1,0 +1,251 @@
+"""Map-style image-caption datasets: the AdaVIB/LURE caption JSON and MiniGPT-4's cc_sbu_align.
+
+Every sample is `{"image": FloatTensor[3, H, W], "answer": str, "instruction": str | None, "id": str}`;
+`collate_samples` stacks a list of them. cc_sbu_align batches get one alignment prompt per batch from
+`PromptPerBatchCollate`.
+
+Bad images (`on_bad_image`):
+  * "error": the first unreadable image raises `BadImageError` naming the file; files listed in the
+    annotations but absent from disk raise already when the dataset is built.
+  * "skip": absent files are dropped when the dataset is built (logged, listed in `missing_images`);
+    an image that fails to load at `__getitem__` time is replaced by the next readable index (so batches keep
+    their size), logged with its path, and counted in `num_skipped`. The count is shared with DataLoader
+    workers, and counts skip events: a process that meets the same bad file again (a new epoch with
+    non-persistent workers) counts it again. `num_bad_images` = missing + skipped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from minigpt4.datasets.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
+from minigpt4.processors.image import process_seed
+
+logger = logging.getLogger(__name__)
+
+ON_BAD_IMAGE_CHOICES = ("skip", "error")
+IMAGE_TAG = "<Img><ImageHere></Img>"  # the conversation template inserts it; prompt files may repeat it
+
+
+@dataclass(frozen=True)
+class CaptionRecord:
+    image_path: Path
+    caption: str
+    sample_id: str
+
+
+def load_json_file(path: str | os.PathLike) -> Any:
+    """json.load with errors that name the file (and line/column for syntax errors)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: annotation file not found") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+
+
+def parse_caption_entries(entries: Any, source: str, where: str = "") -> list[tuple[str, str]]:
+    """Check a list of {"image_id": int | str, "caption": str} and return (image_id, caption) pairs.
+
+    Errors name the file, the entry index and the field. The same image_id may appear many times (COCO has
+    about five captions per image); each entry is its own sample, so duplicates simply appear twice.
+    """
+    if not isinstance(entries, list):
+        raise ValueError(f"{source}{where}: expected a JSON list of {{\"image_id\", \"caption\"}} objects, "
+                         f"got {type(entries).__name__}")
+    pairs = []
+    for index, entry in enumerate(entries):
+        at = f"{source}{where}[{index}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{at}: expected an object with 'image_id' and 'caption', got {type(entry).__name__}")
+        for field in ("image_id", "caption"):
+            if field not in entry:
+                raise ValueError(f"{at}: missing field '{field}'")
+        image_id, caption = entry["image_id"], entry["caption"]
+        if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or str(image_id).strip() == "":
+            raise ValueError(f"{at}.image_id: expected an integer or a non-empty string, got {image_id!r}")
+        if not isinstance(caption, str):
+            raise ValueError(f"{at}.caption: expected a string, got {type(caption).__name__}")
+        pairs.append((str(image_id), caption))
+    return pairs
+
+
+def read_prompts(path: str | os.PathLike) -> list[str]:
+    """One prompt per non-blank line; a leading "<Img><ImageHere></Img>" is removed (the template adds it)."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: prompt file not found") from None
+    prompts = []
+    for line in lines:
+        prompt = line.strip()
+        if prompt.startswith(IMAGE_TAG):
+            prompt = prompt[len(IMAGE_TAG):].strip()
+        if prompt:
+            prompts.append(prompt)
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (expected one instruction per line)")
+    return prompts
+
+
+class ImageCaptionDataset(Dataset):
+    """Records of (image file, raw caption, id) -> processed samples, with the bad-image policy above."""
+
+    def __init__(
+        self,
+        records: Sequence[CaptionRecord],
+        vis_processor: Callable,
+        text_processor: Callable[[str], str],
+        *,
+        source: str,
+        on_bad_image: str = "error",
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    ):
+        if on_bad_image not in ON_BAD_IMAGE_CHOICES:
+            raise ValueError(f"on_bad_image: expected one of {ON_BAD_IMAGE_CHOICES}, got {on_bad_image!r}")
+        self.source = source
+        self.vis_processor = vis_processor
+        self.text_processor = text_processor
+        self.on_bad_image = on_bad_image
+        self.max_pixels = max_pixels
+
+        missing = [r for r in records if not r.image_path.is_file()]
+        if missing and on_bad_image == "error":
+            raise BadImageError(
+                missing[0].image_path,
+                f"file not found (listed in {source}; {len(missing)} of {len(records)} images are missing; "
+                "set on_bad_image: skip to train without them)",
+            )
+        if missing:
+            logger.warning("%s: %d of %d images are missing and will be skipped, e.g. %s",
+                           source, len(missing), len(records), missing[0].image_path)
+        self.records = [r for r in records if r.image_path.is_file()]
+        if not self.records:
+            raise ValueError(f"{source}: no samples with an existing image file")
+        self.missing_images = [str(r.image_path) for r in missing]
+        self._skips = SkipCounter()
+        self._known_bad: set[int] = set()  # per process: don't decode a known-bad file twice
+
+    @property
+    def num_skipped(self) -> int:
+        return self._skips.value
+
+    @property
+    def num_bad_images(self) -> int:
+        return len(self.missing_images) + self.num_skipped
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        count = len(self.records)
+        for offset in range(count):
+            position = (index + offset) % count
+            if position in self._known_bad:
+                continue
+            record = self.records[position]
+            try:
+                image = load_rgb(record.image_path, max_pixels=self.max_pixels)
+            except BadImageError as err:
+                if self.on_bad_image == "error":
+                    raise
+                self._known_bad.add(position)
+                total = self._skips.add()
+                logger.warning("%s: skipping bad image %s (%s); %d skipped so far", self.source, err.path,
+                               err.reason, total)
+                continue
+            return {
+                "image": self.vis_processor(image),
+                "answer": self.text_processor(record.caption),
+                "instruction": None,
+                "id": record.sample_id,
+            }
+        raise RuntimeError(f"{self.source}: none of the {count} images could be loaded (see the warnings above)")
+
+
+class CaptionJsonDataset(ImageCaptionDataset):
+    """AdaVIB/LURE format: a JSON list of {"image_id", "caption"}; images are `{image_id:0>12}.jpg`."""
+
+    def __init__(self, ann_path: str | os.PathLike, image_dir: str | os.PathLike, vis_processor: Callable,
+                 text_processor: Callable[[str], str], **kwargs: Any):
+        pairs = parse_caption_entries(load_json_file(ann_path), str(ann_path))
+        image_dir = Path(image_dir)
+        records = [CaptionRecord(image_dir / f"{image_id:0>12}.jpg", caption, image_id) for image_id, caption in pairs]
+        super().__init__(records, vis_processor, text_processor, source=str(ann_path), **kwargs)
+
+
+class CCSBUAlignDataset(ImageCaptionDataset):
+    """MiniGPT-4 stage 2: `<storage>/filter_cap.json` ({"annotations": [...]}) + `<storage>/image/{id}.jpg`.
+
+    The instruction is left None here; `PromptPerBatchCollate` gives each batch one prompt from `prompts`.
+    """
+
+    def __init__(self, storage: str | os.PathLike, prompt_path: str | os.PathLike, vis_processor: Callable,
+                 text_processor: Callable[[str], str], **kwargs: Any):
+        storage = Path(storage)
+        ann_path = storage / "filter_cap.json"
+        content = load_json_file(ann_path)
+        if not isinstance(content, dict) or "annotations" not in content:
+            raise ValueError(f"{ann_path}: expected an object with an 'annotations' list")
+        pairs = parse_caption_entries(content["annotations"], str(ann_path), ".annotations")
+        records = [CaptionRecord(storage / "image" / f"{image_id}.jpg", caption, image_id) for image_id, caption in pairs]
+        self.prompts = read_prompts(prompt_path)
+        super().__init__(records, vis_processor, text_processor, source=str(ann_path), **kwargs)
+
+
+def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """List of samples -> {"image": [B, 3, H, W], "answer": [...], "instruction": [...], "id": [...]}."""
+    if len(samples) == 0:
+        raise ValueError("collate_samples: empty batch")
+    shapes = {tuple(s["image"].shape) for s in samples}
+    if len(shapes) != 1:
+        raise ValueError(f"collate_samples: images of different shapes in one batch {sorted(shapes)}; "
+                         "all datasets of a run must use the same image_size")
+    return {
+        "image": torch.stack([s["image"] for s in samples]),
+        "answer": [s["answer"] for s in samples],
+        "instruction": [s["instruction"] for s in samples],
+        "id": [s["id"] for s in samples],
+    }
+
+
+class PromptPerBatchCollate:
+    """collate_samples + one prompt, drawn at random per batch, as the instruction of every row.
+
+    The prompt RNG is `random.Random(seed)` in the main process; in a DataLoader worker (where collation runs
+    when num_workers > 0) it is re-seeded once per process via `process_seed`, so workers draw different
+    prompt sequences and the run stays reproducible under `torch.manual_seed`.
+    """
+
+    def __init__(self, prompts: Sequence[str], seed: int = 42):
+        if not prompts:
+            raise ValueError("PromptPerBatchCollate: need at least one prompt")
+        self.prompts = list(prompts)
+        self.seed = seed
+        self._rng: random.Random | None = None
+        self._rng_pid = -1
+
+    def pick_prompt(self) -> str:
+        if self._rng is None or self._rng_pid != os.getpid():
+            self._rng = random.Random(process_seed(self.seed))
+            self._rng_pid = os.getpid()
+        return self._rng.choice(self.prompts)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        batch = collate_samples(samples)
+        batch["instruction"] = [self.pick_prompt()] * len(samples)
+        return batch

@@ -1,0 +1,166 @@
+"""Config -> model. Loads every weight from local paths only, strictly, and says which file was used."""
+from __future__ import annotations
+
+import logging
+from contextlib import nullcontext
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from minigpt4.common.config import ConfigError
+from minigpt4.common.registry import Registry
+from minigpt4.conversation.conversation import get_template
+from minigpt4.models import checkpoints as ckpt
+from minigpt4.models.encoders import ImageEncoder
+from minigpt4.models.minigpt4 import MiniGPT4
+from minigpt4.models.vib import build_projector
+
+log = logging.getLogger(__name__)
+
+ARCHITECTURES: Registry = Registry("model arch")
+
+# Random-init sizes of the LLMs MiniGPT-4 was released with (the real weights come from llm_path).
+LLM_PRESETS: dict[str, dict] = {
+    "vicuna-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "vicuna-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       vocab_size=32000, max_position_embeddings=2048, rms_norm_eps=1e-6),
+    "llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                      vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
+}
+
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[name]
+
+
+def build_model(cfg: DictConfig | dict, *, device: str | torch.device = "cpu"):
+    """Build the model named by `cfg.arch` on `device` ("meta" builds shapes only, no memory, no weights)."""
+    if not isinstance(cfg, DictConfig):
+        from minigpt4.common.config import ModelConfig, merge
+
+        cfg = merge(ModelConfig, cfg, where="model")
+    return ARCHITECTURES.get(cfg.arch)(cfg, torch.device(device))
+
+
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError) as err:
+        raise ConfigError(f"model.tokenizer_path / llm_path: cannot load a tokenizer from {path}: {err}") from None
+
+
+def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dtype):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if cfg.llm_path is not None:
+        kwargs = dict(local_files_only=True, dtype=dtype, attn_implementation=cfg.attn_implementation)
+        if cfg.low_resource:
+            from transformers import BitsAndBytesConfig
+
+            if device.type != "cuda":
+                raise ConfigError("model.low_resource (8-bit LLM) needs a CUDA GPU")
+            kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
+        log.info("loading LLM from %s", cfg.llm_path)
+        return LlamaForCausalLM.from_pretrained(cfg.llm_path, **kwargs)
+    if cfg.llm_preset is not None and cfg.llm_preset not in LLM_PRESETS:
+        raise ConfigError(f"model.llm_preset = {cfg.llm_preset!r}; expected one of {', '.join(LLM_PRESETS)}")
+    sizes = dict(LLM_PRESETS.get(cfg.llm_preset, {}))
+    sizes.update(OmegaConf.to_container(cfg.llm, resolve=True))
+    if tokenizer is not None:
+        sizes.setdefault("vocab_size", len(tokenizer))
+        sizes.setdefault("bos_token_id", tokenizer.bos_token_id)
+        sizes.setdefault("eos_token_id", tokenizer.eos_token_id)
+        sizes.setdefault("pad_token_id", tokenizer.pad_token_id)
+    config = LlamaConfig(**sizes)
+    config._attn_implementation = cfg.attn_implementation
+    if device.type != "meta":
+        log.warning("model.llm_path is not set: the LLM is randomly initialised (%d layers, width %d)",
+                    config.num_hidden_layers, config.hidden_size)
+    return LlamaForCausalLM(config).to(dtype)
+
+
+def load_encoder(encoder: ImageEncoder, cfg: DictConfig) -> None:
+    if cfg.encoder_path is not None:
+        ckpt.load_encoder_weights(encoder, cfg.encoder_path)
+    elif cfg.blip2_hf_path is not None:
+        ckpt.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path)
+    elif cfg.vit_path is not None:
+        ckpt.load_lavis_encoder(encoder, cfg.vit_path, cfg.qformer_path)
+    elif cfg.full_ckpt is None:
+        log.warning("no encoder weights given (encoder_path / blip2_hf_path / vit_path+qformer_path): "
+                    "the ViT and Q-Former are randomly initialised")
+
+
+@ARCHITECTURES.register("minigpt4")
+def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
+    meta = device.type == "meta"
+    tokenizer = None
+    tok_path = cfg.tokenizer_path or cfg.llm_path
+    if tok_path is not None and not meta:
+        tokenizer = load_tokenizer(tok_path)
+    elif not meta:
+        raise ConfigError("model.tokenizer_path (or model.llm_path) is required to build a usable model")
+    llm_dtype = resolve_dtype(cfg.llm_dtype, device)
+    enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
+    with torch.device("meta") if meta else nullcontext():
+        encoder = ImageEncoder(OmegaConf.to_container(cfg.vision, resolve=True),
+                               OmegaConf.to_container(cfg.qformer, resolve=True),
+                               num_query_tokens=cfg.num_query_tokens,
+                               attn_implementation=cfg.attn_implementation)
+        llm = build_llm(cfg, tokenizer, device, llm_dtype)
+        projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
+                                    kl_on=cfg.vib.kl_on, reparameterize=cfg.vib.reparameterize)
+    if meta:
+        return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym)
+    load_encoder(encoder, cfg)
+    encoder.to(device=device, dtype=enc_dtype)
+    if not cfg.low_resource:
+        llm.to(device)
+    projector.to(device)  # trainable: fp32 master weights; autocast handles the matmul precision
+    model = MiniGPT4(
+        encoder, projector, llm, tokenizer, get_template(cfg.prompt_template),
+        end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, num_samples=cfg.vib.num_samples,
+        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive, freeze_encoder=cfg.freeze_encoder,
+    )
+    load_model_weights(model, cfg)
+    return model
+
+
+def load_model_weights(model, cfg: DictConfig) -> None:
+    """Whole-model file, then the released projector, then our own fine-tuned projector (later ones win)."""
+    if cfg.full_ckpt is not None:
+        load_full_checkpoint(model, cfg.full_ckpt)
+    if cfg.projector_path is not None:
+        ckpt.load_minigpt4_projector(model.projector.llama_proj, cfg.projector_path,
+                                     llm_hidden=model.llm.config.hidden_size)
+    if cfg.ckpt is not None:
+        ckpt.load_trainable(model, cfg.ckpt)
+
+
+def load_full_checkpoint(model, path: str) -> None:
+    """A whole-model safetensors (encoder.*, llm.*, projector.*), loaded strictly part by part.
+
+    A linear model's file may seed a VIB model: its `projector.llama_proj.*` becomes the VIB mean head and
+    only the VIB's new tensors (std head, prior) keep their fresh initialisation.
+    """
+    state = ckpt.load_state_file(path)
+    parts = {"encoder": model.encoder, "llm": model.llm, "projector": model.projector}
+    unknown = sorted(k for k in state if k.split(".", 1)[0] not in parts)
+    if unknown:
+        raise ckpt.CheckpointError(f"{path}: unexpected keys outside encoder/llm/projector: {unknown[:5]}")
+    for prefix, module in parts.items():
+        sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
+        mean_only = {k for k in sub} == {"llama_proj.weight", "llama_proj.bias"}
+        if prefix == "projector" and mean_only and hasattr(module, "llama_proj_std"):
+            log.info("%s: linear projector loaded as the VIB mean head; std head and prior start fresh", path)
+            module, sub = module.llama_proj, {k.split(".", 1)[1]: v for k, v in sub.items()}
+        ckpt.load_strict(module, sub, what=f"{prefix} (whole-model checkpoint)", source=path)

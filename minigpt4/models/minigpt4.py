@@ -1,0 +1,251 @@
+"""MiniGPT-4: frozen EVA ViT-g + Q-Former -> trainable projector (linear or VIB) -> frozen LLaMA/Vicuna.
+
+One readable file in the spirit of nanoGPT: encode image -> project -> splice the visual tokens into the
+prompt -> LM loss, or generate. The VIB math lives in `vib.py`; weight loading in `checkpoints.py`; building
+from a config in `builder.py`.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, Template
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TextBatch:
+    """Token ids with reserved slots for the visual tokens (`image_mask`), right- or left-padded."""
+
+    input_ids: torch.Tensor  # (B, L); image slots hold the pad id
+    image_mask: torch.Tensor  # (B, L) bool, exactly N True per row
+    attention_mask: torch.Tensor  # (B, L)
+    labels: torch.Tensor | None = None  # (B, L), -100 everywhere but the answer
+
+    def repeat(self, times: int) -> "TextBatch":
+        """Sample-major repetition (row s·B + b is image b), matching the VIB's flattened samples."""
+        if times == 1:
+            return self
+        rep = lambda t: None if t is None else t.repeat(times, 1)  # noqa: E731
+        return TextBatch(rep(self.input_ids), rep(self.image_mask), rep(self.attention_mask), rep(self.labels))
+
+    def to(self, device: torch.device) -> "TextBatch":
+        mv = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TextBatch(mv(self.input_ids), mv(self.image_mask), mv(self.attention_mask), mv(self.labels))
+
+
+class MiniGPT4(nn.Module):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        projector: nn.Module,
+        llm: nn.Module,
+        tokenizer,
+        template: Template,
+        *,
+        end_sym: str | None = None,
+        max_txt_len: int = 512,
+        num_samples: int = 1,
+        beta: float = 0.0,
+        adaptive: bool = True,
+        freeze_encoder: bool = True,
+    ):
+        super().__init__()
+        self.encoder = encoder
+        self.projector = projector
+        self.llm = llm
+        self.tokenizer = tokenizer
+        self.template = template
+        self.end_sym = template.end_sym if end_sym is None else end_sym
+        self.max_txt_len = max_txt_len
+        self.num_samples = num_samples
+        self.beta = beta
+        self.adaptive = adaptive
+        self.num_query_tokens = encoder.query_tokens.shape[1]
+        frozen = [self.llm, self.encoder] if freeze_encoder else [self.llm]
+        self._frozen = frozen  # a plain list, not a child module: only remembered for train()
+        for module in frozen:
+            module.requires_grad_(False)
+            module.eval()
+        if tokenizer is not None:
+            if tokenizer.bos_token_id is None:
+                raise ValueError("the LLM tokenizer has no BOS token; MiniGPT-4 prompts start with BOS")
+            if tokenizer.pad_token_id is None:
+                # Vicuna ships without a pad token; pads are masked out, so any id works. Say so once.
+                fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+                log.warning("tokenizer has no pad token; using %r for padding (masked out everywhere)", fallback)
+                tokenizer.pad_token = fallback
+
+    # ----------------------------------------------------------------------------------------- modes
+    def train(self, mode: bool = True) -> "MiniGPT4":
+        super().train(mode)
+        for module in self._frozen:  # frozen parts never leave eval mode (no dropout, fixed norms)
+            module.eval()
+        return self
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
+        return {k: v for k, v in self.state_dict().items() if k in trainable}
+
+    @property
+    def device(self) -> torch.device:
+        return self.llm.get_input_embeddings().weight.device
+
+    @property
+    def embed_weight(self) -> torch.Tensor:
+        return self.llm.get_input_embeddings().weight
+
+    # -------------------------------------------------------------------------------------- images
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Frozen ViT + Q-Former: (B, 3, H, W) -> (B, N, D). Run once per image, never per noise sample."""
+        param = next(self.encoder.parameters())
+        with torch.no_grad():
+            return self.encoder(images.to(device=param.device, dtype=param.dtype))
+
+    def project(self, features: torch.Tensor, num_samples: int = 1) -> tuple[torch.Tensor, dict]:
+        """Q-Former features -> LLM-space visual tokens (+ VIB statistics)."""
+        proj_param = next(self.projector.parameters())
+        return self.projector(
+            features.to(device=proj_param.device, dtype=proj_param.dtype),
+            embed_weight=self.embed_weight,
+            num_samples=num_samples,
+            beta=self.beta,
+            adaptive=self.adaptive,
+        )
+
+    def _features(self, batch: dict) -> torch.Tensor:
+        if batch.get("image_features") is not None:  # cached Q-Former outputs (feature cache)
+            return batch["image_features"]
+        return self.encode_images(batch["image"])
+
+    # ---------------------------------------------------------------------------------------- text
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+
+    def _split_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
+        if prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(f"prompt must contain {IMAGE_PLACEHOLDER} exactly once: {prompt!r}")
+        before, after = prompt.split(IMAGE_PLACEHOLDER)
+        return [self.tokenizer.bos_token_id] + self._ids(before), self._ids(after)
+
+    def build_training_text(self, instructions: list[str | None], answers: list[str]) -> TextBatch:
+        """[BOS] prompt-before <N image slots> prompt-after answer end_sym, right-padded; labels on the answer."""
+        n, pad = self.num_query_tokens, self.tokenizer.pad_token_id
+        rows = []
+        for instruction, answer in zip(instructions, answers, strict=True):
+            before, after = self._split_prompt(self.template.prompt(instruction))
+            target = self._ids(answer + self.end_sym)[: self.max_txt_len]
+            ids = before + [pad] * n + after + target
+            labels = [-100] * (len(ids) - len(target)) + target
+            slots = [False] * len(before) + [True] * n + [False] * (len(after) + len(target))
+            rows.append((ids, labels, slots))
+        width = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        labels = torch.full((len(rows), width), -100, dtype=torch.long)
+        image_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, lab, slots) in enumerate(rows):
+            input_ids[i, : len(ids)] = torch.tensor(ids)
+            labels[i, : len(ids)] = torch.tensor(lab)
+            image_mask[i, : len(ids)] = torch.tensor(slots)
+            attention[i, : len(ids)] = 1
+        return TextBatch(input_ids, image_mask, attention, labels)
+
+    def build_generation_text(self, prompts: list[str]) -> TextBatch:
+        """Prompts with one <ImageHere> each -> left-padded ids (generation continues on the right)."""
+        n, pad = self.num_query_tokens, self.tokenizer.pad_token_id
+        rows = []
+        for prompt in prompts:
+            before, after = self._split_prompt(prompt)
+            rows.append((before + [pad] * n + after, [False] * len(before) + [True] * n + [False] * len(after)))
+        width = max(len(r[0]) for r in rows)
+        input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        image_mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        attention = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, (ids, slots) in enumerate(rows):
+            input_ids[i, width - len(ids):] = torch.tensor(ids)
+            image_mask[i, width - len(ids):] = torch.tensor(slots)
+            attention[i, width - len(ids):] = 1
+        return TextBatch(input_ids, image_mask, attention)
+
+    def embed(self, text: TextBatch, visual_tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with the visual tokens scattered into the image slots (row-major order)."""
+        embeds = self.llm.get_input_embeddings()(text.input_ids)
+        expected = text.image_mask.sum().item()
+        if visual_tokens.shape[0] * visual_tokens.shape[1] != expected:
+            raise ValueError(f"{visual_tokens.shape[0]}×{visual_tokens.shape[1]} visual tokens for {expected} slots")
+        return embeds.masked_scatter(text.image_mask.unsqueeze(-1), visual_tokens.to(embeds.dtype))
+
+    # ------------------------------------------------------------------------------------- forward
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """batch: image (B,3,H,W) or image_features (B,N,D); answer list[str]; instruction list[str|None].
+
+        Returns loss = ce + β·mean(α·KL) (or β·mean(KL) when not adaptive) and its parts, all scalars.
+        """
+        features = self._features(batch)
+        samples = self.num_samples if self.training else 1
+        tokens, info = self.project(features, num_samples=samples)
+        samples = tokens.shape[0] // features.shape[0]  # 1 when the projector does not sample
+        instructions = batch.get("instruction") or [None] * features.shape[0]
+        text = self.build_training_text(instructions, batch["answer"]).to(self.device).repeat(samples)
+        embeds = self.embed(text, tokens)
+        out = self.llm(inputs_embeds=embeds, attention_mask=text.attention_mask, labels=text.labels)
+        ce = out.loss.float()
+        kl_term = info.get("kl_term", torch.zeros((), device=ce.device)).to(ce.device)
+        result = {"loss": ce + kl_term, "ce": ce.detach(), "kl_term": kl_term.detach()}
+        for key in ("kl", "alpha", "entropy_ratio", "sigma"):
+            if key in info:
+                result[key] = info[key].detach().float().mean()
+        result["num_tokens"] = torch.tensor(float((text.labels != -100).sum()))
+        return result
+
+    # ---------------------------------------------------------------------------------- generation
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        images: torch.Tensor | None = None,
+        *,
+        image_features: torch.Tensor | None = None,
+        max_new_tokens: int = 256,
+        num_beams: int = 1,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        streamer=None,
+    ) -> list[str]:
+        """Batched generation from inputs_embeds: left padding + attention mask, visual tokens = μ, each row
+        stops on the template's end string (matched as text by transformers' StopStringCriteria, so no token
+        id is hard-coded) or EOS. Returns the answers cut at the first end string, special tokens removed."""
+        features = image_features if image_features is not None else self.encode_images(images)
+        was_training = self.training
+        self.eval()
+        try:
+            tokens, _ = self.project(features, num_samples=1)
+        finally:
+            self.train(was_training)
+        text = self.build_generation_text(prompts).to(self.device)
+        embeds = self.embed(text, tokens)
+        sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
+        out = self.llm.generate(
+            inputs_embeds=embeds,
+            attention_mask=text.attention_mask,
+            max_new_tokens=max_new_tokens,
+            num_beams=num_beams,
+            repetition_penalty=repetition_penalty,
+            stop_strings=[self.end_sym],
+            tokenizer=self.tokenizer,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            streamer=streamer,
+            **sampling,
+        )
+        return [self.clean_answer(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+    def clean_answer(self, text: str) -> str:
+        return (text.split(self.end_sym, 1)[0] if self.end_sym else text).strip()

@@ -1,0 +1,203 @@
+"""The whole AdaVIB method in one file: pooling, KL, similarity entropy, adaptive weight, and the projector.
+
+Bai et al., "Mitigating Hallucinations in Large Vision-Language Models by Adaptively Constraining Information
+Flow" (AAAI 2025). See SPEC §2 for the equations; this file follows them one to one. Everything here is
+model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768, LLaVA-1.5 576 CLIP patches of width 1024;
+the projector only needs `in_dim`, `out_dim` and (optionally) a custom mean head.
+
+Shapes: q is B×N×D (visual features), tokens are (S·B)×N×d, flattened *sample-major* (row s·B + b) so the
+caller can repeat its text batch S times with `tensor.repeat(S, 1)`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+STD_FLOOR = 1e-8  # logs of σ are taken of max(σ, 1e-8), as in the reference
+ENTROPY_EPS = 1e-8  # H = -Σ p log(p + 1e-8), as in the reference
+RATIO_FLOOR = 1e-6  # H/log V is clamped into [1e-6, 1] so α <= -log(1e-6) ≈ 13.8 and never inf
+
+
+def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_i h_i / √(Σ_i m_i) over the token axis (-2): "sum divided by the square root of the length".
+
+    h: (..., N, d); mask: (..., N) of 0/1 (all ones when None). Returns (..., d).
+    """
+    if mask is None:
+        return h.sum(dim=-2) / math.sqrt(h.shape[-2])
+    m = mask.to(h.dtype).unsqueeze(-1)
+    count = m.sum(dim=-2).clamp_min(1.0)
+    return (h * m).sum(dim=-2) / count.sqrt()
+
+
+def gaussian_kl(mu_q: torch.Tensor, std_q: torch.Tensor, mu_p: torch.Tensor, std_p: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu_q, std_q²) || N(mu_p, std_p²)) for diagonal Gaussians, summed over the last axis.
+
+    Computed in fp32 whatever the input dtype (under bf16 the squares and logs lose too much). Standard
+    deviations are floored at 1e-8 inside the logs *and* the ratios, so a collapsed σ gives a large finite
+    KL instead of inf/NaN.
+    """
+    mu_q, std_q, mu_p, std_p = (t.float() for t in (mu_q, std_q, mu_p, std_p))
+    var_q = std_q.clamp_min(STD_FLOOR).square()
+    var_p = std_p.clamp_min(STD_FLOOR).square()
+    kl = 0.5 * (var_q / var_p + (mu_p - mu_q).square() / var_p - 1.0 + var_p.log() - var_q.log())
+    return kl.sum(dim=-1)
+
+
+@torch.no_grad()
+def similarity_entropy(u: torch.Tensor, embed_weight: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
+    """Entropy of softmax(u · Eᵀ) over the vocabulary, in fp32 and without gradient.
+
+    u: (..., d) pooled visual tokens; embed_weight: (V, d) the LLM's input embeddings. Returns (...) in
+    [0, log V]. The reference uses -Σ p log(p + 1e-8) (not the exact -Σ p log p); we keep that. Rows are
+    processed in chunks so a large batch never materialises more than chunk_size × V logits at once.
+    """
+    with torch.autocast(device_type=u.device.type, enabled=False):
+        lead = u.shape[:-1]
+        flat = u.reshape(-1, u.shape[-1]).float()
+        weight = embed_weight.float()
+        out = []
+        for rows in flat.split(chunk_size):
+            p = torch.softmax(rows @ weight.T, dim=-1)
+            out.append(-(p * torch.log(p + ENTROPY_EPS)).sum(dim=-1))
+        return torch.cat(out).reshape(lead)
+
+
+def adaptive_weight(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """α = -log(H / log V): 0 for a uniform similarity distribution, large for a peaked (over-confident) one.
+
+    Finite for every input: H/log V is clamped into [1e-6, 1]; NaN or +inf entropies (a broken forward) map
+    to α = 0 (no extra pull) rather than poisoning the loss, -inf to the largest α.
+    """
+    if vocab_size < 2:
+        raise ValueError(f"vocab_size must be >= 2 for a normalised entropy, got {vocab_size}")
+    ratio = entropy.float() / math.log(vocab_size)
+    ratio = torch.nan_to_num(ratio, nan=1.0, posinf=1.0, neginf=RATIO_FLOOR).clamp(RATIO_FLOOR, 1.0)
+    return -torch.log(ratio)
+
+
+class VIBProjector(nn.Module):
+    """Stochastic projector q -> z ~ N(μ(q), σ(q)²) with a learned Gaussian prior (SPEC §2).
+
+    The mean head is the original projector and keeps its name, `llama_proj`, so released MiniGPT-4
+    projector checkpoints (and LLaVA's `mm_projector`, via `mean_head`) load into it unchanged. The std head
+    `llama_proj_std` is new; by default it has the same form as the mean head.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        out_dim: int,
+        *,
+        kl_on: Literal["pooled", "token"] = "pooled",
+        reparameterize: bool = True,
+        mean_head: nn.Module | None = None,
+        std_head: nn.Module | None = None,
+    ):
+        super().__init__()
+        if kl_on not in ("pooled", "token"):
+            raise ValueError(f"vib.kl_on must be 'pooled' or 'token', got {kl_on!r}")
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.kl_on = kl_on
+        self.reparameterize = reparameterize
+        self.llama_proj = mean_head if mean_head is not None else nn.Linear(in_dim, out_dim)
+        self.llama_proj_std = std_head if std_head is not None else nn.Linear(in_dim, out_dim)
+        # Reference init of the prior: standard normal for both the mean and the pre-softplus scale.
+        self.mu_p = nn.Parameter(torch.randn(out_dim))
+        self.std_p = nn.Parameter(torch.randn(out_dim))
+
+    def prior_std(self) -> torch.Tensor:
+        return F.softplus(self.std_p)
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        *,
+        embed_weight: torch.Tensor | None = None,
+        num_samples: int = 1,
+        beta: float = 0.0,
+        adaptive: bool = True,
+        token_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Returns (tokens, info).
+
+        Training (self.training and reparameterize): tokens = μ + σ ⊙ ε for S samples, (S·B)×N×d sample-major.
+        Otherwise tokens = μ (B×N×d): inference costs exactly what the linear projector costs.
+        info: `kl` (B,), `alpha` (B,), `entropy_ratio` (B,) — H/log V averaged over samples, `sigma` (scalar
+        mean σ), `kl_term` (scalar, β·mean(α·KL) or β·mean(KL)). Entropy/α need `embed_weight`; without it
+        α is 1 and adaptive weighting is off.
+        """
+        mu = self.llama_proj(q)
+        std = F.softplus(self.llama_proj_std(q))
+        batch = q.shape[0]
+        sampling = self.training and self.reparameterize
+        samples = num_samples if sampling else 1
+        if sampling:
+            eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+            z = (mu.unsqueeze(0) + std.unsqueeze(0) * eps).reshape(samples * batch, *mu.shape[1:])
+        else:
+            z = mu
+
+        prior_mu, prior_std = self.mu_p, self.prior_std()
+        if self.kl_on == "pooled":
+            # The reference pools μ and σ separately and linearly (σ̄ is not the std of pool(z)).
+            kl = gaussian_kl(pool_tokens(mu, token_mask), pool_tokens(std, token_mask), prior_mu, prior_std)
+        else:
+            # Per-token KL of the N independent token posteriors, summed over tokens (the exact KL of the
+            # joint); masked tokens contribute nothing.
+            per_token = gaussian_kl(mu, std, prior_mu, prior_std)
+            kl = (per_token * token_mask.to(per_token.dtype)).sum(-1) if token_mask is not None else per_token.sum(-1)
+
+        if embed_weight is not None:
+            mask = None if token_mask is None else token_mask.repeat(samples, 1)
+            entropy = similarity_entropy(pool_tokens(z.detach(), mask), embed_weight)  # (S·B,)
+            vocab = embed_weight.shape[0]
+            alpha = adaptive_weight(entropy, vocab).reshape(samples, batch).mean(0)
+            ratio = (entropy / math.log(vocab)).reshape(samples, batch).mean(0)
+        else:
+            alpha = torch.ones(batch, device=q.device)
+            ratio = torch.full((batch,), float("nan"), device=q.device)
+
+        weighted = alpha * kl if adaptive and embed_weight is not None else kl
+        info = {
+            "kl": kl,
+            "alpha": alpha,
+            "entropy_ratio": ratio,
+            "sigma": std.detach().float().mean(),
+            "kl_term": beta * weighted.mean(),
+        }
+        return z, info
+
+
+class LinearProjector(nn.Module):
+    """The original MiniGPT-4 projector (`llama_proj`), with the VIB projector's call signature."""
+
+    def __init__(self, in_dim: int, out_dim: int, *, mean_head: nn.Module | None = None):
+        super().__init__()
+        self.in_dim, self.out_dim = in_dim, out_dim
+        self.llama_proj = mean_head if mean_head is not None else nn.Linear(in_dim, out_dim)
+
+    def forward(self, q: torch.Tensor, *, embed_weight: torch.Tensor | None = None, **_: object):
+        z = self.llama_proj(q)
+        info: dict[str, torch.Tensor] = {}
+        if embed_weight is not None:  # diagnostics only (demo, analysis); no effect on the loss
+            with torch.no_grad():
+                entropy = similarity_entropy(pool_tokens(z), embed_weight)
+                info["entropy_ratio"] = entropy / math.log(embed_weight.shape[0])
+                info["alpha"] = adaptive_weight(entropy, embed_weight.shape[0])
+        return z, info
+
+
+def build_projector(kind: str, in_dim: int, out_dim: int, *, kl_on: str = "pooled", reparameterize: bool = True,
+                    mean_head: nn.Module | None = None, std_head: nn.Module | None = None) -> nn.Module:
+    """`mm_projector_type` from YAML -> projector module."""
+    if kind == "linear":
+        return LinearProjector(in_dim, out_dim, mean_head=mean_head)
+    if kind == "vib":
+        return VIBProjector(in_dim, out_dim, kl_on=kl_on, reparameterize=reparameterize,
+                            mean_head=mean_head, std_head=std_head)
+    raise ValueError(f"model.mm_projector_type must be one of 'linear', 'vib'; got {kind!r}")

@@ -1,0 +1,150 @@
+"""Every VIB function against an independent computation (SPEC §2)."""
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal, kl_divergence
+
+from minigpt4.models.vib import (
+    LinearProjector,
+    VIBProjector,
+    adaptive_weight,
+    gaussian_kl,
+    pool_tokens,
+    similarity_entropy,
+)
+
+
+def test_pool_tokens_is_sum_over_sqrt_length():
+    h = torch.randn(2, 5, 3)
+    assert torch.allclose(pool_tokens(h), h.sum(1) / math.sqrt(5))
+    mask = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 1]])
+    pooled = pool_tokens(h, mask)
+    assert torch.allclose(pooled[0], (h[0, 0] + h[0, 1]) / math.sqrt(2))
+    assert torch.allclose(pooled[1], h[1].sum(0) / math.sqrt(5))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gaussian_kl_matches_torch_distributions(dtype):
+    g = torch.Generator().manual_seed(0)
+    mu_q, mu_p = torch.randn(4, 16, generator=g), torch.randn(16, generator=g)
+    std_q = torch.rand(4, 16, generator=g) + 0.1
+    std_p = torch.rand(16, generator=g) + 0.1
+    args = [t.to(dtype) for t in (mu_q, std_q, mu_p, std_p)]
+    ours = gaussian_kl(*args)
+    assert ours.dtype == torch.float32 and ours.shape == (4,)
+    ref = kl_divergence(Normal(*(t.double() for t in args[:2])), Normal(*(t.double() for t in args[2:]))).sum(-1)
+    assert torch.allclose(ours.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_gaussian_kl_is_zero_for_equal_and_finite_for_collapsed_std():
+    mu, std = torch.randn(8), torch.rand(8) + 0.5
+    assert gaussian_kl(mu, std, mu, std).abs().item() < 1e-5
+    collapsed = gaussian_kl(mu, torch.zeros(8), torch.zeros(8), torch.ones(8))
+    assert torch.isfinite(collapsed) and collapsed > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_similarity_entropy_matches_hand_softmax(dtype):
+    g = torch.Generator().manual_seed(1)
+    u = torch.randn(3, 2, 8, generator=g).to(dtype).requires_grad_(dtype == torch.float32)
+    emb = torch.randn(50, 8, generator=g).to(dtype)
+    h = similarity_entropy(u, emb, chunk_size=2)
+    assert h.shape == (3, 2) and h.dtype == torch.float32 and not h.requires_grad
+    logits = u.detach().double() @ emb.double().T
+    p = torch.exp(logits - torch.logsumexp(logits, -1, keepdim=True))
+    ref = -(p * torch.log(p + 1e-8)).sum(-1)
+    assert torch.allclose(h.double(), ref, atol=1e-5)
+    assert (h >= 0).all() and (h <= math.log(50) + 1e-5).all()
+
+
+def test_similarity_entropy_in_fp32_under_autocast():
+    u, emb = torch.randn(2, 8), torch.randn(40, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = similarity_entropy(u, emb)
+    assert h.dtype == torch.float32
+    assert torch.allclose(h, similarity_entropy(u, emb))
+
+
+def test_adaptive_weight_ends_and_middle():
+    v = 1000
+    log_v = math.log(v)
+    alpha = adaptive_weight(torch.tensor([0.0, log_v, 0.5 * log_v, 2 * log_v]), v)
+    assert torch.isfinite(alpha).all()
+    assert alpha[0].item() == pytest.approx(-math.log(1e-6), rel=1e-5)  # H = 0: largest, finite
+    assert alpha[1].item() == pytest.approx(0.0, abs=1e-7)  # uniform: no extra pull
+    assert alpha[2].item() == pytest.approx(math.log(2), rel=1e-6)
+    assert alpha[3].item() == pytest.approx(0.0, abs=1e-7)  # above log V (numerical): clamped
+    weird = adaptive_weight(torch.tensor([float("nan"), float("inf"), -float("inf"), -1.0]), v)
+    assert torch.isfinite(weird).all()
+    bf = adaptive_weight(torch.tensor([0.25 * log_v], dtype=torch.bfloat16), v)
+    assert bf.dtype == torch.float32 and bf.item() == pytest.approx(math.log(4), rel=1e-2)
+
+
+def _projector(**kw):
+    torch.manual_seed(0)
+    return VIBProjector(6, 8, **kw)
+
+
+def test_vib_training_samples_are_sample_major():
+    proj = _projector().train()
+    q, emb = torch.randn(2, 3, 6), torch.randn(20, 8)
+    torch.manual_seed(123)
+    z, info = proj(q, num_samples=3, beta=0.5, embed_weight=emb)
+    assert z.shape == (6, 3, 8)
+    mu = proj.llama_proj(q)
+    std = torch.nn.functional.softplus(proj.llama_proj_std(q))
+    torch.manual_seed(123)
+    eps = torch.randn(3, 2, 3, 8)
+    for s in range(3):
+        for b in range(2):
+            assert torch.allclose(z[s * 2 + b], mu[b] + std[b] * eps[s, b], atol=1e-6)
+    assert info["kl"].shape == (2,) and info["alpha"].shape == (2,)
+
+
+def test_vib_loss_terms_match_equations():
+    proj = _projector().train()
+    q, emb = torch.randn(2, 3, 6), torch.randn(20, 8)
+    torch.manual_seed(5)
+    z, info = proj(q, num_samples=2, beta=0.5, adaptive=True, embed_weight=emb)
+    mu, std = proj.llama_proj(q), torch.nn.functional.softplus(proj.llama_proj_std(q))
+    kl_ref = gaussian_kl(pool_tokens(mu), pool_tokens(std), proj.mu_p, torch.nn.functional.softplus(proj.std_p))
+    assert torch.allclose(info["kl"], kl_ref)
+    h = similarity_entropy(pool_tokens(z), emb).reshape(2, 2)
+    alpha_ref = (-torch.log(h / math.log(20))).mean(0)
+    assert torch.allclose(info["alpha"], alpha_ref, atol=1e-6)
+    assert torch.allclose(info["kl_term"], 0.5 * (alpha_ref * kl_ref).mean(), rtol=1e-5)
+    _, fixed = proj(q, num_samples=2, beta=0.5, adaptive=False, embed_weight=emb)
+    assert torch.allclose(fixed["kl_term"], 0.5 * fixed["kl"].mean())
+    assert info["kl_term"].requires_grad
+
+
+def test_vib_inference_is_the_mean_head():
+    proj = _projector().eval()
+    q = torch.randn(2, 3, 6)
+    z, _ = proj(q, num_samples=3)
+    assert torch.equal(z, proj.llama_proj(q))
+
+
+def test_vib_without_reparameterization_uses_mean_in_training():
+    proj = _projector(reparameterize=False).train()
+    q = torch.randn(2, 3, 6)
+    z, info = proj(q, num_samples=3, beta=1.0)
+    assert torch.equal(z, proj.llama_proj(q))
+    assert info["kl_term"] > 0
+
+
+def test_vib_per_token_kl_option():
+    proj = _projector(kl_on="token").eval()
+    q = torch.randn(2, 3, 6)
+    _, info = proj(q)
+    mu, std = proj.llama_proj(q), torch.nn.functional.softplus(proj.llama_proj_std(q))
+    ref = kl_divergence(Normal(mu, std), Normal(proj.mu_p, torch.nn.functional.softplus(proj.std_p))).sum((-1, -2))
+    assert torch.allclose(info["kl"], ref, rtol=1e-5)
+
+
+def test_linear_projector_has_the_released_key_names():
+    proj = LinearProjector(6, 8)
+    assert set(proj.state_dict()) == {"llama_proj.weight", "llama_proj.bias"}
+    vib = VIBProjector(6, 8)
+    assert {"llama_proj.weight", "llama_proj.bias", "llama_proj_std.weight", "mu_p", "std_p"} <= set(vib.state_dict())
