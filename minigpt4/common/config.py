@@ -60,7 +60,6 @@ class ModelConfig:
     encoder_dtype: str = "auto"  # same choices; LAVIS runs the ViT in fp16 on GPU
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     low_resource: bool = False  # 8-bit LLM via bitsandbytes (GPU only)
-    freeze_encoder: bool = True
 
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")

@@ -112,10 +112,10 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     llm_dtype = resolve_dtype(cfg.llm_dtype, device)
     enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
     with torch.device("meta") if meta else nullcontext():
-        encoder = ImageEncoder(OmegaConf.to_container(cfg.vision, resolve=True),
-                               OmegaConf.to_container(cfg.qformer, resolve=True),
-                               num_query_tokens=cfg.num_query_tokens,
-                               attn_implementation=cfg.attn_implementation)
+        attn = {"attn_implementation": cfg.attn_implementation}
+        encoder = ImageEncoder({**attn, **OmegaConf.to_container(cfg.vision, resolve=True)},
+                               {**attn, **OmegaConf.to_container(cfg.qformer, resolve=True)},
+                               num_query_tokens=cfg.num_query_tokens)
         llm = build_llm(cfg, tokenizer, device, llm_dtype)
         projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
                                     kl_on=cfg.vib.kl_on, reparameterize=cfg.vib.reparameterize)
@@ -129,7 +129,7 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     model = MiniGPT4(
         encoder, projector, llm, tokenizer, get_template(cfg.prompt_template),
         end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, num_samples=cfg.vib.num_samples,
-        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive, freeze_encoder=cfg.freeze_encoder,
+        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive,
     )
     load_model_weights(model, cfg)
     return model

@@ -52,7 +52,6 @@ class MiniGPT4(nn.Module):
         num_samples: int = 1,
         beta: float = 0.0,
         adaptive: bool = True,
-        freeze_encoder: bool = True,
     ):
         super().__init__()
         self.encoder = encoder
@@ -66,8 +65,9 @@ class MiniGPT4(nn.Module):
         self.beta = beta
         self.adaptive = adaptive
         self.num_query_tokens = encoder.query_tokens.shape[1]
-        frozen = [self.llm, self.encoder] if freeze_encoder else [self.llm]
-        self._frozen = frozen  # a plain list, not a child module: only remembered for train()
+        # Only the projector trains (SPEC §1). A plain list, not a child module: remembered for train().
+        self._frozen = [self.llm, self.encoder]
+        frozen = self._frozen
         for module in frozen:
             module.requires_grad_(False)
             module.eval()

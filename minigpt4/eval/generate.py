@@ -1,0 +1,138 @@
+"""Batched, sharded, resumable generation for the benchmarks.
+
+Predictions are appended to a JSONL file per rank as they are produced (flushed and fsynced per batch); a
+rerun reads every part file, skips what is done and generates only the rest, so a killed evaluation loses
+at most the batch in flight and never duplicates an item. Rank 0 merges the parts at the end.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from tqdm import tqdm
+
+from minigpt4.common import dist
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationItem:
+    key: str  # unique id of the item (question_id, image id); also the resume key
+    image: str  # path of the image file
+    prompt: str  # full prompt with one <ImageHere>
+    extra: dict[str, Any] = field(default_factory=dict)  # copied into the prediction line
+
+
+def read_predictions(path: str) -> dict[str, dict]:
+    """Lines of a predictions file by key. A torn last line (the process died mid-write) is cut off the
+    file so later appends start on a clean line; any other malformed line is an error naming it."""
+    done: dict[str, dict] = {}
+    if not os.path.exists(path):
+        return done
+    with open(path, "rb") as f:
+        data = f.read()
+    if data and not data.endswith(b"\n"):
+        cut = data.rfind(b"\n") + 1
+        log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path, len(data) - cut)
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+        data = data[:cut]
+    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+        done[str(row["key"])] = row
+    return done
+
+
+def part_path(out_path: str, rank: int) -> str:
+    return f"{out_path}.part{rank}"
+
+
+def completed(out_path: str) -> dict[str, dict]:
+    """Everything already generated: the merged file plus every rank's part file (any world size)."""
+    done = read_predictions(out_path)
+    folder = os.path.dirname(out_path) or "."
+    base = os.path.basename(out_path) + ".part"
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.startswith(base) and name[len(base):].isdigit():
+            done.update(read_predictions(os.path.join(folder, name)))
+    return done
+
+
+def generate_all(
+    model,
+    items: list[GenerationItem],
+    *,
+    out_path: str,
+    load_image: Callable[[str], torch.Tensor | None],
+    batch_size: int = 8,
+    sort_by_length: bool = True,
+    generate_kwargs: dict | None = None,
+    desc: str = "generate",
+) -> dict[str, dict]:
+    """Generate an answer for every item not yet in `out_path` and return all predictions by key (on every
+    rank). `load_image(path)` returns a preprocessed (3, H, W) tensor, or None to skip a bad image (counted)."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    keys = [it.key for it in items]
+    if len(set(keys)) != len(keys):
+        raise ValueError("generation items must have unique keys")
+    done = completed(out_path)
+    todo = [it for it in items if it.key not in done]
+    mine = todo[rank::world]
+    if sort_by_length:  # batches of similar prompt length waste less compute on padding
+        mine.sort(key=lambda it: len(model.tokenizer(it.prompt, add_special_tokens=False).input_ids))
+    os.makedirs(os.path.dirname(out_path) or ".", exist_ok=True)
+    skipped = 0
+    with open(part_path(out_path, rank), "a", encoding="utf-8") as out, \
+            tqdm(total=len(mine), desc=desc, disable=rank != 0 or not mine) as bar:
+        for batch in _batches(mine, batch_size):
+            loaded = [(it, load_image(it.image)) for it in batch]
+            good = [(it, img) for it, img in loaded if img is not None]
+            skipped += len(loaded) - len(good)
+            if good:
+                images = torch.stack([img for _, img in good])
+                answers = model.generate([it.prompt for it, _ in good], images, **(generate_kwargs or {}))
+                for (it, _), answer in zip(good, answers):
+                    out.write(json.dumps({"key": it.key, **it.extra, "prompt": it.prompt, "answer": answer}) + "\n")
+                out.flush()
+                os.fsync(out.fileno())
+            bar.update(len(batch))
+    if skipped:
+        log.warning("rank %d: skipped %d items with unreadable images", rank, skipped)
+    dist.barrier()
+    if rank == 0:
+        merge_parts(out_path, [it.key for it in items])
+    dist.barrier()
+    return completed(out_path)
+
+
+def merge_parts(out_path: str, order: Iterable[str]) -> None:
+    """Write every prediction once, in item order, to out_path (atomically) and remove the part files."""
+    done = completed(out_path)
+    tmp = out_path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for key in order:
+            if key in done:
+                f.write(json.dumps(done[key]) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out_path)
+    folder = os.path.dirname(out_path) or "."
+    base = os.path.basename(out_path) + ".part"
+    for name in os.listdir(folder):
+        if name.startswith(base) and name[len(base):].isdigit():
+            os.remove(os.path.join(folder, name))
+
+
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

@@ -1,0 +1,134 @@
+"""MiniGPT-4 model behaviour on a tiny random model: freezing, S-sample ordering, label masks, generation."""
+import pytest
+import torch
+
+from minigpt4.conversation.conversation import get_template
+
+
+def _batch(b=2, size=28):
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randn(b, 3, size, size, generator=g),
+        "answer": ["a dog on the grass", "two cats sleeping on a sofa in the living room"][:b],
+        "instruction": [None] * b,
+    }
+
+
+def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
+    model = tiny_model_factory("vib").train()
+    assert not model.llm.training and not model.encoder.training and model.projector.training
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("projector.") for n in trainable)
+    frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    out = model(_batch())
+    out["loss"].backward()
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert p.grad is None, n
+    opt.step()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, frozen_before[n]), n
+    assert set(model.trainable_state_dict()) == trainable
+    assert {"loss", "ce", "kl_term", "alpha", "entropy_ratio", "sigma"} <= set(out)
+    assert torch.allclose(out["loss"], out["ce"] + out["kl_term"])
+
+
+def test_linear_projector_loss_is_ce_only(tiny_model_factory):
+    model = tiny_model_factory("linear").train()
+    out = model(_batch())
+    assert out["kl_term"].item() == 0.0 and torch.allclose(out["loss"], out["ce"])
+
+
+def test_sample_s_of_image_b_meets_text_of_image_b(tiny_model_factory):
+    model = tiny_model_factory("vib").train()
+    with torch.no_grad():  # σ ≈ 0 so every noisy sample equals its image's μ and can be recognised
+        model.projector.llama_proj_std.weight.zero_()
+        model.projector.llama_proj_std.bias.fill_(-30.0)
+    captured = {}
+
+    def grab(module, args, kwargs):
+        captured.update(kwargs)
+
+    handle = model.llm.register_forward_pre_hook(grab, with_kwargs=True)
+    batch = _batch()
+    model(batch)
+    handle.remove()
+    embeds, labels = captured["inputs_embeds"], captured["labels"]
+    s, b = model.num_samples, 2
+    assert embeds.shape[0] == s * b
+    mu = model.projector.llama_proj(model.encode_images(batch["image"]))
+    single = model.build_training_text([None, None], batch["answer"])
+    for row in range(s * b):
+        image = row % b  # sample-major: row = s·B + b
+        slots = single.image_mask[image]
+        assert torch.allclose(embeds[row, : slots.shape[0]][slots], mu[image], atol=1e-5)
+        assert torch.equal(labels[row, : single.labels.shape[1]], single.labels[image])
+
+
+def test_golden_label_masking_two_rows(tiny_model_factory):
+    model = tiny_model_factory("linear", prompt_template="vicuna_v0")
+    tok = model.tokenizer
+    n = model.num_query_tokens
+    instructions = ["Describe this image.", None]
+    answers = ["a red ball", "two cats on a sofa"]
+    text = model.build_training_text(instructions, answers)
+    ids = lambda s: tok(s, add_special_tokens=False).input_ids  # noqa: E731
+    pad = tok.pad_token_id
+    rows = [
+        ([tok.bos_token_id] + ids("###Human: <Img>"), ids("</Img> Describe this image. ###Assistant: "),
+         ids("a red ball###")),
+        ([tok.bos_token_id] + ids("###Human: <Img>"), ids("</Img> "), ids("two cats on a sofa###")),
+    ]
+    width = max(len(a) + n + len(b) + len(c) for a, b, c in rows)
+    assert text.input_ids.shape == (2, width)
+    for i, (before, after, target) in enumerate(rows):
+        length = len(before) + n + len(after) + len(target)
+        expect_ids = before + [pad] * n + after + target + [pad] * (width - length)
+        expect_labels = [-100] * (len(before) + n + len(after)) + target + [-100] * (width - length)
+        assert text.input_ids[i].tolist() == expect_ids
+        assert text.labels[i].tolist() == expect_labels
+        assert text.attention_mask[i].tolist() == [1] * length + [0] * (width - length)
+        assert text.image_mask[i].sum().item() == n
+        assert text.image_mask[i, len(before): len(before) + n].all()
+
+
+def test_llama2_template_and_truncation(tiny_model_factory):
+    model = tiny_model_factory("linear", prompt_template="llama2", max_txt_len=3)
+    assert model.end_sym == "</s>" and get_template("llama2").prompt("hi").startswith("[INST] <Img>")
+    text = model.build_training_text(["hi"], ["a very long answer that will be cut to three tokens"])
+    assert (text.labels != -100).sum().item() == 3
+
+
+def _prompts():
+    return ["###Human: <Img><ImageHere></Img> Describe this image.###Assistant:",
+            "A chat. ###Human: <Img><ImageHere></Img> Is there a dog in the image? Answer please.###Assistant:"]
+
+
+def test_batched_generation_equals_batch_one_and_stops_per_row(tiny_model_factory):
+    model = tiny_model_factory("vib").eval()
+    images = _batch()["image"]
+    model.end_sym = "\u0000never"  # first: no stop, to see what the random model says
+    free = model.generate(_prompts(), images, max_new_tokens=12)
+    assert all(len(t) > 0 for t in free)
+    # Use a piece of row 0's free text as the end string: each row must stop right before its first
+    # occurrence (rows without it run on), exactly as if the free text were cut there.
+    text0 = free[0]
+    start = next(i for i in range(3, len(text0) - 1) if text0[i:i + 2].isascii() and text0[i:i + 2].isalpha())
+    marker = text0[start:start + 2]
+    model.end_sym = marker
+    batched = model.generate(_prompts(), images, max_new_tokens=12)
+    for row, full in enumerate(free):
+        assert batched[row] == (full.split(marker, 1)[0].strip() if marker in full else full)
+    assert len(batched[0]) < len(text0)
+    singles = [model.generate([p], images[i: i + 1], max_new_tokens=12)[0] for i, p in enumerate(_prompts())]
+    assert batched == singles
+
+
+def test_prompt_must_contain_one_image_placeholder(tiny_model_factory):
+    model = tiny_model_factory("linear")
+    with pytest.raises(ValueError, match="exactly once"):
+        model.build_generation_text(["no image here"])
