@@ -202,7 +202,8 @@ class CCSBUAlignDataset(ImageCaptionDataset):
         if not isinstance(content, dict) or "annotations" not in content:
             raise ValueError(f"{ann_path}: expected an object with an 'annotations' list")
         pairs = parse_caption_entries(content["annotations"], str(ann_path), ".annotations")
-        records = [CaptionRecord(storage / "image" / f"{image_id}.jpg", caption, image_id) for image_id, caption in pairs]
+        records = [CaptionRecord(storage / "image" / f"{image_id}.jpg", caption, image_id)
+                   for image_id, caption in pairs]
         self.prompts = read_prompts(prompt_path)
         super().__init__(records, vis_processor, text_processor, source=str(ann_path), **kwargs)
 
@@ -226,12 +227,16 @@ def collate_samples(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
 class PromptPerBatchCollate:
     """collate_samples + one prompt, drawn at random per batch, as the instruction of every row.
 
-    The prompt RNG is `random.Random(seed)` in the main process; in a DataLoader worker (where collation runs
-    when num_workers > 0) it is re-seeded once per process via `process_seed`, so workers draw different
-    prompt sequences and the run stays reproducible under `torch.manual_seed`.
+    Where the draw comes from (the same rule as the train image processor):
+      * `seed=None`: torch's global RNG. The runner collates each batch under its own (seed, epoch, position)
+        seed, so the prompt of every batch is reproducible, also after a resume; a plain DataLoader seeds
+        worker RNGs from the main process, so `torch.manual_seed` makes the run reproducible there too.
+      * `seed=<int>`: a private `random.Random(seed)` in the main process; in a DataLoader worker (where
+        collation runs when num_workers > 0) it is re-seeded once per process via `process_seed`, so workers
+        draw different prompt sequences.
     """
 
-    def __init__(self, prompts: Sequence[str], seed: int = 42):
+    def __init__(self, prompts: Sequence[str], seed: int | None = None):
         if not prompts:
             raise ValueError("PromptPerBatchCollate: need at least one prompt")
         self.prompts = list(prompts)
@@ -240,6 +245,8 @@ class PromptPerBatchCollate:
         self._rng_pid = -1
 
     def pick_prompt(self) -> str:
+        if self.seed is None:
+            return self.prompts[int(torch.randint(len(self.prompts), ()).item())]
         if self._rng is None or self._rng_pid != os.getpid():
             self._rng = random.Random(process_seed(self.seed))
             self._rng_pid = os.getpid()

@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import get_worker_info
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default warning threshold (about 0.25 GiB of RGBA)
+DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default warning threshold (1 GiB / 4 bytes per pixel / 3)
 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Exceptions PIL raises for damaged data (truncated streams, bad chunks, broken zlib data, ...).
@@ -50,21 +51,27 @@ class BadImageError(Exception):
 class SkipCounter:
     """A count of skipped samples shared by the main process and its DataLoader workers.
 
-    Workers run on copies of the dataset, so a plain integer attribute would only ever count in the copies;
-    a shared-memory value makes `dataset.num_skipped` in the main process see every worker's skips.
+    Workers run on copies of the dataset, so a plain integer attribute would only ever count in the copies.
+    This keeps one shared-memory slot per process (main process: slot 0, worker k: slot 1 + k) and sums them.
+    Each slot has a single writer, so no lock is needed -- which also keeps the counter picklable for
+    "spawn"/"forkserver" DataLoader workers (a multiprocessing lock made under "fork" is not).
     """
 
+    SLOTS = 257
+
     def __init__(self) -> None:
-        self._shared = multiprocessing.Value("q", 0)
+        self._slots = multiprocessing.RawArray("q", self.SLOTS)
 
     def add(self, n: int = 1) -> int:
-        with self._shared.get_lock():
-            self._shared.value += n
-            return self._shared.value
+        """Add n for the current process; returns the new total over all processes."""
+        info = get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self.SLOTS - 1)
+        self._slots[slot] += n
+        return self.value
 
     @property
     def value(self) -> int:
-        return int(self._shared.value)
+        return int(sum(self._slots))
 
 
 def _to_8bit(pixels: np.ndarray, mode: str) -> np.ndarray:
@@ -96,10 +103,10 @@ def _over_white(image: Image.Image) -> Image.Image:
 def to_rgb(image: Image.Image) -> Image.Image:
     """Convert a decoded image of any mode to 8-bit RGB (rules in the module docstring)."""
     mode = image.mode
-    if mode == "RGB":
-        return image
     if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB", "1") and "transparency" in image.info):
         return _over_white(image)
+    if mode == "RGB":
+        return image
     if mode.startswith("I") or mode == "F":
         gray = _to_8bit(np.asarray(image), mode)
         return Image.fromarray(gray, mode="L").convert("RGB")

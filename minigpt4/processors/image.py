@@ -117,7 +117,8 @@ class Blip2ImageTrainProcessor(_NormalizeToTensor):
         self.image_size = _positive_int("image_size", image_size)
         self.min_scale, self.max_scale = float(min_scale), float(max_scale)
         if not 0 < self.min_scale <= self.max_scale <= 1:
-            raise ValueError(f"min_scale/max_scale: expected 0 < min_scale <= max_scale <= 1, got {min_scale}, {max_scale}")
+            raise ValueError("min_scale/max_scale: expected 0 < min_scale <= max_scale <= 1, "
+                             f"got {min_scale}, {max_scale}")
         try:
             self.ratio = (float(ratio[0]), float(ratio[1]))
         except (TypeError, ValueError, IndexError):
