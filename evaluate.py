@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg.model, device=device).eval()
     out_dir = settings.output_dir
     os.makedirs(out_dir, exist_ok=True)
-    results = {"model": settings.name, "projector": cfg.model.mm_projector_type}
+    results = {"model": settings.name, "projector": projector_label(cfg.model)}
     protocols = []
     if "pope" in settings.tasks:
         results["pope"] = run_pope(model, settings, out_dir)
@@ -103,6 +103,14 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("results in %s", os.path.abspath(os.path.join(out_dir, "metrics.json")))
     dist.cleanup()
     return 0
+
+
+def projector_label(model_cfg) -> str:
+    """linear | vib-fixed-beta (β=…) | adavib (β=…): what the results table's projector column shows."""
+    if model_cfg.mm_projector_type == "linear":
+        return "linear"
+    kind = "adavib" if model_cfg.vib.adaptive else "vib-fixed-beta"
+    return f"{kind} (β={model_cfg.vib.beta:g}, S={model_cfg.vib.num_samples})"
 
 
 def _write_json(path: str, obj) -> None:

@@ -53,6 +53,9 @@ def main(argv=None) -> None:
     raw = OmegaConf.load(args.cfg_path)
     model_options = [o.split("model.", 1)[1] for o in args.options if o.startswith("model.")]
     cfg = merge(ModelConfig, raw.get("model", {}), options=model_options, where=f"{args.cfg_path}: model")
+    if args.device == "meta":  # shapes only: weight paths left as ??? in a recipe do not matter here
+        for key in OmegaConf.missing_keys(cfg):
+            OmegaConf.update(cfg, key, None)
     validate_model_config(cfg, check_files=args.device != "meta")
     model = build_model(cfg, device=args.device)
     out = {"config": args.cfg_path, "arch": cfg.arch, "projector_type": cfg.mm_projector_type,
