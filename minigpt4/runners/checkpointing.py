@@ -122,7 +122,7 @@ def _write_torch(obj: Any, path: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")  # the .tmp- prefix: swept by remove_stale_temporaries
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -28,7 +28,7 @@ def linear_warmup_cosine(
     """MiniGPT-4's schedule: linear warmup, then cosine annealing.
 
         step <  W:  lr = warmup_lr + (init_lr − warmup_lr) · step / W
-        step >= W:  lr = min_lr + (init_lr − min_lr) · ½ · (1 + cos(π · t)),   t = min(1, (step − W) / (T − W))
+        step >= W:  lr = min_lr + (init_lr − min_lr) · ½ · (1 + cos(π · t)),  t = min(1, (step − W) / (T − W))
 
     So lr(0) = warmup_lr, lr(W) = init_lr, lr(W + (T − W)/2) = (init_lr + min_lr)/2 and lr(T) = min_lr
     (the last step actually taken, T − 1, is a hair above min_lr).

@@ -1,0 +1,352 @@
+"""The training engine: data order, resume to the bit, kill/preemption, DDP on 2 processes, accumulation,
+atomic checkpoints, non-finite steps. Everything runs the toy of tests/_toy_train.py on CPU."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from minigpt4.runners import checkpointing
+from minigpt4.runners.checkpointing import (
+    CheckpointWriteError,
+    latest_checkpoint,
+    load_checkpoint,
+    load_trainable_state,
+    save_checkpoint,
+)
+from minigpt4.runners.config import RunConfig
+from minigpt4.runners.data import EpochBatchSampler, epoch_micro_batches
+from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
+from minigpt4.runners.runner import Runner
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_SCRIPT = REPO / "tests" / "_toy_train.py"
+_spec = importlib.util.spec_from_file_location("_toy_train", TOY_SCRIPT)
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+
+# 2 epochs of 4 optimizer steps, 2 micro-batches of 2 each; the reference run every test compares against.
+RUN_ARGS = ["--iters", "4", "--epochs", "2", "--accum", "2", "--save-every", "1"]
+
+
+def run_toy(out: Path, *extra: str) -> tuple[dict, Runner]:
+    return toy.main([str(out), *RUN_ARGS, "--dump-dir", str(out / "dump"), *extra])
+
+
+def assert_same(a: Any, b: Any, where: str = "") -> None:
+    """Bitwise equality of nested dicts/lists of tensors and plain values."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"tensors differ at {where}"
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"keys differ at {where}: {sorted(a)} vs {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"lengths differ at {where}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def deterministic_metrics(out: Path) -> list[dict]:
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in read_metrics(out / "metrics.jsonl")]
+
+
+def assert_same_run(out: Path, ref: Path) -> None:
+    mine, theirs = torch.load(out / "dump" / "rank0.pt"), torch.load(ref / "dump" / "rank0.pt")
+    assert_same(mine["trainable"], theirs["trainable"], "trainable")
+    assert_same(mine["optimizer"], theirs["optimizer"], "optimizer")
+    assert deterministic_metrics(out) == deterministic_metrics(ref)
+    assert_same(load_file(out / "final" / "trainable.safetensors"),
+                load_file(ref / "final" / "trainable.safetensors"), "final")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    summary, _ = run_toy(out)
+    assert summary["completed"] and summary["global_step"] == 8 and not summary["preempted"]
+    assert len(read_metrics(out / "metrics.jsonl")) == 8
+    return out
+
+
+# ---- data order -----------------------------------------------------------------------------------------------------
+
+
+def test_sampler_shards_cover_contiguous_slices_and_skip_by_index():
+    def keys(rank: int, start: int = 0, num_batches: int = 5) -> list[list[int]]:
+        sampler = EpochBatchSampler(23, batch_size=2, rank=rank, world_size=2, seed=7, epoch=3,
+                                    num_batches=num_batches, start=start)
+        return [[i for i, _ in samples] for samples, _ in sampler]
+
+    r0, r1 = keys(0), keys(1)
+    perm = np.random.default_rng([7, 3, 0]).permutation(23)
+    for j in range(5):  # the two ranks of micro-step j read one contiguous slice of the epoch's permutation
+        assert r0[j] + r1[j] == perm[4 * j: 4 * j + 4].tolist()
+    assert keys(0) == r0  # deterministic
+    assert keys(0, start=3) == r0[3:]  # resuming skips by index
+    long = keys(0, num_batches=12)  # 5 micro-batches per pass: passes 1 and 2 are new permutations
+    assert long[:5] == r0 and long[5:10] != r0 and sorted(sum(long[5:10], [])) != sorted(sum(r0, []))
+    other_epoch = EpochBatchSampler(23, batch_size=2, rank=0, world_size=2, seed=7, epoch=4, num_batches=5)
+    assert [[i for i, _ in s] for s, _ in other_epoch] != r0
+
+
+def test_loading_is_seeded_per_sample_and_leaves_the_training_rng_alone():
+    dataset = toy.ToyDataset(n=16)
+    common = dict(batch_size=2, rank=0, world_size=1, seed=3, epoch=0, num_batches=6, pin_memory=False)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    in_process = list(epoch_micro_batches(dataset, toy.collate, start=0, num_workers=0, **common))
+    assert torch.equal(torch.get_rng_state(), before)  # augmentation/collate did not consume the model's stream
+    with_workers = list(epoch_micro_batches(dataset, toy.collate, start=2, num_workers=2, **common))
+    assert len(in_process) == 6 and len(with_workers) == 4
+    for a, b in zip(in_process[2:], with_workers):  # same random crops and prompts, whoever loads them
+        assert_same(a, b)
+    assert not torch.equal(in_process[0]["x"], dataset.x[:2])  # the augmentation did draw noise
+
+
+# ---- resume, kill, preemption ---------------------------------------------------------------------------------------
+
+
+def test_resume_is_bitwise_identical(tmp_path, reference):
+    out = tmp_path / "split"
+    first, _ = run_toy(out, "--stop-after", "3")  # stops mid-epoch 0
+    assert first["global_step"] == 3 and not first["completed"] and first["final_dir"] is None
+    assert latest_checkpoint(out).name == "step_00000003"
+    second, _ = run_toy(out, "--resume")
+    assert second["completed"] and second["global_step"] == 8
+    assert_same_run(out, reference)
+
+
+def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference):
+    out = tmp_path / "killed"
+    target = random.randint(2, 5)
+    proc = subprocess.Popen(
+        [sys.executable, str(TOY_SCRIPT), str(out), *RUN_ARGS, "--step-sleep", "0.15"],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.time() + 30
+        while time.time() < deadline and proc.poll() is None:
+            pointer = out / "checkpoints" / "latest"
+            if pointer.is_file() and int(pointer.read_text().strip().split("_")[1]) >= target:
+                break
+            time.sleep(0.01)
+        assert proc.poll() is None, f"the toy run ended before it could be killed: {proc.stderr.read()!r}"
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "final").exists()
+    killed_at = int(latest_checkpoint(out).name.split("_")[1])
+    assert target <= killed_at < 8
+    summary, _ = run_toy(out, "--resume")
+    assert summary["completed"], f"killed after checkpoint {killed_at}"
+    assert_same_run(out, reference)
+
+
+def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, reference):
+    out = tmp_path / "preempted"
+    proc = subprocess.Popen(
+        [sys.executable, str(TOY_SCRIPT), str(out), "--iters", "4", "--epochs", "2", "--accum", "2",
+         "--step-sleep", "0.15"],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.time() + 30
+    while time.time() < deadline and proc.poll() is None and len(read_metrics(out / "metrics.jsonl")) < 2:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the toy run ended before it could be preempted"
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=30)
+    assert proc.returncode == 0, stderr
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert summary["preempted"] and not summary["completed"] and summary["global_step"] < 8
+    assert latest_checkpoint(out).name == f"step_{summary['global_step']:08d}"
+    assert len(read_metrics(out / "metrics.jsonl")) == summary["global_step"]
+    run_toy(out, "--resume")
+    assert_same_run(out, reference)
+
+
+# ---- DDP ------------------------------------------------------------------------------------------------------------
+
+
+def test_torchrun_two_ranks_stay_identical_and_match_one_process(tmp_path):
+    out = tmp_path / "ddp"
+    args = ["--iters", "3", "--epochs", "1", "--accum", "2", "--save-every", "1", "--no-noise"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(TOY_SCRIPT),
+         str(out), *args, "--batch-size", "2", "--dump-dir", str(out / "dump")],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = torch.load(out / "dump" / "rank0.pt"), torch.load(out / "dump" / "rank1.pt")
+    assert (rank0["world_size"], rank1["rank"]) == (2, 1)
+    assert_same(rank0["trainable"], rank1["trainable"], "trainable")
+    assert_same(rank0["optimizer"], rank1["optimizer"], "optimizer")
+
+    # Only rank 0 wrote: one metrics line per step, checkpoints with exactly the two files each.
+    assert len(read_metrics(out / "metrics.jsonl")) == 3
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+    for step_dir in ckpts.glob("step_*"):
+        assert sorted(p.name for p in step_dir.iterdir()) == ["state.pt", "trainable.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "config.json", "dump", "final", "metrics.jsonl"]
+    rng = load_checkpoint(ckpts / "step_00000003")[1]["rng_states"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])  # one RNG state per rank
+
+    # 2 ranks x batch 2 read exactly what 1 process x batch 4 reads: the same training, up to float rounding.
+    single = tmp_path / "single"
+    toy.main([str(single), *args, "--batch-size", "4", "--dump-dir", str(single / "dump")])
+    one = torch.load(single / "dump" / "rank0.pt")["trainable"]
+    for name, tensor in rank0["trainable"].items():
+        torch.testing.assert_close(tensor, one[name], rtol=1e-5, atol=1e-6)
+    ddp_loss = [r["loss"] for r in read_metrics(out / "metrics.jsonl")]
+    single_loss = [r["loss"] for r in read_metrics(single / "metrics.jsonl")]
+    assert ddp_loss == pytest.approx(single_loss, rel=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch(tmp_path):
+    common = ["--iters", "3", "--epochs", "1", "--no-noise"]
+    toy.main([str(tmp_path / "big"), *common, "--batch-size", "4", "--accum", "1", "--dump-dir", str(tmp_path / "b")])
+    toy.main([str(tmp_path / "acc"), *common, "--batch-size", "2", "--accum", "2", "--dump-dir", str(tmp_path / "a")])
+    big, acc = torch.load(tmp_path / "b" / "rank0.pt"), torch.load(tmp_path / "a" / "rank0.pt")
+    for name, tensor in big["trainable"].items():
+        torch.testing.assert_close(acc["trainable"][name], tensor, rtol=1e-5, atol=1e-6)
+    big_m, acc_m = deterministic_metrics(tmp_path / "big"), deterministic_metrics(tmp_path / "acc")
+    assert [r["loss"] for r in acc_m] == pytest.approx([r["loss"] for r in big_m], rel=1e-5)
+
+
+# ---- checkpoints ----------------------------------------------------------------------------------------------------
+
+
+def test_failed_checkpoint_write_leaves_previous_intact(tmp_path, monkeypatch):
+    first = {"w": torch.randn(3, 3), "b": torch.randn(3)}
+    save_checkpoint(tmp_path, 1, first, {"global_step": 1})
+
+    def disk_full(obj, path):
+        Path(path).write_bytes(b"half a state")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpointing, "_write_torch", disk_full)
+    with pytest.raises(CheckpointWriteError, match="No space left.*step_00000001"):
+        save_checkpoint(tmp_path, 2, {"w": torch.zeros(3, 3), "b": torch.zeros(3)}, {"global_step": 2})
+    assert latest_checkpoint(tmp_path).name == "step_00000001"
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000001"]
+    tensors, state = load_checkpoint(tmp_path)
+    assert_same(tensors, first) and state["global_step"] == 1
+
+
+def test_training_survives_a_failed_save_through_resume(tmp_path, monkeypatch, reference):
+    out = tmp_path / "diskfull"
+    real_write = checkpointing._write_torch
+
+    def fail_at_step_5(obj, path):
+        if "step_00000005" in str(path):
+            raise OSError(28, "No space left on device")
+        real_write(obj, path)
+
+    monkeypatch.setattr(checkpointing, "_write_torch", fail_at_step_5)
+    with pytest.raises(CheckpointWriteError):
+        run_toy(out)
+    monkeypatch.setattr(checkpointing, "_write_torch", real_write)
+    assert latest_checkpoint(out).name == "step_00000004"
+    run_toy(out, "--resume")
+    assert_same_run(out, reference)
+
+
+def test_keep_last_and_strict_loading(tmp_path):
+    for step in range(1, 5):
+        save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"global_step": step}, keep_last=2)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step_00000003",
+                                                                           "step_00000004"]
+    model = nn.Linear(2, 3)
+    good = {"weight": torch.ones(3, 2), "bias": torch.ones(3)}
+    load_trainable_state(model, good, "ckpt")
+    assert torch.equal(model.weight, torch.ones(3, 2))
+    with pytest.raises(ValueError, match="missing from the checkpoint: bias"):
+        load_trainable_state(model, {"weight": torch.ones(3, 2)}, "ckpt")
+    with pytest.raises(ValueError, match="not trainable in the model: extra"):
+        load_trainable_state(model, {**good, "extra": torch.ones(1)}, "ckpt")
+    with pytest.raises(ValueError, match=r"weight: checkpoint \(2, 3\) vs model \(3, 2\)"):
+        load_trainable_state(model, {**good, "weight": torch.ones(2, 3)}, "ckpt")
+    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+        load_checkpoint(tmp_path / "nowhere")
+
+
+def test_resume_refuses_other_data_order_and_fresh_start_refuses_old_run(tmp_path):
+    out = tmp_path / "run"
+    run_toy(out, "--stop-after", "2")
+    with pytest.raises(ValueError, match="grad_accum_steps: checkpoint 2, now 1"):
+        toy.main([str(out), "--iters", "4", "--epochs", "2", "--accum", "1", "--resume"])
+    with pytest.raises(FileExistsError, match="set run.resume: true"):
+        run_toy(out)
+
+
+def test_metrics_truncation_drops_later_and_torn_lines(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4, 5]
+    truncate_metrics(path, 3)
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3]
+
+
+# ---- non-finite losses, precision, streams --------------------------------------------------------------------------
+
+
+def _runner(out: Path, model: nn.Module, **cfg: Any) -> Runner:
+    torch.set_num_threads(1)
+    settings = dict(output_dir=str(out), device="cpu", amp="none", batch_size=2, iters_per_epoch=3, max_epoch=1,
+                    lr_sched="constant", init_lr=1e-2, num_workers=0, log_every=1, progress_bar=False)
+    return Runner(model, toy.ToyDataset(augment=False), toy.collate, RunConfig(**{**settings, **cfg}))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    torch.manual_seed(0)
+    clean = _runner(tmp_path / "clean", toy.ToyModel(noise=False), max_steps=1)
+    clean.train()
+    torch.manual_seed(0)
+    poisoned_model = toy.ToyModel(noise=False, nan_calls=frozenset({2}))
+    poisoned = _runner(tmp_path / "nan", poisoned_model, max_steps=2)
+    summary = poisoned.train()
+    assert summary["skipped_nonfinite"] == 1
+    records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert records[1]["loss"] is None and records[1]["skipped_nonfinite"] == 1 and records[1]["grad_norm"] is None
+    # step 2 changed nothing: the weights are those after step 1
+    assert_same(dict(poisoned_model.named_parameters()), dict(clean.model.named_parameters()))
+
+
+def test_nonfinite_steps_in_a_row_abort(tmp_path):
+    model = toy.ToyModel(noise=False, nan_calls=frozenset(range(1, 100)))
+    with pytest.raises(RuntimeError, match="non-finite for 2 optimizer steps in a row"):
+        _runner(tmp_path, model, max_nonfinite_steps=2, iters_per_epoch=5).train()
+
+
+def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
+    summary, _ = toy.main([str(tmp_path / "bf16"), "--iters", "2", "--epochs", "1", "--amp", "bf16",
+                           "--max-grad-norm", "1.0"])
+    assert summary["completed"] and np.isfinite(summary["last_metrics"]["loss"])
+    assert summary["last_metrics"]["grad_norm"] is not None
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        _runner(tmp_path / "fp16", toy.ToyModel(), amp="fp16")
+
+
+def test_iterable_dataset_runs_fixed_iterations(tmp_path):
+    summary, _ = toy.main([str(tmp_path / "stream"), "--iterable", "--iters", "40", "--epochs", "1", "--accum", "1"])
+    assert summary["completed"] and summary["global_step"] == 40  # 40 batches of 2 > the 64-sample stream
+    with pytest.raises(ValueError, match="iters_per_epoch must be set"):
+        Runner(toy.ToyModel(), toy.ToyStream(), toy.collate,
+               RunConfig(output_dir=str(tmp_path / "x"), device="cpu", amp="none"))
