@@ -33,9 +33,6 @@ class EvalConfig:
 def load_eval_config(cfg_path: str | None, options: list[str] | None = None):
     layers = [cfg_path] if cfg_path else []
     cfg = merge(EvalConfig, *layers, options=options, where=cfg_path or "evaluate.py")
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"{cfg_path}: these keys must be set (e.g. --options {missing[0]}=...): {', '.join(missing)}")
     validate_model_config(cfg.model)
     ev = cfg.eval
     unknown = sorted(set(ev.tasks) - {"pope", "chair"})

@@ -52,10 +52,9 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     raw = OmegaConf.load(args.cfg_path)
     model_options = [o.split("model.", 1)[1] for o in args.options if o.startswith("model.")]
-    cfg = merge(ModelConfig, raw.get("model", {}), options=model_options, where=f"{args.cfg_path}: model")
-    if args.device == "meta":  # shapes only: weight paths left as ??? in a recipe do not matter here
-        for key in OmegaConf.missing_keys(cfg):
-            OmegaConf.update(cfg, key, None)
+    # On the meta device only shapes matter: weight paths left as ??? in a recipe may stay unset.
+    cfg = merge(ModelConfig, raw.get("model", {}), options=model_options, where=f"{args.cfg_path}: model",
+                allow_missing=args.device == "meta")
     validate_model_config(cfg, check_files=args.device != "meta")
     model = build_model(cfg, device=args.device)
     out = {"config": args.cfg_path, "arch": cfg.arch, "projector_type": cfg.mm_projector_type,

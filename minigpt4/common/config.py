@@ -39,20 +39,23 @@ class ModelConfig:
     blip2_hf_path: Optional[str] = None  # local Hugging Face BLIP-2 snapshot folder (vision, Q-Former, queries)
     llm_path: Optional[str] = None  # Vicuna / Llama-2 folder in Hugging Face format
     tokenizer_path: Optional[str] = None  # defaults to llm_path
-    projector_path: Optional[str] = None  # MiniGPT-4 projector, e.g. prerained_minigpt4_7b.pth
+    projector_path: Optional[str] = None  # MiniGPT-4 projector, e.g. prerained_minigpt4_7b.pth; llava15: the μ head
+    #   from an original-release mm_projector.bin or a llava-hf folder (overrides the one in llava_path)
+    llava_path: Optional[str] = None  # llava15: local llava-hf folder (CLIP tower, projector, Vicuna-1.5, tokenizer)
     ckpt: Optional[str] = None  # this project's trainable.safetensors (fine-tuned projector)
     full_ckpt: Optional[str] = None  # whole-model safetensors (the embedded tiny shapes-world model)
     # --- architecture (used for random init and checked against loaded weights) ---
-    vision: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.EVA_VIT_G
+    vision: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.EVA_VIT_G (llava15: llava.CLIP_VIT_L_336)
     qformer: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.QFORMER_BASE
-    llm_preset: Optional[str] = None  # vicuna-7b | vicuna-13b | llama2-7b | llama2-13b (random init sizes)
+    llm_preset: Optional[str] = None  # vicuna-7b | vicuna-13b | llama2-7b | llama2-13b (random init sizes);
+    #   llava15: vicuna-7b-v1.5 | vicuna-13b-v1.5
     llm: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for random init
     num_query_tokens: int = 32
     # --- the method ---
     mm_projector_type: str = "vib"  # linear | vib
     vib: VIBConfig = field(default_factory=VIBConfig)
     # --- prompts ---
-    prompt_template: str = "vicuna_v0"  # vicuna_v0 | llama2 | plain | llava_v1
+    prompt_template: str = "vicuna_v0"  # vicuna_v0 | llama2 | plain | llava_v1 | llava15
     end_sym: Optional[str] = None  # defaults to the template's
     max_txt_len: int = 512
     # --- precision / speed ---
@@ -64,13 +67,23 @@ class ModelConfig:
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
 PATH_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "tokenizer_path",
-             "projector_path", "ckpt", "full_ckpt")
+             "projector_path", "ckpt", "full_ckpt", "llava_path")
+# Weight sources that only one architecture reads: set for the other one, they would be silently unused.
+MINIGPT4_ONLY_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path")
+LLAVA_ONLY_KEYS = ("llava_path",)
 
 
-def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: str = "config") -> DictConfig:
+def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: str = "config",
+          allow_missing: bool = False) -> DictConfig:
     """schema defaults < layers (dicts, DictConfigs or YAML paths) < dotlist options; unknown keys and wrong
-    types raise ConfigError naming the key and, for unknown keys, the valid ones."""
+    types raise ConfigError naming the key and, for unknown keys, the valid ones.
+
+    A `???` left in the layers (a path the user must supply) is an error naming every such key, unless
+    `allow_missing` (shape-only tools). It is checked on the layers themselves: merging `???` into a schema
+    field that has a default would silently keep the default.
+    """
     cfg = OmegaConf.structured(schema)
+    plain = OmegaConf.create()
     try:
         for layer in layers:
             if isinstance(layer, (str, os.PathLike)):
@@ -78,10 +91,18 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
                     raise ConfigError(f"config file not found: {layer}")
                 layer = OmegaConf.load(layer)
             cfg = OmegaConf.merge(cfg, layer)
+            plain = OmegaConf.merge(plain, layer)
         if options:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(options)))
+            dotlist = OmegaConf.from_dotlist(list(options))
+            cfg = OmegaConf.merge(cfg, dotlist)
+            plain = OmegaConf.merge(plain, dotlist)
     except OmegaConfBaseException as err:
         raise ConfigError(_explain(err, cfg, where)) from None
+    missing = sorted(OmegaConf.missing_keys(plain) | OmegaConf.missing_keys(cfg))
+    if missing and not allow_missing:
+        raise ConfigError(f"{where}: these keys must be set (e.g. --options {missing[0]}=...): {', '.join(missing)}")
+    for key in missing:  # allow_missing: shape-only use, the value does not matter
+        OmegaConf.update(cfg, key, None, force_add=True)
     return cfg
 
 
@@ -105,7 +126,7 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         "llm_dtype": DTYPE_CHOICES,
         "encoder_dtype": DTYPE_CHOICES,
         "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava_v1"),
+        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava_v1", "llava15"),
         "arch": ("minigpt4", "llava15"),
     }
     for key, valid in choices.items():
@@ -119,8 +140,21 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
     if (model.vit_path is None) != (model.qformer_path is None):
         raise ConfigError("model.vit_path and model.qformer_path come together (LAVIS ViT + BLIP-2 Q-Former); "
                           "set both, or use model.encoder_path / model.blip2_hf_path")
+    check_arch_keys(model)
     if check_files:
         check_paths(model, PATH_KEYS, prefix="model")
+
+
+def check_arch_keys(model: DictConfig) -> None:
+    """A weight path the chosen architecture never reads is a mistake (a wrong recipe), not a no-op."""
+    unused = MINIGPT4_ONLY_KEYS if model.arch == "llava15" else LLAVA_ONLY_KEYS
+    for key in unused:
+        if model.get(key) is not None:
+            hint = ("LLaVA-1.5 takes its CLIP tower, projector, LLM and tokenizer from model.llava_path"
+                    if model.arch == "llava15" else "model.llava_path is for model.arch: llava15")
+            raise ConfigError(f"model.{key} is not used by model.arch = {model.arch!r}; {hint}")
+    if model.arch == "llava15" and model.low_resource:
+        raise ConfigError("model.low_resource (8-bit LLM) is not supported for model.arch = 'llava15'")
 
 
 def check_paths(node: DictConfig, keys: tuple[str, ...], *, prefix: str) -> None:
