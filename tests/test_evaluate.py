@@ -40,6 +40,8 @@ def _write_fixture(root, tiny_model_factory):
     (ann / "instances_val2014.json").write_text(json.dumps(inst))
     (ann / "captions_val2014.json").write_text(json.dumps(caps))
     model = tiny_model_factory("vib", seed=3)
+    with torch.no_grad():  # a random LM has near-tied logits; sharpen them so greedy argmax has clear margins
+        model.llm.lm_head.weight.mul_(20.0)
     from minigpt4.models.checkpoints import save_state_file
 
     save_state_file(str(root / "tiny_full.safetensors"), {k: v.contiguous() for k, v in model.state_dict().items()})
