@@ -14,6 +14,7 @@ Usage (train.py):  summary = Runner(model, dataset, collate_fn, cfg).train();  d
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -61,6 +62,15 @@ def _scalar(name: str, value: Any, device: torch.device) -> torch.Tensor:
     if t.numel() != 1:
         raise ValueError(f"model output {name!r} must be a scalar to be logged, got shape {tuple(t.shape)}")
     return t.reshape(()).float().to(device)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """SHA-256 of the trainable tensors' bytes (the projector: a few MB, hashed in milliseconds)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(ckpt.trainable_state_dict(model).items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 class Runner:
@@ -199,7 +209,14 @@ class Runner:
         return self.output_dir / ckpt.CHECKPOINTS / ckpt.checkpoint_dir_name(step)
 
     def _save(self) -> None:
-        rng_states = dist.all_gather_object(capture_rng_state())  # collective: every rank takes part
+        # Collective: every rank sends its RNG state and a fingerprint of its trainable weights, so a
+        # checkpoint can never record a run whose replicas silently drifted apart.
+        gathered = dist.all_gather_object((capture_rng_state(), weights_fingerprint(self.model)))
+        rng_states = [rng for rng, _ in gathered]
+        fingerprints = [fp for _, fp in gathered]
+        if len(set(fingerprints)) > 1:
+            raise RuntimeError(f"trainable weights differ between ranks at step {self.global_step} "
+                               f"(fingerprints {fingerprints}); DDP replicas diverged")
         if dist.is_main():
             state = {
                 "format": STATE_FORMAT,
