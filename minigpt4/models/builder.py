@@ -89,12 +89,14 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
 
 
 def load_encoder(encoder: ImageEncoder, cfg: DictConfig) -> None:
+    """Encoder weights from the first of encoder_path / blip2_hf_path / vit_path+qformer_path that is set;
+    the encoder was built on the meta device, so the tensors are assigned (strictly), not copied."""
     if cfg.encoder_path is not None:
-        ckpt.load_encoder_weights(encoder, cfg.encoder_path)
+        ckpt.load_encoder_weights(encoder, cfg.encoder_path, assign=True)
     elif cfg.blip2_hf_path is not None:
-        ckpt.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path)
+        ckpt.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path, assign=True)
     elif cfg.vit_path is not None:
-        ckpt.load_lavis_encoder(encoder, cfg.vit_path, cfg.qformer_path)
+        ckpt.load_lavis_encoder(encoder, cfg.vit_path, cfg.qformer_path, assign=True)
     elif cfg.full_ckpt is None:
         log.warning("no encoder weights given (encoder_path / blip2_hf_path / vit_path+qformer_path): "
                     "the ViT and Q-Former are randomly initialised")
@@ -111,11 +113,15 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
         raise ConfigError("model.tokenizer_path (or model.llm_path) is required to build a usable model")
     llm_dtype = resolve_dtype(cfg.llm_dtype, device)
     enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
-    with torch.device("meta") if meta else nullcontext():
+    # With encoder weights on disk, build the ~1.1 B-parameter encoder on the meta device and let the strict
+    # loader assign the checkpoint tensors: no random init that would be overwritten anyway.
+    encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path"))
+    with torch.device("meta") if meta or encoder_from_file else nullcontext():
         attn = {"attn_implementation": cfg.attn_implementation}
         encoder = ImageEncoder({**attn, **OmegaConf.to_container(cfg.vision, resolve=True)},
                                {**attn, **OmegaConf.to_container(cfg.qformer, resolve=True)},
                                num_query_tokens=cfg.num_query_tokens)
+    with torch.device("meta") if meta else nullcontext():
         llm = build_llm(cfg, tokenizer, device, llm_dtype)
         projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
                                     kl_on=cfg.vib.kl_on, reparameterize=cfg.vib.reparameterize)
@@ -164,3 +170,6 @@ def load_full_checkpoint(model, path: str) -> None:
             log.info("%s: linear projector loaded as the VIB mean head; std head and prior start fresh", path)
             module, sub = module.llama_proj, {k.split(".", 1)[1]: v for k, v in sub.items()}
         ckpt.load_strict(module, sub, what=f"{prefix} (whole-model checkpoint)", source=path)
+
+
+from minigpt4.models import llava  # noqa: E402,F401  registers "llava15"
