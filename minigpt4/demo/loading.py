@@ -1,0 +1,208 @@
+"""Which model the demo (and scripts/analyze_similarity.py) runs, and the second projector of compare mode.
+
+Model choice, in order:
+  1. `--cfg-path FILE`: the `model:` section of an eval/train YAML (or a file that *is* a model section),
+     with `--options model.key=value` overrides on top.
+  2. No config: `default_model_config()`. It uses the trained tiny shapes-world model at
+     assets/shapes_base/model.yaml when that file exists (answers then highlight shapes-world object words);
+     otherwise a tiny *random* MiniGPT-4 built from
+     `minigpt4.common.tiny` with a tokenizer trained offline into a cache folder. The random model babbles,
+     but every part of the page (upload, streaming chat, diagnostics, compare mode) works on it.
+Relative weight paths in a config that do not exist from the working directory are looked up next to the
+config file, then from the repository root, so the demo starts from any folder.
+The image transform and the CHAIR vocabulary for highlighting come from the config's `eval.vis_processor` and
+`eval.chair.synonyms` when it has them (eval configs do); otherwise from the model's input size and COCO's.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, merge, validate_model_config
+from minigpt4.common.tiny import tiny_model_config, train_tokenizer
+from minigpt4.models.checkpoints import load_trainable
+from minigpt4.models.minigpt4 import MiniGPT4
+from minigpt4.processors.image import build_image_processor
+
+log = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHAPES_BASE_YAML = REPO_ROOT / "assets" / "shapes_base" / "model.yaml"
+
+
+def cache_dir() -> Path:
+    """Where the demo keeps what it makes once (the tiny tokenizer): $MINIGPT4_DEMO_CACHE or ~/.cache/..."""
+    env = os.environ.get("MINIGPT4_DEMO_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "minigpt4_adavib_demo"
+
+
+def tiny_tokenizer_dir(cache: Path | None = None) -> str:
+    """A tokenizer trained offline (about a second) the first time, reused afterwards."""
+    folder = (cache or cache_dir()) / "tiny_tokenizer"
+    if not (folder / "tokenizer.json").is_file():
+        log.info("training the tiny demo tokenizer into %s", folder)
+        # Train into a private folder and rename it into place: two demos starting at once never read a
+        # half-written tokenizer.
+        staging = folder.parent / f".tiny_tokenizer.{os.getpid()}.tmp"
+        train_tokenizer(str(staging))
+        try:
+            os.rename(staging, folder)
+        except OSError:  # another process got there first; its tokenizer is identical
+            shutil.rmtree(staging, ignore_errors=True)
+    return str(folder)
+
+
+def _model_section(path: Path) -> DictConfig:
+    raw = OmegaConf.load(path)
+    if not isinstance(raw, DictConfig):
+        raise ConfigError(f"{path}: expected a YAML mapping with a `model:` section")
+    if "model" in raw:
+        section = raw.model
+    elif set(raw.keys()) <= set(OmegaConf.structured(ModelConfig).keys()):
+        section = raw  # the file is a model section itself (assets/shapes_base/model.yaml may be)
+    else:
+        raise ConfigError(f"{path}: no `model:` section (top-level keys: {', '.join(map(str, raw.keys()))})")
+    for key in PATH_KEYS:
+        value = OmegaConf.select(section, key, default=None, throw_on_missing=False)
+        if isinstance(value, str):
+            section[key] = _resolve_path(value, path)
+    return section
+
+
+def _resolve_path(value: str, config_file: Path) -> str:
+    """A relative path as given if it exists from the working directory, else from the config's folder, else
+    from the repository root (committed configs name files like assets/shapes_base/tokenizer); unchanged
+    when none exists, so the usual "path not found" error names it as written."""
+    if os.path.isabs(value) or os.path.exists(value):
+        return value
+    for base in (config_file.parent, REPO_ROOT):
+        if (base / value).exists():
+            return str(base / value)
+    return value
+
+
+@dataclass
+class _ModelOnly:
+    model: ModelConfig = field(default_factory=ModelConfig)
+
+
+def load_model_config(cfg_path: str | os.PathLike, options: list[str] | None = None) -> DictConfig:
+    """The validated `model:` config of a YAML file; `options` are `model.key=value` overrides."""
+    path = Path(cfg_path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    for option in options or []:
+        if not option.startswith("model."):
+            raise ConfigError(f"--options {option!r}: only the model section is read here; write model.<key>=value")
+    # Merged under a `model` key so every error names the key as the user writes it (model.llm_path).
+    cfg = merge(_ModelOnly, {"model": _model_section(path)}, options=options, where=str(path)).model
+    validate_model_config(cfg)
+    return cfg
+
+
+def default_model_config(shapes_yaml: Path = SHAPES_BASE_YAML, cache: Path | None = None) -> DictConfig:
+    """The model the demo runs without --cfg-path: the trained shapes-world base model when
+    `shapes_yaml` exists, else a tiny random MiniGPT-4 (VIB projector) with an offline-trained tokenizer."""
+    if Path(shapes_yaml).is_file():
+        log.info("default model: %s", shapes_yaml)
+        return load_model_config(shapes_yaml)
+    log.info("default model: tiny random MiniGPT-4 (%s not found)", shapes_yaml)
+    cfg = merge(ModelConfig, tiny_model_config(tiny_tokenizer_dir(cache), "vib"), where="tiny default model")
+    validate_model_config(cfg)
+    return cfg
+
+
+def eval_extras(cfg_path: str | os.PathLike | None) -> tuple[dict | None, str | None]:
+    """(eval.vis_processor, eval.chair.synonyms) of a config file when it has them: the image transform and
+    CHAIR vocabulary the model is evaluated with are the right ones for the demo too."""
+    if cfg_path is None:
+        return None, None
+    raw = OmegaConf.load(cfg_path)
+    vis = OmegaConf.select(raw, "eval.vis_processor", default=None, throw_on_missing=False)
+    synonyms = OmegaConf.select(raw, "eval.chair.synonyms", default=None, throw_on_missing=False)
+    if synonyms is not None:
+        synonyms = _resolve_path(str(synonyms), Path(cfg_path))
+        if not os.path.isfile(synonyms):
+            log.warning("%s: eval.chair.synonyms %s not found; highlighting COCO objects", cfg_path, synonyms)
+            synonyms = None
+    vis = OmegaConf.to_container(vis, resolve=True) if vis is not None else None
+    return vis, synonyms
+
+
+def demo_extras(cfg_path: str | os.PathLike | None, shapes_yaml: Path = SHAPES_BASE_YAML,
+                cache: Path | None = None) -> tuple[dict | None, str | None]:
+    """(image transform config, CHAIR synonyms path) for the model `cfg_path` (or the default) selects;
+    None means: infer the transform from the model / use COCO's synonyms."""
+    if cfg_path is not None:
+        return eval_extras(cfg_path)
+    if Path(shapes_yaml).is_file():
+        return eval_extras(shapes_yaml)[0], shapes_synonyms_file(cache)
+    return None, None
+
+
+def shapes_synonyms_file(cache: Path | None = None) -> str:
+    """The shapes world's CHAIR vocabulary (one line per class: name, synonyms), written once to the cache,
+    for highlighting the answers of the default shapes-world model."""
+    from minigpt4.datasets.shapes_world import SHAPE_CLASSES
+
+    path = (cache or cache_dir()) / "shapes_synonyms.txt"
+    text = "".join(", ".join((c.name, *c.synonyms)) + "\n" for c in SHAPE_CLASSES)
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        staging.write_text(text, encoding="utf-8")
+        os.replace(staging, path)
+    return str(path)
+
+
+def describe_model(cfg: DictConfig) -> str:
+    """One line for the page header: which weights are loaded."""
+    weights = [f"{k}={os.path.basename(str(cfg[k]).rstrip('/'))}" for k in PATH_KEYS
+               if cfg[k] is not None and k != "tokenizer_path"]
+    what = ", ".join(weights) if weights else "random weights (no checkpoint given)"
+    return f"{cfg.arch}, {cfg.mm_projector_type} projector, template {cfg.prompt_template}: {what}"
+
+
+def resolve_device(gpu_id: int | None) -> torch.device:
+    if gpu_id is not None and gpu_id >= 0 and torch.cuda.is_available():
+        return torch.device(f"cuda:{gpu_id}")
+    return torch.device("cpu")
+
+
+def with_projector_checkpoint(model: MiniGPT4, path: str | os.PathLike) -> MiniGPT4:
+    """A second MiniGPT-4 that shares `model`'s frozen encoder, LLM and tokenizer (the same module objects,
+    no extra memory) and owns a deep copy of its projector, loaded from this project's trainable.safetensors.
+
+    load_trainable is strict: a checkpoint of another projector type or LLM width fails with a message that
+    lists the mismatched keys, instead of half-loading.
+    """
+    if not Path(path).is_file():
+        raise ConfigError(f"--compare-ckpt: file not found: {path}")
+    view = MiniGPT4(
+        model.encoder, copy.deepcopy(model.projector), model.llm, model.tokenizer, model.template,
+        end_sym=model.end_sym, max_txt_len=model.max_txt_len, num_samples=model.num_samples,
+        beta=model.beta, adaptive=model.adaptive,
+    )
+    load_trainable(view, path)
+    return view.eval()
+
+
+def image_processor_for(model: MiniGPT4, vis_processor: dict | None = None):
+    """The evaluation transform: `vis_processor` from the config when given, else the model's own input
+    size (224 for EVA ViT-g, 28 for the tiny model; LLaVA's CLIP tower: pad to square at 336)."""
+    if vis_processor is not None:
+        return build_image_processor(vis_processor)
+    vision = getattr(model.encoder, "vision_config", None)
+    if vision is not None:  # BLIP-2 encoder (MiniGPT-4)
+        return build_image_processor({"name": "blip2_image_eval", "image_size": int(vision.image_size)})
+    return build_image_processor({"name": "clip_image_eval", "image_size": int(model.encoder.config.image_size)})

@@ -1,0 +1,190 @@
+"""The demo in a real browser: start `python demo.py` on a free localhost port with the default model, drive
+Debian's Chromium headless through Playwright, and check what a person would see.
+
+Needs the `playwright` Python package and a `chromium` executable on PATH (scripts/setup_env.sh installs both
+where it can). Playwright's own browser download is never used: it cannot be fetched offline.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+
+playwright_api = pytest.importorskip(
+    "playwright.sync_api", reason="the playwright Python package is not installed (pip install playwright)")
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium on PATH (Debian: apt-get install chromium; scripts/setup_env.sh does it as root)")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _compare_checkpoint(cache, path) -> str:
+    """A second projector for the default model: same architecture, other random seed."""
+    import torch
+
+    from minigpt4.demo.loading import default_model_config
+    from minigpt4.models.builder import build_model
+    from minigpt4.models.checkpoints import save_trainable, trainable_state
+
+    torch.manual_seed(1)
+    model = build_model(default_model_config(cache=cache))
+    save_trainable(path, {k: v.detach() for k, v in trainable_state(model).items()})
+    return str(path)
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    port = _free_port()
+    cache = tmp_path / "cache"
+    compare = _compare_checkpoint(cache, tmp_path / "compare.safetensors")
+    env = dict(os.environ, MINIGPT4_DEMO_CACHE=str(cache), GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
+               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    log_path = tmp_path / "demo.log"
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen([sys.executable, "demo.py", "--port", str(port), "--compare-ckpt", compare],
+                                cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.monotonic() + 45
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"demo.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            try:
+                with urllib.request.urlopen(url, timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"demo.py did not answer on {url} within 45 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.3)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _wait_text(page, selector: str, text: str, timeout_ms: int = 20_000) -> None:
+    page.wait_for_function(
+        "([sel, text]) => { const el = document.querySelector(sel); return el && el.innerText.includes(text); }",
+        arg=[selector, text], timeout=timeout_ms)
+
+
+def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
+    image_path = tmp_path / "shapes.png"
+    image = Image.new("RGB", (160, 120), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((15, 20, 75, 80), fill="red")
+    draw.rectangle((95, 40, 145, 100), fill="blue")
+    image.save(image_path)
+    not_an_image = tmp_path / "notes.txt"
+    not_an_image.write_text("this is not an image")
+    screenshot = tmp_path / "demo.png"
+
+    with playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(demo_url, wait_until="domcontentloaded")
+            file_input = page.locator("#image-upload input[type=file]")
+            file_input.wait_for(state="attached", timeout=20_000)
+
+            # A question before any image, then a file that is not an image: friendly lines, no traceback.
+            page.locator("#question textarea").fill("What is this?")
+            page.locator("#send").click()
+            _wait_text(page, "#status", "Upload an image first")
+            file_input.set_input_files(str(not_an_image))
+            _wait_text(page, "#status", "Cannot use notes.txt")
+            assert "Traceback" not in page.content()
+
+            # The refused file was cleared, so the real image can be dropped at once.
+            file_input.wait_for(state="attached", timeout=10_000)
+            file_input.set_input_files(str(image_path))
+            _wait_text(page, "#diagnostics", "H/log V")
+            _wait_text(page, "#status", "Loaded shapes.png")
+            diagnostics = page.locator("#diagnostics").inner_text()
+            ratio = float(re.search(r"H/log V = ([0-9.]+)", diagnostics).group(1))
+            alpha = float(re.search(r"α = −log\(H/log V\) = ([0-9.]+)", diagnostics).group(1))
+            assert 0 < ratio <= 1 and alpha >= 0
+            assert "Base projector" in diagnostics and "Compare projector" in diagnostics
+            assert page.locator("#diagnostics table").count() == 2  # one top-10 table per projector
+            assert page.locator("#diagnostics table tbody tr").count() == 20
+            assert page.locator("#preview img").count() == 1
+
+            # Compare mode is on by default with --compare-ckpt: both projectors answer, side by side.
+            page.locator("#question textarea").fill("Describe this image.")
+            page.locator("#question textarea").press("Enter")
+            _wait_text(page, "#status", "Done.", timeout_ms=30_000)
+            for chat_id in ("#chat-base", "#chat-compare"):
+                chat = page.locator(chat_id)
+                assert "Describe this image." in chat.inner_text()
+                assert chat.locator("[data-testid=bot]").count() == 1
+            assert page.locator("#question textarea").input_value() == ""
+            page.screenshot(path=str(screenshot), full_page=True)
+        finally:
+            browser.close()
+    assert screenshot.stat().st_size > 10_000
+    print(f"screenshot: {screenshot}")
+
+
+def test_object_words_reach_the_page_highlighted(tmp_path, tiny_model_factory, monkeypatch):
+    """The chat widget sanitises HTML in the browser: check the CHAIR highlights survive it, in both answers
+    of compare mode. Answers are fixed strings here (a random model names no objects)."""
+    from minigpt4.demo.app import build_demo, launch_options
+    from minigpt4.demo.chat import DemoEngine
+    from minigpt4.demo.loading import image_processor_for
+    from minigpt4.eval.chair import CHAIRScorer
+
+    base, other = tiny_model_factory("vib", seed=0).eval(), tiny_model_factory("vib", seed=1).eval()
+    monkeypatch.setattr(base, "generate", lambda *a, **k: ["A dog <b>and</b> a hot dog next to a cat."])
+    monkeypatch.setattr(other, "generate", lambda *a, **k: ["A dog and a truck."])
+    engine = DemoEngine(base, image_processor_for(base), compare_model=other, scorer_factory=CHAIRScorer)
+    image_path = tmp_path / "grey.png"
+    Image.new("RGB", (40, 40), "grey").save(image_path)
+    monkeypatch.setenv("GRADIO_TEMP_DIR", str(tmp_path / "gradio"))
+    demo = build_demo(engine, model_description="tiny", compare_description="tiny, seed 1")
+    port = _free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True, **launch_options())
+    try:
+        with playwright_api.sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                page = browser.new_page(viewport={"width": 1400, "height": 900})
+                page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+                page.locator("#image-upload input[type=file]").set_input_files(str(image_path))
+                _wait_text(page, "#status", "Loaded grey.png")
+                page.locator("#question textarea").fill("What is there?")
+                page.locator("#send").click()
+                _wait_text(page, "#status", "Done.")
+                marks = page.locator("#chat-base [data-testid=bot] mark")
+                assert marks.all_inner_texts() == ["dog", "hot dog", "cat"]
+                assert page.locator("#chat-base mark.chair-only").all_inner_texts() == ["hot dog", "cat"]
+                assert page.locator("#chat-compare mark.chair-only").all_inner_texts() == ["truck"]
+                assert "<b>and</b>" in page.locator("#chat-base [data-testid=bot]").inner_text()  # shown, not run
+                page.screenshot(path=str(tmp_path / "highlight.png"))
+            finally:
+                browser.close()
+    finally:
+        demo.close()
