@@ -45,7 +45,7 @@ class ModelConfig:
     ckpt: Optional[str] = None  # this project's trainable.safetensors (fine-tuned projector)
     full_ckpt: Optional[str] = None  # whole-model safetensors (the embedded tiny shapes-world model)
     # --- architecture (used for random init and checked against loaded weights) ---
-    vision: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.EVA_VIT_G (llava15: llava.CLIP_VIT_L_336)
+    vision: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.EVA_VIT_G (llava15: CLIP_VIT_L_336)
     qformer: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.QFORMER_BASE
     llm_preset: Optional[str] = None  # vicuna-7b | vicuna-13b | llama2-7b | llama2-13b (random init sizes);
     #   llava15: vicuna-7b-v1.5 | vicuna-13b-v1.5
@@ -133,6 +133,9 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         value = OmegaConf.select(model, key)
         if value not in valid:
             raise ConfigError(f"model.{key} = {value!r}; expected one of {', '.join(valid)}")
+    for key in ("max_txt_len", "num_query_tokens"):  # 0 would leave no answer token / no visual token
+        if model[key] < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {model[key]}")
     if model.vib.num_samples < 1:
         raise ConfigError(f"model.vib.num_samples must be >= 1, got {model.vib.num_samples}")
     if model.vib.beta < 0:

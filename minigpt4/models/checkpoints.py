@@ -10,6 +10,8 @@ Formats:
 * a local Hugging Face BLIP-2 snapshot folder -> `load_hf_blip2_snapshot`;
 * the converted encoder file written by scripts/convert_lavis_checkpoint.py -> `load_encoder_weights`;
 * MiniGPT-4's projector ({"model": {"llama_proj.weight", "llama_proj.bias"}}) -> `load_minigpt4_projector`;
+* LLaVA-1.5's 2-layer MLP projector, from an original-release `mm_projector.bin` or a llava-hf folder
+  -> `load_llava_projector` (and `read_llava_folder_config` for the folder itself);
 * this project's own checkpoints (trainable tensors only) -> `save_trainable`, `load_trainable`.
 """
 from __future__ import annotations
@@ -455,6 +457,122 @@ def load_minigpt4_projector(projector_linear: nn.Linear, path: PathLike, *, llm_
         projector_linear.bias.copy_(bias)
 
 
+# ------------------------------------------------------------------------------------- LLaVA-1.5 projector
+
+# The projector as stored by the original LLaVA release (an nn.Sequential: Linear, GELU, Linear) and by the
+# llava-hf conversion (LlavaMultiModalProjector); both map onto linear_1 / linear_2 of the latter.
+_LLAVA_RELEASE_KEYS = {"model.mm_projector.0.weight": "linear_1.weight", "model.mm_projector.0.bias": "linear_1.bias",
+                       "model.mm_projector.2.weight": "linear_2.weight", "model.mm_projector.2.bias": "linear_2.bias"}
+_LLAVA_HF_KEY = re.compile(r"(?:model\.)?multi_modal_projector\.(linear_[12]\.(?:weight|bias))")
+
+
+def read_llava_folder_config(folder: PathLike) -> dict:
+    """config.json of a local llava-hf folder, after checking that it is one (model_type "llava")."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not folder.is_dir() or not config_path.is_file():
+        raise CheckpointError(f"{folder} is not a llava-hf model folder: no config.json "
+                              "(expected a local copy of e.g. llava-hf/llava-1.5-7b-hf)")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: invalid JSON ({exc})") from exc
+    if config.get("model_type") != "llava":
+        raise CheckpointError(f"{config_path}: model_type is {config.get('model_type')!r}, expected 'llava' "
+                              "(a LLaVA-1.5 folder in Hugging Face format)")
+    return config
+
+
+def _read_llava_hf_projector(folder: Path) -> dict[str, torch.Tensor]:
+    """linear_1/linear_2 tensors from the safetensors shards of a llava-hf folder (other shards unread)."""
+    index_path = folder / "model.safetensors.index.json"
+    if index_path.is_file():
+        weight_map: dict[str, str] = json.loads(index_path.read_text())["weight_map"]
+        files = sorted({f for k, f in weight_map.items() if _LLAVA_HF_KEY.fullmatch(k)})
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no safetensors file holds multi_modal_projector.* "
+                              "(pytorch_model.bin llava-hf folders are not supported; re-save with safetensors)")
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        if not (folder / name).is_file():
+            raise CheckpointError(f"{index_path} names shard {name}, which is missing")
+        with safe_open(str(folder / name), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                match = _LLAVA_HF_KEY.fullmatch(key)
+                if match:
+                    state[match.group(1)] = f.get_tensor(key)
+    return state
+
+
+def _read_llava_projector_file(path: Path) -> dict[str, torch.Tensor]:
+    """A projector file: original-release keys (model.mm_projector.0/2.*) or llava-hf keys, one set only."""
+    state = load_state_file(path)
+    if set(state) == set(_LLAVA_RELEASE_KEYS):
+        return {_LLAVA_RELEASE_KEYS[k]: v for k, v in state.items()}
+    if state and all(_LLAVA_HF_KEY.fullmatch(k) for k in state):
+        return {_LLAVA_HF_KEY.fullmatch(k).group(1): v for k, v in state.items()}
+    if "model.mm_projector.weight" in state:
+        hint = ("this is a single-Linear mm_projector (LLaVA v1 / mm_projector_type linear); LLaVA-1.5 uses the "
+                "2-layer MLP (mlp2x_gelu)")
+    elif "llama_proj.weight" in state:
+        hint = "this is a MiniGPT-4 projector; use it with model.arch: minigpt4"
+    else:
+        hint = ("expected exactly " + ", ".join(_LLAVA_RELEASE_KEYS)
+                + " (an original-release mm_projector.bin) or multi_modal_projector.linear_1/linear_2.*")
+    raise CheckpointError(f"{path}: not a LLaVA-1.5 projector: {hint}; found keys {_listing(sorted(state))}")
+
+
+def read_llava_projector(path: PathLike) -> dict[str, torch.Tensor]:
+    """{linear_1.weight, linear_1.bias, linear_2.weight, linear_2.bias} from an original-release
+    `mm_projector.bin` (or a folder holding one) or a llava-hf folder."""
+    path = Path(path)
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            read_llava_folder_config(path)
+            state = _read_llava_hf_projector(path)
+        elif (path / "mm_projector.bin").is_file():
+            state = _read_llava_projector_file(path / "mm_projector.bin")
+        else:
+            raise CheckpointError(f"{path}: neither a llava-hf folder (config.json) nor a folder with mm_projector.bin")
+    else:
+        state = _read_llava_projector_file(path)
+    expected = {"linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"}
+    if set(state) != expected:
+        raise CheckpointError(f"{path}: incomplete LLaVA projector; missing {sorted(expected - set(state))}")
+    check_finite(state, path)
+    return state
+
+
+def load_llava_projector(mlp: nn.Module, path: PathLike, *, llm_hidden: int) -> None:
+    """Copy LLaVA-1.5's projector (Linear(vision → d), GELU, Linear(d → d)) into `mlp`, a module with
+    `linear_1` / `linear_2` (transformers' LlavaMultiModalProjector: the plain projector or the VIB mean head).
+    """
+    state = read_llava_projector(path)
+    w1, b1, w2, b2 = (state[k] for k in ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"))
+    if w1.dim() != 2 or w2.dim() != 2 or b1.shape != (w1.shape[0],) or b2.shape != (w2.shape[0],):
+        raise CheckpointError(f"{path}: linear_1 {tuple(w1.shape)}/{tuple(b1.shape)}, linear_2 {tuple(w2.shape)}/"
+                              f"{tuple(b2.shape)} do not form two Linear layers")
+    out_width, in_width = w1.shape
+    if out_width != llm_hidden or w2.shape != (llm_hidden, llm_hidden):
+        models = LLM_WIDTHS.get(out_width, ("", "an unknown model"))[1]
+        raise CheckpointError(
+            f"{path}: projector is {out_width}-wide: this is a {_size_name(out_width)} ({models}) checkpoint, "
+            f"the LLM is {llm_hidden}-wide ({_size_name(llm_hidden)}). Use the projector trained for your LLM.\n"
+            f"  known LLM widths:\n{_widths_table()}"
+        )
+    if in_width != mlp.linear_1.in_features:
+        raise CheckpointError(
+            f"{path}: projector takes {in_width}-wide inputs but the vision tower outputs "
+            f"{mlp.linear_1.in_features}-wide patches (CLIP ViT-L/14: 1024); the checkpoint belongs to a "
+            "different vision encoder"
+        )
+    with torch.no_grad():
+        for key, tensor in state.items():
+            mlp.get_parameter(key).copy_(tensor)
+
+
 # ------------------------------------------------------------------------------ this project's checkpoints
 
 
@@ -468,6 +586,19 @@ def save_trainable(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The requires_grad parameters of `model`, keyed as in model.state_dict()."""
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+_VIB_ONLY = re.compile(r"(^|\.)(llama_proj_std\.|mu_p$|std_p$)")
+
+
+def _projector_type_hint(missing: list[str], unexpected: list[str]) -> list[str]:
+    """The usual cause of a trainable-file mismatch, said plainly: a linear file for a VIB model or back."""
+    if missing and all(_VIB_ONLY.search(k) for k in missing) and not unexpected:
+        return ["  the file holds a linear projector (no VIB std head llama_proj_std / prior mu_p, std_p): "
+                "load it with model.mm_projector_type: linear"]
+    if unexpected and all(_VIB_ONLY.search(k) for k in unexpected) and not missing:
+        return ["  the file holds a VIB projector (std head and prior): load it with model.mm_projector_type: vib"]
+    return []
 
 
 def load_trainable(model: nn.Module, path: PathLike) -> list[str]:
@@ -491,6 +622,7 @@ def load_trainable(model: nn.Module, path: PathLike) -> list[str]:
             lines.append(f"  {len(unexpected)} key(s) the model does not have: {_listing(unexpected)}")
         if mismatched:
             lines.append(f"  {len(mismatched)} shape mismatch(es): {_listing(mismatched, limit=6)}")
+        lines += _projector_type_hint(missing, unexpected)
         raise CheckpointError("\n".join(lines))
     with torch.no_grad():
         for key, tensor in state.items():

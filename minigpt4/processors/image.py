@@ -194,6 +194,61 @@ class Blip2ImageEvalProcessor(_NormalizeToTensor):
         return self.to_tensor(resized)
 
 
+def pad_to_square(image: Image.Image, fill: tuple[int, int, int]) -> Image.Image:
+    """LLaVA-1.5's "pad" aspect mode: centre the image on a square canvas of its longer side, filled with
+    `fill` (the normalisation mean as 8-bit colour, so the padding becomes ~0 after normalising)."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
+
+
+def _mean_colour(mean: tuple[float, float, float]) -> tuple[int, int, int]:
+    # LLaVA truncates (int(), not round()): CLIP's mean gives (122, 116, 104).
+    return tuple(int(m * 255) for m in mean)  # type: ignore[return-value]
+
+
+@IMAGE_PROCESSORS.register("clip_image_eval")
+class ClipImageEvalProcessor(Blip2ImageEvalProcessor):
+    """LLaVA-1.5 evaluation transform: pad to square with the mean colour, bicubic resize to 336, CLIP norm.
+
+    Equals LLaVA's expand2square + CLIPImageProcessor (resize shortest edge, centre crop: a no-op on a square).
+    """
+
+    def __init__(self, image_size: int = 336, mean: Any = CLIP_MEAN, std: Any = CLIP_STD, pad: bool = True):
+        super().__init__(image_size, mean, std)
+        self.pad = bool(pad)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return super().__call__(pad_to_square(image, _mean_colour(self.mean)) if self.pad else image)
+
+
+@IMAGE_PROCESSORS.register("clip_image_train")
+class ClipImageTrainProcessor(Blip2ImageTrainProcessor):
+    """Pad to square with the mean colour (as LLaVA-1.5 sees every image), then the same RandomResizedCrop +
+    CLIP norm as `blip2_image_train`, at 336 px by default."""
+
+    def __init__(
+        self,
+        image_size: int = 336,
+        min_scale: float = 0.5,
+        max_scale: float = 1.0,
+        ratio: Any = (3 / 4, 4 / 3),
+        mean: Any = CLIP_MEAN,
+        std: Any = CLIP_STD,
+        seed: int | None = None,
+        pad: bool = True,
+    ):
+        super().__init__(image_size, min_scale, max_scale, ratio, mean, std, seed)
+        self.pad = bool(pad)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return super().__call__(pad_to_square(image, _mean_colour(self.mean)) if self.pad else image)
+
+
 def build_from_registry(registry: Registry, cfg: Mapping[str, Any] | Any) -> Any:
     """Build `registry.get(cfg["name"])(**rest)`; errors start with the offending key (`name: ...`)."""
     if cfg is not None and not isinstance(cfg, Mapping):
