@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
 
@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minigpt4.common import dist
+    from minigpt4.common.provenance import write_provenance
     from minigpt4.datasets.builders import build_train_dataset
     from minigpt4.models.builder import build_model
     from minigpt4.runners.runner import Runner
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     rank, world, _, device = dist.init_distributed(run.device)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
+    else:  # commit, versions and SHA-256 of every weight/data file, before anything is trained
+        write_provenance(OmegaConf.to_container(cfg, resolve=True), run.output_dir, device=device)
     torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
     dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
     model = build_model(cfg.model, device=device)

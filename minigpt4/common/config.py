@@ -55,7 +55,7 @@ class ModelConfig:
     mm_projector_type: str = "vib"  # linear | vib
     vib: VIBConfig = field(default_factory=VIBConfig)
     # --- prompts ---
-    prompt_template: str = "vicuna_v0"  # vicuna_v0 | llama2 | plain | llava_v1 | llava15
+    prompt_template: str = "vicuna_v0"  # vicuna_v0 | llama2 | plain | llava15 | llava15
     end_sym: Optional[str] = None  # defaults to the template's
     max_txt_len: int = 512
     # --- precision / speed ---
@@ -126,7 +126,7 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         "llm_dtype": DTYPE_CHOICES,
         "encoder_dtype": DTYPE_CHOICES,
         "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava_v1", "llava15"),
+        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava15"),
         "arch": ("minigpt4", "llava15"),
     }
     for key, valid in choices.items():

@@ -20,14 +20,17 @@ class Template:
     end_sym: str  # closes the answer in training; generation stops on it
     image: str = IMAGE_TAG  # how the image is written inside the first human turn
     turn_sep: str = ""  # between a finished answer and the next human turn
+    image_sep: str = " "  # between the image and the text of the first turn (LLaVA: a newline)
 
     def prompt(self, instruction: str | None) -> str:
         """Single-turn training/eval prompt. `instruction=None` is the caption-only form used by the AdaVIB
         fine-tune (SPEC §3): `###Human: <Img>…</Img> ` followed directly by the caption, no assistant prefix."""
         if instruction is None:
-            return f"{self.human}{self.image} " if self.image else ""
-        body = f"{self.image} {instruction}" if self.image else instruction
-        return f"{self.human}{body}{self.assistant}"
+            return f"{self.human}{self.image}{self.image_sep}" if self.image else ""
+        return f"{self.human}{self.first_turn(instruction)}{self.assistant}"
+
+    def first_turn(self, text: str) -> str:
+        return f"{self.image}{self.image_sep}{text}" if self.image else text
 
 
 TEMPLATES: dict[str, Template] = {
@@ -37,9 +40,9 @@ TEMPLATES: dict[str, Template] = {
     "llama2": Template("llama2", human="[INST] ", assistant=" [/INST] ", end_sym="</s>", turn_sep=" "),
     # Stage-1 alignment pre-training: [BOS] <image tokens> caption "\n"; no words around the image.
     "plain": Template("plain", human="", assistant="", end_sym="\n", image=IMAGE_PLACEHOLDER),
-    # LLaVA-1.5 (Vicuna v1.5): "USER: <image>\n{prompt} ASSISTANT:", end "</s>".
-    "llava_v1": Template("llava_v1", human="USER: ", assistant=" ASSISTANT:", end_sym="</s>",
-                         image=IMAGE_PLACEHOLDER, turn_sep=" "),
+    # LLaVA-1.5 (Vicuna v1.5): "USER: <image>\n{prompt} ASSISTANT:", end "</s>" (conv_vicuna_v1 separators).
+    "llava15": Template("llava15", human="USER: ", assistant=" ASSISTANT:", end_sym="</s>",
+                        image=IMAGE_PLACEHOLDER, turn_sep=" ", image_sep="\n"),
 }
 
 
@@ -82,7 +85,7 @@ class Conversation:
         t = self.template
         parts = [self.system]
         for i, (question, answer) in enumerate(self.turns):
-            body = f"{t.image} {question}" if i == 0 and t.image else question
+            body = t.first_turn(question) if i == 0 else question
             parts.append(f"{t.human}{body}{t.assistant}")
             if answer is not None:
                 # In Vicuna v0 the end string "###" is also how the next human turn begins: write it once.

@@ -36,7 +36,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from minigpt4.common.config import ConfigError
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, TEMPLATES, Template, get_template
+from minigpt4.conversation.conversation import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models.builder import ARCHITECTURES, load_full_checkpoint, load_tokenizer, resolve_dtype
 from minigpt4.models.minigpt4 import MiniGPT4
@@ -60,21 +60,7 @@ LLAVA_LLM_PRESETS: dict[str, dict] = {
 # ------------------------------------------------------------------------------------------------ prompt
 
 
-@dataclasses.dataclass(frozen=True)
-class NewlineImageTemplate(Template):
-    """LLaVA writes a newline, not a space, between the image and the text of the first turn."""
-
-    def prompt(self, instruction: str | None) -> str:
-        if instruction is None:  # caption-only training text (SPEC §3 form): "USER: <ImageHere>\n" + caption
-            return f"{self.human}{self.image}\n"
-        return f"{self.human}{self.image}\n{instruction}{self.assistant}"
-
-
-# "USER: <image>\n{prompt} ASSISTANT:" and the answer ends with "</s>" (LLaVA's conv_vicuna_v1 separators).
-# A prompt's leading system text belongs to the eval config's prompt_format, as for MiniGPT-4.
-LLAVA15_TEMPLATE = NewlineImageTemplate("llava15", human="USER: ", assistant=" ASSISTANT:", end_sym="</s>",
-                                        image=IMAGE_PLACEHOLDER, turn_sep=" ")
-TEMPLATES.setdefault("llava15", LLAVA15_TEMPLATE)
+# The "llava15" template lives in minigpt4/conversation/conversation.py with the others.
 
 
 # ----------------------------------------------------------------------------------------------- encoder
@@ -108,12 +94,6 @@ class LlavaVisionEncoder(nn.Module):
     @property
     def out_dim(self) -> int:
         return self.config.hidden_size
-
-    @property
-    def query_tokens(self) -> torch.Tensor:
-        """A data-free (1, N, 0) stand-in on the meta device: `MiniGPT4.__init__` takes its number of image slots
-        from `encoder.query_tokens.shape[1]`. CLIP has no query tokens."""
-        return torch.empty(1, self.num_query_tokens, 0, device="meta")
 
     def train(self, mode: bool = True) -> "LlavaVisionEncoder":
         return super().train(False)  # frozen: always eval

@@ -64,7 +64,7 @@ class MiniGPT4(nn.Module):
         self.num_samples = num_samples
         self.beta = beta
         self.adaptive = adaptive
-        self.num_query_tokens = encoder.query_tokens.shape[1]
+        self.num_query_tokens = encoder.num_query_tokens  # image slots in the prompt
         # Only the projector trains (SPEC §1). A plain list, not a child module: remembered for train().
         self._frozen = [self.llm, self.encoder]
         frozen = self._frozen
@@ -73,7 +73,9 @@ class MiniGPT4(nn.Module):
             module.eval()
         if tokenizer is not None:
             if tokenizer.bos_token_id is None:
-                raise ValueError("the LLM tokenizer has no BOS token; MiniGPT-4 prompts start with BOS")
+                name = getattr(tokenizer, "name_or_path", "")
+                raise ValueError(f"the tokenizer {name!r} has no BOS token; MiniGPT-4 prompts start with BOS: "
+                                 "use the LLM's own tokenizer (model.tokenizer_path)")
             if tokenizer.pad_token_id is None:
                 # Vicuna ships without a pad token; pads are masked out, so any id works. Say so once.
                 fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
