@@ -1,0 +1,4 @@
+#!/usr/bin/env bash
+# LLaVA-1.5 7B: LLAVA=weights/llava-1.5-7b-hf TRAIN_JSON=... COCO=... bash scripts/reproduce_adavib_llava15.sh
+# (all variables and options: scripts/reproduce_adavib.sh)
+ARCH=llava15 exec bash "$(dirname "$0")/reproduce_adavib.sh" "$@"
