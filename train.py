@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.info("done: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         logging.info("outputs in %s (metrics.jsonl, checkpoints/, final/trainable.safetensors)",
                      os.path.abspath(run.output_dir))
+    del runner, model  # the DDP wrapper must go before the process group (see dist.cleanup)
     dist.cleanup()
     return 0
 

@@ -164,4 +164,5 @@ if __name__ == "__main__":
     result, run = main(sys.argv[1:])
     if run.rank == 0:
         print(json.dumps(result), flush=True)
+    del run  # the DDP wrapper must go before the process group (see dist.cleanup)
     dist.cleanup()

@@ -10,6 +10,7 @@ created; every helper below then degrades to the obvious single-process behaviou
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 from typing import Any
 
@@ -121,6 +122,13 @@ def broadcast_tensors(tensors: list[torch.Tensor], src: int = 0) -> None:
 
 
 def cleanup() -> None:
-    """Leave the process group (safe to call when none exists)."""
+    """Leave the process group (safe to call when none exists).
+
+    Drop every DDP/FSDP wrapper (e.g. `del runner`) *before* calling this. If a wrapper's reducer outlives
+    the group's registry entry, it holds the last reference to the gloo group and destroys it while holding
+    the GIL; gloo's worker thread may then need the GIL to free a finished collective's tensors, and the
+    process hangs at exit (pytorch/pytorch#56297). Destroyed here, the group is released without the GIL.
+    """
+    gc.collect()  # wrappers the caller already dropped but that sit in reference cycles
     if is_dist():
         dist.destroy_process_group()
