@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 
 from minigpt4.common.config import ConfigError, ModelConfig, check_paths, merge, validate_model_config
-from minigpt4.eval.tasks import EvalSettings
+from minigpt4.eval.tasks import EvalSettings, validate_eval_settings
 
 
 @dataclass
@@ -52,6 +52,7 @@ def load_eval_config(cfg_path: str | None, options: list[str] | None = None):
         check_paths(ev.chair, ("coco_annotations", "images", "synonyms"), prefix="eval.chair")
     if "pope" in ev.tasks:
         check_paths(ev.pope, ("dir",), prefix="eval.pope")
+    validate_eval_settings(ev)
     return cfg
 
 
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from minigpt4.common import dist
+    from minigpt4.common.provenance import write_provenance
     from minigpt4.eval.tasks import run_chair, run_pope
     from minigpt4.models.builder import build_model
 
@@ -78,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(cfg.model, device=device).eval()
     out_dir = settings.output_dir
     os.makedirs(out_dir, exist_ok=True)
+    if rank == 0:  # commit, versions and SHA-256 of the weights and benchmark files
+        write_provenance(OmegaConf.to_container(cfg, resolve=True), out_dir, device=device)
     results = {"model": settings.name, "projector": projector_label(cfg.model)}
     protocols = []
     if "pope" in settings.tasks:

@@ -149,12 +149,14 @@ def test_two_process_evaluation_equals_one_process(fixture_root, tiny_tokenizer_
     for out, launcher in ((one, [sys.executable]),
                           (two, [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"])):
         cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
-        subprocess.run(launcher + [os.path.join(ROOT, "evaluate.py"), "--cfg-path", str(cfg),
-                                   "--options", "eval.tasks=[pope]", "eval.bootstrap=0"],
-                       check=True, env=env, cwd=ROOT, capture_output=True, timeout=240)
+        proc = subprocess.run(launcher + [os.path.join(ROOT, "evaluate.py"), "--cfg-path", str(cfg),
+                                          "--options", "eval.tasks=[pope]", "eval.bootstrap=0"],
+                              env=env, cwd=ROOT, capture_output=True, text=True, timeout=240)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     for split in ("random", "adversarial"):
-        a = (one / f"pope_{split}_answers.jsonl").read_text()
-        b = (two / f"pope_{split}_answers.jsonl").read_text()
+        a = [json.loads(x) for x in (one / f"pope_{split}_answers.jsonl").read_text().splitlines()]
+        b = [json.loads(x) for x in (two / f"pope_{split}_answers.jsonl").read_text().splitlines()]
+        assert [(r["key"], r["answer"]) for r in a] == [(r["key"], r["answer"]) for r in b]
         assert a == b
     assert json.loads((one / "metrics.json").read_text())["pope"]["mean"] == \
         json.loads((two / "metrics.json").read_text())["pope"]["mean"]

@@ -12,6 +12,10 @@ Bad images (`on_bad_image`):
     their size), logged with its path, and counted in `num_skipped`. The count is shared with DataLoader
     workers, and counts skip events: a process that meets the same bad file again (a new epoch with
     non-persistent workers) counts it again. `num_bad_images` = missing + skipped.
+
+Empty captions (nothing left after the text processor's cleaning, e.g. "" or "..."): the same policy. "error"
+raises when the dataset is built, naming the file and entry; "skip" drops them then (logged, their ids listed
+in `empty_captions`).
 """
 from __future__ import annotations
 
@@ -133,10 +137,27 @@ class ImageCaptionDataset(Dataset):
         if missing:
             logger.warning("%s: %d of %d images are missing and will be skipped, e.g. %s",
                            source, len(missing), len(records), missing[0].image_path)
-        self.records = [r for r in records if r.image_path.is_file()]
+        # A caption that cleans to nothing would train the model to answer with the end symbol alone (a direct,
+        # silent push towards shorter captions, which lowers CHAIR on its own): a bad sample, under the same
+        # policy as a bad image. Compared with the processed empty string so a processor prompt is allowed for.
+        empty_answer = text_processor("")
+        empty = [(i, r) for i, r in enumerate(records) if text_processor(r.caption) == empty_answer]
+        if empty and on_bad_image == "error":
+            index, record = empty[0]
+            raise ValueError(
+                f"{source}: entry {index} (image_id {record.sample_id}) has an empty caption after cleaning "
+                f"({record.caption!r}); {len(empty)} of {len(records)} captions are empty. Fix or remove them, "
+                "or set on_bad_image: skip to train without them"
+            )
+        if empty:
+            logger.warning("%s: %d of %d captions are empty after cleaning and will be skipped, e.g. entry %d",
+                           source, len(empty), len(records), empty[0][0])
+        empty_index = {i for i, _ in empty}
+        self.records = [r for i, r in enumerate(records) if r.image_path.is_file() and i not in empty_index]
         if not self.records:
-            raise ValueError(f"{source}: no samples with an existing image file")
+            raise ValueError(f"{source}: no samples with an existing image file and a non-empty caption")
         self.missing_images = [str(r.image_path) for r in missing]
+        self.empty_captions = [r.sample_id for _, r in empty]
         self._skips = SkipCounter()
         self._known_bad: set[int] = set()  # per process: don't decode a known-bad file twice
 

@@ -9,8 +9,9 @@ Splitting: shard i goes to rank `i % world_size`, then, within a rank, to DataLo
 With `repeat=True` (training by steps) each worker cycles over its shards forever, reshuffling their order
 each pass; `repeat=False` reads them once (tests, counting).
 
-Bad samples (unreadable/oversized image, missing image or caption, damaged tar): `on_bad_image="skip"` logs
-and counts them in `num_skipped` (shared with the workers); "error" raises naming the shard and key.
+Bad samples (unreadable/oversized image, missing image, missing or empty caption, damaged tar):
+`on_bad_image="skip"` logs and counts them in `num_skipped` (shared with the workers); "error" raises naming
+the shard and key.
 """
 from __future__ import annotations
 
@@ -146,10 +147,13 @@ class WebCaptionDataset(IterableDataset):
         if image_key is None:
             raise BadSampleError(f"{where}: no image (.{', .'.join(IMAGE_EXTENSIONS)})")
         caption = _caption_of(raw, where)
+        answer = self.text_processor(caption)
+        if answer == self.text_processor(""):  # nothing left after cleaning: a target of the end symbol alone
+            raise BadSampleError(f"{where}: empty caption after cleaning ({caption!r})")
         image = load_rgb(raw[image_key], max_pixels=self.max_pixels, name=f"{where}.{image_key}")
         return {
             "image": self.vis_processor(image),
-            "answer": self.text_processor(caption),
+            "answer": answer,
             "instruction": None,
             "id": str(raw.get("__key__", "")),
         }

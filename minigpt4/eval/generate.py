@@ -30,7 +30,8 @@ class GenerationItem:
 
 def read_predictions(path: str) -> dict[str, dict]:
     """Lines of a predictions file by key. A torn last line (the process died mid-write) is cut off the
-    file so later appends start on a clean line; any other malformed line is an error naming it."""
+    file so later appends start on a clean line; any other malformed line, a line without "key", or a key
+    written twice (two evaluations appending to one output_dir at once) is an error naming the line."""
     done: dict[str, dict] = {}
     if not os.path.exists(path):
         return done
@@ -42,6 +43,7 @@ def read_predictions(path: str) -> dict[str, dict]:
         with open(path, "r+b") as f:
             f.truncate(cut)
         data = data[:cut]
+    line_of: dict[str, int] = {}
     for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
         if not line.strip():
             continue
@@ -49,7 +51,14 @@ def read_predictions(path: str) -> dict[str, dict]:
             row = json.loads(line)
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
-        done[str(row["key"])] = row
+        if not isinstance(row, dict) or "key" not in row:
+            raise ValueError(f"{path}:{number}: expected a JSON object with a 'key' (a prediction line)")
+        key = str(row["key"])
+        if key in line_of:
+            raise ValueError(f"{path}:{number}: key {row['key']!r} again (first on line {line_of[key]}); was the "
+                             "same output_dir written by two evaluations at once? Remove the file to regenerate")
+        line_of[key] = number
+        done[key] = row
     return done
 
 

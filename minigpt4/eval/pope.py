@@ -103,14 +103,32 @@ def _file_record(path: str | Path) -> dict[str, str]:
     return {"path": str(path), "sha256": sha256_file(path)}
 
 
-def load_questions(path: str | Path) -> list[dict]:
-    """Validated question rows: question_id (unique), image and label ("yes"/"no") required."""
+def _is_id(value: object) -> bool:
+    """An integer or a non-empty string: what a question id or a COCO image name can be."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, str) and bool(value.strip()))
+
+
+def load_questions(path: str | Path, require_text: bool = False) -> list[dict]:
+    """Validated question rows: question_id (unique), image and label ("yes"/"no") required, and the
+    question "text" (a non-empty string) when `require_text` (generation needs it, scoring does not)."""
     questions: list[dict] = []
     seen: dict[str, int] = {}
+    required = ("question_id", "image", "label") + (("text",) if require_text else ())
     for line_number, row in _read_jsonl_numbered(path):
-        for key in ("question_id", "image", "label"):
+        for key in required:
             if key not in row:
                 raise ValueError(f"{path}:{line_number}: question has no {key!r} key")
+        for key in ("question_id", "image"):
+            # null, 1.0, true or a list would still "work" through str() and then never match its answer
+            # (or, for images, resolve to a file named "None"): refuse them here, by line.
+            if not _is_id(row[key]):
+                raise ValueError(f"{path}:{line_number}: {key} must be an integer or a non-empty string, "
+                                 f"got {row[key]!r}")
+        if require_text and not (isinstance(row["text"], str) and row["text"].strip()):
+            raise ValueError(f"{path}:{line_number}: text must be the question as a non-empty string, "
+                             f"got {row['text']!r}")
         label = str(row["label"]).strip().lower()
         if label not in ("yes", "no"):
             raise ValueError(

@@ -227,10 +227,8 @@ def run_pope(model, settings: EvalSettings, out_dir: str) -> dict:
     result = pope_scorer.score_pope(question_files, answer_files, rule=settings.pope.rule,
                                     end_string=model.end_sym, n_bootstrap=settings.bootstrap, seed=settings.seed)
     result["pope_version"] = settings.pope.version if settings.pope.dir is None else settings.pope.dir
-    if skipped:
+    if skipped:  # each split's warning was logged when its scored copy was written
         result["skipped"] = skipped
-        log.warning("POPE: scored without %s question(s) whose image could not be read (on_bad_image: skip)",
-                    {split: s["questions"] for split, s in skipped.items()})
     print(pope_scorer.format_table(result))
     return result
 

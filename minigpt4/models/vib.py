@@ -25,8 +25,11 @@ RATIO_FLOOR = 1e-6  # H/log V is clamped into [1e-6, 1] so α <= -log(1e-6) ≈ 
 def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i h_i / √(Σ_i m_i) over the token axis (-2): "sum divided by the square root of the length".
 
-    h: (..., N, d); mask: (..., N) of 0/1 (all ones when None). Returns (..., d).
+    h: (..., N, d); mask: (..., N) of 0/1 (all ones when None). Returns (..., d) in fp32: the pooled vectors
+    only feed the fp32 KL and entropy, and under fp16 the sum of N tokens overflows to inf (then α silently
+    becomes 0) long before the pooled value itself is out of range.
     """
+    h = h.float()
     if mask is None:
         return h.sum(dim=-2) / math.sqrt(h.shape[-2])
     m = mask.to(h.dtype).unsqueeze(-1)
