@@ -71,26 +71,31 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.common import dist
     from minigpt4.common.provenance import write_provenance
     from minigpt4.eval.tasks import run_chair, run_pope
+    from minigpt4.common.errors import USER_FACING_ERRORS
     from minigpt4.models.builder import build_model
 
     settings: EvalSettings = OmegaConf.to_object(cfg.eval)
     rank, _, _, device = dist.init_distributed(settings.device)
     if rank != 0:
         logging.getLogger().setLevel(logging.WARNING)
-    model = build_model(cfg.model, device=device).eval()
-    out_dir = settings.output_dir
-    os.makedirs(out_dir, exist_ok=True)
-    if rank == 0:  # commit, versions and SHA-256 of the weights and benchmark files
-        write_provenance(OmegaConf.to_container(cfg, resolve=True), out_dir, device=device)
-    results = {"model": settings.name, "projector": projector_label(cfg.model)}
-    protocols = []
-    if "pope" in settings.tasks:
-        results["pope"] = run_pope(model, settings, out_dir)
-        protocols.append(f"pope-{results['pope'].get('pope_version', settings.pope.version)}-{settings.pope.rule}"
-                         if rank == 0 else "")
-    if "chair" in settings.tasks:
-        results["chair"] = run_chair(model, settings, out_dir)
-        protocols.append(results["chair"].get("protocol", ""))
+    try:
+        model = build_model(cfg.model, device=device).eval()
+        out_dir = settings.output_dir
+        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:  # commit, versions and SHA-256 of the weights and benchmark files
+            write_provenance(OmegaConf.to_container(cfg, resolve=True), out_dir, device=device)
+        results = {"model": settings.name, "projector": projector_label(cfg.model)}
+        protocols = []
+        if "pope" in settings.tasks:
+            results["pope"] = run_pope(model, settings, out_dir)
+            protocols.append(f"pope-{results['pope'].get('pope_version', settings.pope.version)}-{settings.pope.rule}"
+                             if rank == 0 else "")
+        if "chair" in settings.tasks:
+            results["chair"] = run_chair(model, settings, out_dir)
+            protocols.append(results["chair"].get("protocol", ""))
+    except USER_FACING_ERRORS as err:  # a bad file: its message names it; a torch traceback would bury that
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if rank == 0:
         results["protocol"] = " + ".join(p for p in protocols if p)
         results["config"] = OmegaConf.to_container(cfg, resolve=True)

@@ -71,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from minigpt4.common import dist
+    from minigpt4.common.errors import USER_FACING_ERRORS
     from minigpt4.common.provenance import write_provenance
     from minigpt4.datasets.builders import build_train_dataset
     from minigpt4.models.builder import build_model
@@ -82,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     else:  # commit, versions and SHA-256 of every weight/data file, before anything is trained
         write_provenance(OmegaConf.to_container(cfg, resolve=True), run.output_dir, device=device)
     torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
-    dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
-    model = build_model(cfg.model, device=device)
-    runner = Runner(model, dataset, collate, run, config_to_save=OmegaConf.to_container(cfg, resolve=True))
-    summary = runner.train()
+    try:
+        dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
+        model = build_model(cfg.model, device=device)
+        runner = Runner(model, dataset, collate, run, config_to_save=OmegaConf.to_container(cfg, resolve=True))
+        summary = runner.train()
+    except USER_FACING_ERRORS as err:  # a bad file: its message names it; a torch traceback would bury that
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     if rank == 0:
         logging.info("done: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         logging.info("outputs in %s (metrics.jsonl, checkpoints/, final/trainable.safetensors)",
@@ -93,7 +98,6 @@ def main(argv: list[str] | None = None) -> int:
     del runner, model  # the DDP wrapper must go before the process group (see dist.cleanup)
     dist.cleanup()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -98,3 +98,12 @@ def test_checkpoint_refuses_diverged_replicas(monkeypatch):
     monkeypatch.setattr(runner_mod.dist, "all_gather_object", lambda obj: [obj, (obj[0], "something-else")])
     with pytest.raises(RuntimeError, match="differ between ranks at step 7"):
         runner_mod.Runner._save(fake)
+
+
+def test_bad_weight_file_is_one_line_error_not_traceback(tmp_path, capsys):
+    """A checkpoint problem found while building the model ends like a config error: exit 2, named file."""
+    bad = tmp_path / "projector.pth"
+    torch.save({"model": {"llama_proj.weight": torch.zeros(5120, 32), "llama_proj.bias": torch.zeros(5120)}}, bad)
+    assert train.main(["--cfg-path", TINY, "--options", *_prepare(tmp_path), f"model.projector_path={bad}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "5120" in err and "Traceback" not in err
