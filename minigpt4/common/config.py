@@ -63,6 +63,7 @@ class ModelConfig:
     encoder_dtype: str = "auto"  # same choices; LAVIS runs the ViT in fp16 on GPU
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     low_resource: bool = False  # 8-bit LLM via bitsandbytes (GPU only)
+    encoder_device: Optional[str] = None  # null: with the LLM; cpu: ViT + Q-Former on the CPU (24 GB cards)
 
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
@@ -136,6 +137,8 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
     for key in ("max_txt_len", "num_query_tokens"):  # 0 would leave no answer token / no visual token
         if model[key] < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {model[key]}")
+    if model.encoder_device not in (None, "cpu"):
+        raise ConfigError(f"model.encoder_device = {model.encoder_device!r}; expected null (with the LLM) or cpu")
     if model.vib.num_samples < 1:
         raise ConfigError(f"model.vib.num_samples must be >= 1, got {model.vib.num_samples}")
     if model.vib.beta < 0:
@@ -158,6 +161,8 @@ def check_arch_keys(model: DictConfig) -> None:
             raise ConfigError(f"model.{key} is not used by model.arch = {model.arch!r}; {hint}")
     if model.arch == "llava15" and model.low_resource:
         raise ConfigError("model.low_resource (8-bit LLM) is not supported for model.arch = 'llava15'")
+    if model.arch == "llava15" and model.encoder_device is not None:
+        raise ConfigError("model.encoder_device is not supported for model.arch = 'llava15'")
 
 
 def check_paths(node: DictConfig, keys: tuple[str, ...], *, prefix: str) -> None:

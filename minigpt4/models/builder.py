@@ -71,6 +71,9 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
             kwargs.update(quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map={"": device})
         log.info("loading LLM from %s", cfg.llm_path)
         return LlamaForCausalLM.from_pretrained(cfg.llm_path, **kwargs)
+    if cfg.low_resource and device.type != "meta":
+        raise ConfigError("model.low_resource loads the LLM in 8 bits from model.llm_path; set model.llm_path "
+                          "(a random-init LLM cannot be quantized on load)")
     if cfg.llm_preset is not None and cfg.llm_preset not in LLM_PRESETS:
         raise ConfigError(f"model.llm_preset = {cfg.llm_preset!r}; expected one of {', '.join(LLM_PRESETS)}")
     sizes = dict(LLM_PRESETS.get(cfg.llm_preset, {}))
@@ -112,7 +115,9 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     elif not meta:
         raise ConfigError("model.tokenizer_path (or model.llm_path) is required to build a usable model")
     llm_dtype = resolve_dtype(cfg.llm_dtype, device)
-    enc_dtype = resolve_dtype(cfg.encoder_dtype, device)
+    # encoder_device: cpu (low-resource runs) keeps the 1 B-parameter ViT off a small GPU; "auto" is fp32 there.
+    enc_device = torch.device("cpu") if cfg.encoder_device == "cpu" and not meta else device
+    enc_dtype = resolve_dtype(cfg.encoder_dtype, enc_device)
     # With encoder weights on disk, build the ~1.1 B-parameter encoder on the meta device and let the strict
     # loader assign the checkpoint tensors: no random init that would be overwritten anyway.
     encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path"))
@@ -128,7 +133,7 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     if meta:
         return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym)
     load_encoder(encoder, cfg)
-    encoder.to(device=device, dtype=enc_dtype)
+    encoder.to(device=enc_device, dtype=enc_dtype)
     if not cfg.low_resource:
         llm.to(device)
     projector.to(device)  # trainable: fp32 master weights; autocast handles the matmul precision

@@ -39,6 +39,10 @@ class RunConfig:
     amp: str = "bf16"  # "bf16" | "fp16" (CUDA only, with a GradScaler) | "none"
     max_nonfinite_steps: int = 5  # abort after this many optimizer steps in a row with a non-finite loss
     find_unused_parameters: bool = False
+    # several processes: "ddp" replicates the model and all-reduces the trainable gradients; "fsdp" shards the
+    # frozen LLM and encoder over the ranks (the small trainable projector stays replicated), so each GPU holds
+    # a 1/world_size share of the frozen weights; checkpoints are the same either way (runners/placement.py)
+    distributed: str = "ddp"
 
     # logging
     log_every: int = 10
@@ -83,6 +87,8 @@ class RunConfig:
             raise ValueError(f"run.lr_sched must be one of {', '.join(SCHEDULE_NAMES)}, got {self.lr_sched!r}")
         if self.amp not in ("bf16", "fp16", "none"):
             raise ValueError(f"run.amp must be 'bf16', 'fp16' or 'none', got {self.amp!r}")
+        if self.distributed not in ("ddp", "fsdp"):
+            raise ValueError(f"run.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.device not in ("cuda", "cpu", "auto"):
             raise ValueError(f"run.device must be 'cuda', 'cpu' or 'auto', got {self.device!r}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:

@@ -1,9 +1,9 @@
 """The training loop: DDP over the trainable parameters, AMP, gradient accumulation, resumable to the bit.
 
 One optimizer step = `grad_accum_steps` micro-batches of `batch_size` per rank. Gradients are synchronised by DDP
-on the last micro-batch only (`no_sync()` on the others). After each step every rank all-reduces one small
-vector (the model's scalars, the token count, a non-finite flag and a SIGTERM flag), so all ranks agree on what
-to log, whether to skip the step and whether to stop.
+(or FSDP, `run.distributed: fsdp`) on the last micro-batch only (`no_sync()` on the others). After each step every
+rank all-reduces one small vector (the model's scalars, the token count, a non-finite flag and a SIGTERM flag), so
+all ranks agree on what to log, whether to skip the step and whether to stop.
 
 Resuming restores the trainable tensors, optimizer, GradScaler, counters, the data position (skipped by index
 arithmetic, see data.py) and every rank's RNG states as they were at the checkpoint, so a killed-and-resumed
@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
@@ -36,6 +37,7 @@ from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data import batches_per_pass, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, MetricsWriter
 from minigpt4.runners.optim import build_optimizer, optimizer_param_names
+from minigpt4.runners.placement import TrainableView, fsdp_wrap, is_fsdp_wrapped, place_model, trainable_tensors
 from minigpt4.runners.rng import capture_rng_state, restore_rng_state, seed_everything
 from minigpt4.runners.schedules import make_lr_schedule
 
@@ -64,10 +66,10 @@ def _scalar(name: str, value: Any, device: torch.device) -> torch.Tensor:
     return t.reshape(()).float().to(device)
 
 
-def weights_fingerprint(model: nn.Module) -> str:
+def tensors_fingerprint(tensors: dict[str, torch.Tensor]) -> str:
     """SHA-256 of the trainable tensors' bytes (the projector: a few MB, hashed in milliseconds)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(ckpt.trainable_state_dict(model).items()):
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
@@ -90,7 +92,7 @@ class Runner:
         self.amp_dtype = AMP_DTYPES[cfg.amp]
         seed_everything(cfg.seed + self.rank)
 
-        self.model = model.to(self.device)
+        self.model = place_model(model, self.device)
         self.dataset, self.collate_fn = dataset, collate_fn
         self.config_to_save = config_to_save or {}
         self.output_dir = Path(cfg.output_dir)
@@ -107,14 +109,21 @@ class Runner:
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.scaler = torch.amp.GradScaler("cuda") if cfg.amp == "fp16" else None
 
-        self.ddp: DistributedDataParallel | None = None
+        self.ddp: DistributedDataParallel | FullyShardedDataParallel | None = None  # the wrapper, DDP or FSDP
         if self.world_size > 1:
             # DDP's own start-up sync would broadcast the whole (frozen, multi-GB) model; the frozen parts are
             # loaded from the same files on every rank, so only the trainable tensors are broadcast.
             dist.broadcast_tensors([p.data for p in self.params])
+        if self.world_size > 1 and cfg.distributed == "fsdp":
+            self.ddp = fsdp_wrap(self.model, self.device)
+            kept = {id(p) for p in self.model.parameters()}
+            if any(id(p) not in kept for p in self.params):
+                raise RuntimeError("FSDP replaced parameters the optimizer holds; it must keep them (use_orig_params)")
+        elif self.world_size > 1:
+            single_device = len({p.device for p in self.model.parameters()}) == 1  # not with a CPU encoder
             self.ddp = DistributedDataParallel(
                 self.model,
-                device_ids=[self.local_rank] if self.device.type == "cuda" else None,
+                device_ids=[self.local_rank] if self.device.type == "cuda" and single_device else None,
                 init_sync=False,
                 forward_sync_buffers=False,
                 find_unused_parameters=cfg.find_unused_parameters,
@@ -184,7 +193,8 @@ class Runner:
         if saved.get("total_steps") != self.total_steps:
             log.warning("resuming %s with total_steps %s (was %s): the lr schedule changes from here",
                         path, self.total_steps, saved.get("total_steps"))
-        ckpt.load_trainable_state(self.model, tensors, source=str(path / ckpt.TRAINABLE_FILE))
+        target = TrainableView(self.model) if is_fsdp_wrapped(self.model) else self.model
+        ckpt.load_trainable_state(target, tensors, source=str(path / ckpt.TRAINABLE_FILE))
         saved_names = [list(g.get("param_names", [])) for g in state["optimizer"]["param_groups"]]
         if saved_names != optimizer_param_names(self.optimizer):
             raise ValueError(
@@ -211,7 +221,8 @@ class Runner:
     def _save(self) -> None:
         # Collective: every rank sends its RNG state and a fingerprint of its trainable weights, so a
         # checkpoint can never record a run whose replicas silently drifted apart.
-        gathered = dist.all_gather_object((capture_rng_state(), weights_fingerprint(self.model)))
+        trainable = trainable_tensors(self.model)
+        gathered = dist.all_gather_object((capture_rng_state(), tensors_fingerprint(trainable)))
         rng_states = [rng for rng, _ in gathered]
         fingerprints = [fp for _, fp in gathered]
         if len(set(fingerprints)) > 1:
@@ -232,7 +243,7 @@ class Runner:
                 "run_facts": self._run_facts(),
             }
             path = ckpt.save_checkpoint(
-                self.output_dir, self.global_step, ckpt.trainable_state_dict(self.model), state,
+                self.output_dir, self.global_step, trainable, state,
                 keep_last=self.cfg.keep_last,
             )
             log.info("saved checkpoint %s", path)
@@ -367,8 +378,9 @@ class Runner:
         final_dir = None
         if completed:
             final_dir = self.output_dir / ckpt.FINAL_DIR
+            trainable = trainable_tensors(self.model)
             if dist.is_main():
-                ckpt.save_final(self.output_dir, ckpt.trainable_state_dict(self.model),
+                ckpt.save_final(self.output_dir, trainable,
                                 {"run": cfg.to_dict(), "config": self.config_to_save, "step": self.global_step})
         dist.barrier()
         return {

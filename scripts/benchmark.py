@@ -1,0 +1,748 @@
+#!/usr/bin/env python
+"""Speed benchmark: every optimization against the straightforward path it replaces, on the same inputs, in one run.
+
+    python scripts/benchmark.py --device cpu --size tiny --out out/bench/cpu_tiny.json
+    python scripts/benchmark.py --device cuda --size 7b --out out/bench/gpu_7b.json     # random 7B weights, bf16
+    python scripts/benchmark.py --device cuda --size 7b --low-resource --out out/bench/gpu_7b_lowres.json
+
+Nothing is downloaded: weights are random (the tiny tokenizer is trained offline), images are generated JPEGs.
+Greedy decoding is made margin-safe by scaling the LM head ×20 (as tests/test_evaluate.py does), so batched and
+batch-1 answers can be compared for identity; on CPU (fp32) any difference aborts the run.
+
+Rows (optimized | baseline):
+  train  encoder once per image                 | encoder re-run for each of the S noise samples
+  train  padding trimmed to each batch          | every batch padded to prompt + max_txt_len
+  train  sdpa attention (LLM)                   | eager attention
+  train  bf16 autocast, fp32 where it matters   | fp32 weights, no autocast            (GPU only)
+  data   loader workers (+ pinned memory on GPU) | loading in the training process
+  POPE   batched, sorted by prompt length       | batch 1                              answers identical
+  POPE   sorted by prompt length                | unsorted                             answers identical
+  POPE   feature cache (first / later run)      | encoder per question                 answers identical
+  POPE   KV cache                               | no KV cache                          answers identical
+  CHAIR  batched                                | batch 1                              captions identical
+
+Model FLOPs utilisation (GPU): the frozen LLM's forward costs 2·N FLOPs per token and its backward, which
+computes activation gradients only (the LLM has no weight gradients), another 2·N: 4·N per training token,
+N = LLM parameters without the input-embedding table (a lookup, not a matmul); tokens = the non-padding tokens
+of all S·B sequences. The ViT, Q-Former and projector are not counted. MFU = 4·N·tokens/s / peak bf16 FLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from minigpt4.models.minigpt4 import TextBatch  # noqa: E402
+
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100 SXM": 989.4, "H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100": 989.4,
+                    "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.2}
+GPU_TARGETS = {"epoch_s_max": 180.0, "mfu_min": 0.40, "pope_8910_s_max": 60.0, "chair_500x256_s_max": 60.0,
+               "train_peak_gb_max": 40.0, "low_resource_peak_gb_max": 24.0}
+WORDS = ("a photo of dog on the grass next to red ball two cats sleeping sofa in living room man riding bike down "
+         "busy street with cars and bus plate fork knife hot woman holding an umbrella rain kitchen stove sink "
+         "refrigerator airplane flying blue sky over city giraffe zebra standing near tree circle small square "
+         "green star").split()
+POPE_OBJECTS = ("dog", "traffic light", "chair", "baseball glove", "cup", "hair drier", "cell phone", "tie")
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rss_mb(field: str) -> float | None:
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """GPU: torch.cuda.max_memory_allocated. CPU: the process's resident-set high-water mark (VmHWM), reset on
+    entry through /proc/self/clear_refs; where that is not allowed, ru_maxrss (lifetime peak, not reset)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb, self.base_mb, self.method = device, 0.0, 0.0, ""
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base_mb, self.method = torch.cuda.memory_allocated(self.device) / 2**20, "cuda.max_memory_allocated"
+            return self
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            self.method = "VmHWM (reset per measurement)"
+        except OSError:
+            self.method = "ru_maxrss (process lifetime)"
+        self.base_mb = _rss_mb("VmRSS") or 0.0
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.device.type == "cuda":
+            self.peak_mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        elif self.method.startswith("VmHWM"):
+            self.peak_mb = _rss_mb("VmHWM") or 0.0
+        else:
+            self.peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+    def result(self) -> dict[str, Any]:
+        return {"peak_mb": round(self.peak_mb, 1), "peak_delta_mb": round(self.peak_mb - self.base_mb, 1),
+                "memory_method": self.method}
+
+
+def autocast(device: torch.device, amp: bool):
+    return torch.autocast(device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------------------------------------ the model
+def build(size: str, device: torch.device, tokenizer_dir: str, *, llm_path: str | None = None,
+          low_resource: bool = False, encoder_device: str | None = None):
+    from minigpt4.common.tiny import tiny_model_config
+    from minigpt4.models.builder import build_model
+
+    torch.manual_seed(0)
+    if size == "tiny":
+        cfg = tiny_model_config(tokenizer_dir, "vib", llm_dtype="auto", encoder_dtype="auto")
+    else:  # MiniGPT-4 7B shapes: EVA ViT-g (39 blocks), BERT-base Q-Former, 32 queries, Vicuna-7B; S = 3
+        cfg = dict(arch="minigpt4", tokenizer_path=tokenizer_dir, llm_preset="vicuna-7b", mm_projector_type="vib",
+                   llm_path=llm_path, low_resource=low_resource, encoder_device=encoder_device,
+                   vib=dict(num_samples=3, beta=1e-7, adaptive=True), max_txt_len=512)
+    # Random init directly on the device: a 7B model initialised on the CPU would take minutes.
+    with torch.device(device) if llm_path is None else contextlib.nullcontext():
+        model = build_model(cfg, device=device)
+    head = model.llm.lm_head.weight
+    if head.dtype.is_floating_point:  # (bitsandbytes keeps the LM head unquantized)
+        with torch.no_grad():
+            head.mul_(20.0)  # margin-safe greedy decoding (see module docstring)
+            # 7B: the LLM keeps Vicuna's 32,000-way head (same compute) but the offline tokenizer knows only its
+            # first few hundred ids; zero logits for the rest keep greedy answers decodable, hence comparable.
+            if model.tokenizer is not None:
+                head[len(model.tokenizer):].zero_()
+    return model, cfg
+
+
+def llm_matmul_params(model) -> int:
+    embed = model.llm.get_input_embeddings().weight
+    return sum(p.numel() for p in model.llm.parameters() if p is not embed)
+
+
+# --------------------------------------------------------------------------------------------- inputs
+def write_images(folder: Path, count: int, *, width: int = 640, height: int = 480, seed: int = 0) -> list[str]:
+    """COCO-sized random JPEGs (the loader's decode cost is part of what is measured)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(1, count + 1):
+        path = folder / f"{i:012d}.jpg"
+        if not path.exists():
+            small = rng.integers(0, 255, (height // 8, width // 8, 3), dtype=np.uint8)  # smooth-ish, JPEG-like
+            Image.fromarray(small).resize((width, height), Image.BICUBIC).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def caption(rng: random.Random, lo: int, hi: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(rng.randint(lo, hi)))
+
+
+def training_batches(model, count: int, batch_size: int, image_size: int, device: torch.device, seed: int = 0):
+    """Pre-built micro-batches (pixels on the device, captions of 20-50 words as in the AdaVIB recipe)."""
+    rng, gen = random.Random(seed), torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(count):
+        answers = [caption(rng, 20, 50) for _ in range(batch_size)]
+        text = model.build_training_text([None] * batch_size, answers)
+        batches.append({"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
+                        "answer": answers, "llm_tokens": int(text.attention_mask.sum()) * model.num_samples})
+    return batches
+
+
+def pad_right(text: TextBatch, width: int, pad_id: int) -> TextBatch:
+    extra = width - text.input_ids.shape[1]
+    if extra <= 0:
+        return text
+    pad = lambda t, value: torch.nn.functional.pad(t, (0, extra), value=value)  # noqa: E731
+    return TextBatch(pad(text.input_ids, pad_id), pad(text.image_mask, False), pad(text.attention_mask, 0),
+                     pad(text.labels, -100))
+
+
+def reference_forward(model, batch: dict, *, encoder_passes: int = 1, pad_to: int | None = None) -> torch.Tensor:
+    """MiniGPT4.forward spelt out from its public pieces, with the straightforward choices the model avoids:
+    the encoder run once per noise sample (encoder_passes = S) and every batch padded to a fixed width."""
+    images, samples = batch["image"], model.num_samples
+    if encoder_passes == 1:
+        tokens, info = model.project(model.encode_images(images), num_samples=samples)
+        kl_terms = [info.get("kl_term")]
+    else:  # one sample per pass: S × (ViT + Q-Former + projector)
+        parts = [model.project(model.encode_images(images), num_samples=1) for _ in range(encoder_passes)]
+        tokens, kl_terms = torch.cat([t for t, _ in parts]), [i.get("kl_term") for _, i in parts]
+    text = model.build_training_text([None] * images.shape[0], batch["answer"])
+    if pad_to is not None:
+        text = pad_right(text, pad_to, model.tokenizer.pad_token_id)
+    text = text.to(model.device).repeat(tokens.shape[0] // images.shape[0])
+    out = model.llm(inputs_embeds=model.embed(text, tokens), attention_mask=text.attention_mask, labels=text.labels)
+    kl = [k.to(out.loss.device) for k in kl_terms if k is not None]
+    return out.loss.float() + (sum(kl) / len(kl) if kl else 0.0)
+
+
+# --------------------------------------------------------------------------------------------- training
+def time_training(model, batches: list[dict], loss_fn: Callable, *, steps: int, warmup: int, accum: int,
+                  device: torch.device, amp: bool) -> dict[str, Any]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-7)
+    model.train()
+    images = tokens = 0
+    memory = PeakMemory(device)
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync(device)
+            memory.__enter__()
+            start = time.perf_counter()
+        batch = batches[i % len(batches)]
+        with autocast(device, amp):
+            loss = loss_fn(model, batch)
+        (loss / accum).backward()
+        if (i + 1) % accum == 0:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if i >= warmup:
+            images, tokens = images + len(batch["answer"]), tokens + batch["llm_tokens"]
+    sync(device)
+    elapsed = time.perf_counter() - start
+    memory.__exit__()
+    optimizer.zero_grad(set_to_none=True)
+    return {"samples_per_s": images / elapsed, "tokens_per_s": tokens / elapsed, "step_ms": 1e3 * elapsed / steps,
+            "steps": steps, **memory.result()}
+
+
+def model_loss(model, batch: dict) -> torch.Tensor:
+    return model(batch)["loss"]
+
+
+def check_reference(model, batches: list[dict], device: torch.device, pad_to: int) -> None:
+    """The baselines differ from the model only in the optimization: same loss with the same noise."""
+    model.train()
+    for kwargs in ({}, {"pad_to": pad_to}):
+        torch.manual_seed(1)
+        ours = model(batches[0])["loss"].detach()
+        torch.manual_seed(1)
+        ref = reference_forward(model, batches[0], **kwargs).detach()
+        tol = 1e-4 if device.type == "cpu" else 2e-2
+        if not torch.allclose(ours.float(), ref.float(), rtol=tol, atol=tol):
+            raise AssertionError(f"reference path {kwargs or '(plain)'} disagrees with MiniGPT4.forward: "
+                                 f"{float(ref)} vs {float(ours)}")
+
+
+def loader_throughput(folder: Path, paths: list[str], image_size: int, batch_size: int, workers: int,
+                      pin_memory: bool) -> dict[str, Any]:
+    from minigpt4.datasets.builders import build_train_dataset
+    from minigpt4.runners.data import epoch_micro_batches
+
+    ann = folder / "captions.json"
+    rng = random.Random(0)
+    ann.write_text(json.dumps([{"image_id": int(Path(p).stem), "caption": caption(rng, 20, 50)} for p in paths]))
+    dataset, collate = build_train_dataset({"caption_json": {
+        "ann_path": str(ann), "image_dir": str(Path(paths[0]).parent),
+        "vis_processor": {"name": "blip2_image_train", "image_size": image_size},
+        "text_processor": {"name": "blip_caption", "max_words": 50}}})
+    batches = len(paths) // batch_size
+    start = time.perf_counter()
+    count = 0
+    for batch in epoch_micro_batches(dataset, collate, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=0,
+                                     num_batches=batches, start=0, num_workers=workers, pin_memory=pin_memory):
+        count += batch["image"].shape[0]
+    elapsed = time.perf_counter() - start
+    return {"samples_per_s": count / elapsed, "num_workers": workers, "pin_memory": pin_memory}
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+def pope_items(paths: list[str], per_image: int):
+    from minigpt4.conversation.conversation import format_eval_prompt
+    from minigpt4.eval.generate import GenerationItem
+    from minigpt4.eval.tasks import REFERENCE_PROMPT, REFERENCE_SYSTEM
+
+    items = []
+    for i, path in enumerate(paths):
+        for j in range(per_image):
+            question = f"Is there a {POPE_OBJECTS[(i + j) % len(POPE_OBJECTS)]} in the image?"
+            items.append(GenerationItem(key=f"{i}-{j}", image=path,
+                                        prompt=format_eval_prompt(REFERENCE_PROMPT, system=REFERENCE_SYSTEM,
+                                                                  question=question)))
+    random.Random(0).shuffle(items)  # POPE files interleave prompt lengths; sorting has something to do
+    return items
+
+
+def chair_items(paths: list[str]):
+    from minigpt4.conversation.conversation import format_eval_prompt
+    from minigpt4.eval.generate import GenerationItem
+    from minigpt4.eval.tasks import REFERENCE_PROMPT, REFERENCE_SYSTEM
+
+    prompt = format_eval_prompt(REFERENCE_PROMPT, system=REFERENCE_SYSTEM, question="Describe this image.")
+    return [GenerationItem(key=str(i), image=p, prompt=prompt) for i, p in enumerate(paths)]
+
+
+def _quiet_progress_bars() -> None:
+    """generate_all draws a tqdm bar per run; in a benchmark table they only interleave with the output."""
+    from tqdm import tqdm
+
+    from minigpt4.eval import generate
+
+    generate.tqdm = lambda *args, **kwargs: tqdm(*args, **{**kwargs, "disable": True})
+
+
+def time_generation(model, items, workdir: Path, name: str, *, image_size: int, batch_size: int,
+                    max_new_tokens: int, sort: bool = True, use_cache: bool = True,
+                    feature_cache: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`."""
+    from minigpt4.eval.generate import generate_all
+    from minigpt4.eval.tasks import EvalSettings, GenerationInputs
+
+    settings = EvalSettings(image_dir=str(Path(items[0].image).parent), batch_size=batch_size, sort_by_length=sort,
+                            use_cache=use_cache, feature_cache=feature_cache,
+                            vis_processor={"name": "blip2_image_eval", "image_size": image_size})
+    out_path = workdir / f"{name}.jsonl"
+    out_path.unlink(missing_ok=True)  # generate_all resumes: a leftover file would skip the work
+    try:
+        # As in a new evaluation process: with a feature cache, GenerationInputs fingerprints the encoder weights
+        # (setup_s, not timed: once per run, whatever the number of questions) and starts with nothing in memory.
+        setup_start = time.perf_counter()
+        inputs = GenerationInputs(model, settings)
+        setup_s = time.perf_counter() - setup_start
+        sync(model.device)
+        start = time.perf_counter()
+        inputs.prepare(items)
+        preds = generate_all(inputs.model, items, out_path=str(out_path), load_image=inputs.load_image,
+                             batch_size=batch_size, sort_by_length=sort,
+                             generate_kwargs=dict(max_new_tokens=max_new_tokens), desc=name)
+        sync(model.device)
+        seconds = time.perf_counter() - start
+    finally:
+        model.llm.generation_config.use_cache = True
+    answers = {k: v["answer"] for k, v in preds.items()}
+    return answers, {"items_per_s": len(items) / seconds, "seconds": seconds, "items": len(items), "setup_s": setup_s}
+
+
+def interleaved(runs: dict[str, Callable[[], tuple[Any, dict]]], repeats: int, key: str) -> dict[str, tuple]:
+    """Run the variants in turn (A B C A B C ...) `repeats` times and keep each one's fastest run: on a shared
+    machine the load drifts, and taking turns exposes every variant to the same drift."""
+    best: dict[str, tuple] = {}
+    for _ in range(repeats):
+        for name, run_once in runs.items():
+            out, stats = run_once()
+            if name not in best or stats[key] > best[name][1][key]:
+                best[name] = (out, stats)
+    return {name: (out, {**stats, "best_of": repeats}) for name, (out, stats) in best.items()}
+
+
+# ------------------------------------------------------------------------------------------------- report
+class Report:
+    def __init__(self, strict_identical: bool):
+        self.rows: list[dict[str, Any]] = []
+        self.strict = strict_identical
+
+    def add(self, name: str, metric: str, optimized: dict, baseline: dict | None, key: str, *,
+            optimized_label: str, baseline_label: str, answers: tuple[dict, dict] | None = None, note: str = ""):
+        row: dict[str, Any] = {"name": name, "metric": metric, "optimized_label": optimized_label,
+                               "baseline_label": baseline_label, "optimized": optimized, "baseline": baseline,
+                               "speedup": None, "identical": None, "note": note}
+        if baseline is not None and baseline.get(key):  # a baseline that failed (out of memory) has no rate
+            row["speedup"] = optimized[key] / baseline[key]
+        if answers is not None:
+            ours, theirs = answers
+            shared = sorted(set(ours) & set(theirs))
+            same = sum(ours[k] == theirs[k] for k in shared)
+            row["identical"] = same == len(shared) and len(shared) > 0
+            row["agreement"] = same / max(len(shared), 1)
+            row["compared"] = len(shared)
+            row["nonempty"] = sum(bool(ours[k]) for k in shared) / max(len(shared), 1)  # not a trivial comparison
+            if self.strict and not row["identical"]:
+                bad = [k for k in shared if ours[k] != theirs[k]][:3]
+                raise AssertionError(f"{name}: outputs differ for {len(shared) - same} of {len(shared)} items, "
+                                     f"e.g. {[(k, ours[k], theirs[k]) for k in bad]}")
+        row["optimized_value"], row["baseline_value"] = optimized.get(key), (baseline or {}).get(key)
+        self.rows.append(row)
+        print(f"  {name}: {optimized_label} {_fmt(optimized.get(key))} vs {baseline_label} "
+              f"{_fmt((baseline or {}).get(key))} {metric}" + (f" -> {row['speedup']:.2f}x" if row["speedup"] else ""),
+              flush=True)
+        return row
+
+    def table(self) -> str:
+        lines = ["| row | metric | optimized | baseline | speedup | outputs identical | peak memory MB (opt / base) |",
+                 "|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            same = "-" if r["identical"] is None else ("yes" if r["identical"] else f"no ({r['agreement']:.1%})")
+            speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}×"
+            peaks = [(part or {}).get("peak_mb") for part in (r["optimized"], r["baseline"])]
+            peak = " / ".join(_fmt(p) for p in peaks) if peaks[0] is not None else "-"
+            lines.append(f"| {r['name']} | {r['metric']} | {r['optimized_label']}: {_fmt(r['optimized_value'])} | "
+                         f"{r['baseline_label']}: {_fmt(r['baseline_value'])} | {speed} | {same} | {peak} |")
+        return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:,.0f}"
+
+
+def peak_tflops(name: str, override: float | None) -> float | None:
+    if override:
+        return override
+    for key, tflops in PEAK_BF16_TFLOPS.items():  # most specific names first
+        if key in name:
+            return tflops
+    return None
+
+
+# ------------------------------------------------------------------------------------------------ profile
+def profile_training(model, batches: list[dict], steps: int, device: torch.device, amp: bool, path: Path) -> list:
+    """torch.profiler over a few optimized training steps: the table goes to `path`, the top ops to the JSON."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    model.train()
+    with profile(activities=activities) as prof:
+        for i in range(steps):
+            with autocast(device, amp):
+                loss = model_loss(model, batches[i % len(batches)])
+            loss.backward()
+        sync(device)
+    model.zero_grad(set_to_none=True)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    table = events.table(sort_by=attr, row_limit=30)
+    path.write_text(f"torch.profiler, {steps} training steps (forward + backward), sorted by {attr}\n\n{table}\n")
+    total = sum(getattr(e, attr, 0.0) for e in events) or 1.0
+    top = sorted(events, key=lambda e: getattr(e, attr, 0.0), reverse=True)[:12]
+    return [{"op": e.key, "self_ms": getattr(e, attr, 0.0) / 1e3, "share": getattr(e, attr, 0.0) / total,
+             "calls": e.count} for e in top]
+
+
+# --------------------------------------------------------------------------------------------------- main
+PRESETS: dict[str, dict[str, int]] = {
+    # smoke test: every row, smallest sizes (seconds on 2 cores); timings meaningless
+    "quick": dict(train_batch=2, steps=2, warmup=1, baseline_steps=2, accum=1, pope_images=2, pope_per_image=3,
+                  pope_batch=8, pope_baseline_items=6, chair_images=2, chair_tokens=4, chair_batch=2,
+                  chair_baseline_items=2, loader_images=8, loader_batch=4, repeats=1, profile_steps=1),
+    "tiny": dict(train_batch=4, steps=30, warmup=3, baseline_steps=30, accum=1, pope_images=16, pope_per_image=6,
+                 pope_batch=32, pope_baseline_items=96, chair_images=16, chair_tokens=32, chair_batch=16,
+                 chair_baseline_items=16, loader_images=96, loader_batch=8, repeats=5, profile_steps=3),
+    # 7B: micro-batch 4 × accumulation 4 = effective batch 16; S = 3 -> 12 LLM sequences per micro-batch
+    "7b": dict(train_batch=4, steps=20, warmup=3, baseline_steps=8, accum=4, pope_images=32, pope_per_image=6,
+               pope_batch=64, pope_baseline_items=24, chair_images=64, chair_tokens=256, chair_batch=64,
+               chair_baseline_items=2, loader_images=64, loader_batch=8, repeats=1, profile_steps=3),
+}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    ap.add_argument("--size", choices=("tiny", "7b"), default="tiny")
+    ap.add_argument("--out", required=True, help="JSON results; the Markdown table and profile go next to it")
+    ap.add_argument("--quick", action="store_true", help="smallest settings (smoke test; timings meaningless)")
+    ap.add_argument("--low-resource", action="store_true",
+                    help="7B only: peak memory of training with the 8-bit LLM (needs bitsandbytes)")
+    ap.add_argument("--encoder-device", choices=("cpu",), default=None, help="with --low-resource: ViT on the CPU")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="accelerator bf16 peak, for MFU")
+    ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default on CPU: 1; the tiny model's ops are too small to split, "
+                         "and on a shared machine 2 OpenMP threads wait on each other: 0.8 s instead of 0.05 s "
+                         "per batch-1 answer measured under load 7 on 2 cores)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=("train", "loader", "pope", "chair", "profile"))
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads or (1 if args.device == "cpu" else threads))
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no GPU")
+    device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
+    if args.size == "7b" and device.type != "cuda":
+        raise SystemExit("--size 7b runs on a GPU (random 7B weights in bf16); use --device cuda")
+    if args.low_resource and args.size != "7b":
+        raise SystemExit("--low-resource measures the 7B model; add --size 7b")
+    preset = PRESETS["quick" if args.quick else args.size]
+    _quiet_progress_bars()
+    began = time.perf_counter()
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="minigpt4-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+
+    from minigpt4.common.tiny import train_tokenizer
+
+    tokenizer_dir = str(workdir / "tokenizer")
+    train_tokenizer(tokenizer_dir)
+    meta = {
+        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
+        platform.processor() or platform.machine(), "size": args.size, "quick": args.quick,
+        "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        "gpu_measured": device.type == "cuda", "weights": "random (nothing downloaded)",
+        "mfu_formula": "MFU = 4·N·(LLM tokens/s) / peak bf16 FLOP/s; N = LLM parameters without the input "
+                       "embedding; 4·N = forward 2·N + backward 2·N (activation gradients only: frozen LLM)",
+        "greedy_margin": "LM head scaled ×20 so batched and batch-1 greedy answers are comparable",
+        "preset": preset,
+    }
+    import transformers
+
+    meta["transformers"] = transformers.__version__
+    results: dict[str, Any] = {"meta": meta}
+    if args.low_resource:
+        results["low_resource"] = low_resource_run(args, device, tokenizer_dir, workdir, preset)
+        return finish(results, out, Report(False))
+
+    model, _ = build(args.size, device, tokenizer_dir)
+    report = Report(strict_identical=device.type == "cpu")
+    amp = device.type == "cuda"
+    image_size = model.encoder.vision_config.image_size
+    n_llm = llm_matmul_params(model)
+    meta.update(llm_matmul_params=n_llm, num_samples=model.num_samples, amp="bf16" if amp else "none (fp32)")
+    extrapolated: dict[str, Any] = {}
+
+    if "train" not in args.skip:
+        print(f"training rows ({time.perf_counter() - began:.0f} s)", flush=True)
+        batches = training_batches(model, 4, preset["train_batch"], image_size, device)
+        pad_to = model.build_training_text([None], [""]).input_ids.shape[1] + model.max_txt_len
+        check_reference(model, batches, device, pad_to)
+        common = dict(warmup=preset["warmup"], accum=preset["accum"], device=device, amp=amp)
+        s = model.num_samples
+
+        def train_run(loss_fn, steps, attention="sdpa"):
+            def run_once():
+                model.llm.set_attn_implementation(attention)
+                try:
+                    return None, time_training(model, batches, loss_fn, steps=steps, **common)
+                except torch.cuda.OutOfMemoryError:  # a baseline too big for the card is a result, not a crash
+                    model.zero_grad(set_to_none=True)
+                    torch.cuda.empty_cache()
+                    return None, {"error": "CUDA out of memory", "samples_per_s": 0.0, "tokens_per_s": 0.0}
+                finally:
+                    model.llm.set_attn_implementation("sdpa")
+            return run_once
+
+        timed = interleaved({
+            "once": train_run(model_loss, preset["steps"]),
+            "s_times": train_run(lambda m, b: reference_forward(m, b, encoder_passes=s), preset["baseline_steps"]),
+            "fixed": train_run(lambda m, b: reference_forward(m, b, pad_to=pad_to), preset["baseline_steps"]),
+            "eager": train_run(model_loss, preset["baseline_steps"], attention="eager"),
+        }, preset["repeats"], "samples_per_s")
+        once, s_times, fixed, eager = (timed[k][1] for k in ("once", "s_times", "fixed", "eager"))
+        report.add("train: encoder passes per image (S-sample VIB)", "samples/s", once, s_times, "samples_per_s",
+                   optimized_label="once", baseline_label=f"{s}× (per sample)")
+        report.add("train: padding", "tokens/s", once, fixed, "tokens_per_s", optimized_label="trimmed per batch",
+                   baseline_label=f"fixed {pad_to}")
+        report.add("train: LLM attention", "samples/s", once, eager, "samples_per_s", optimized_label="sdpa",
+                   baseline_label="eager")
+        if device.type == "cuda":
+            llm_dtype, encoder_dtype = model.llm.dtype, next(model.encoder.parameters()).dtype
+            model.float()  # bf16 -> fp32 -> bf16 is exact: the model is unchanged afterwards
+            fp32 = time_training(model, batches, model_loss, steps=max(2, preset["baseline_steps"] // 2),
+                                 **{**common, "amp": False})
+            model.llm.to(llm_dtype)
+            model.encoder.to(encoder_dtype)  # the projector stays fp32 (master weights)
+            torch.cuda.empty_cache()
+            report.add("train: precision", "samples/s", once, fp32, "samples_per_s",
+                       optimized_label="bf16 autocast", baseline_label="fp32")
+        else:
+            report.add("train: precision", "samples/s", once, None, "samples_per_s", optimized_label="fp32",
+                       baseline_label="bf16 autocast", note="GPU only: the CPU runs fp32")
+        flops = 4 * n_llm * once["tokens_per_s"]
+        peak = peak_tflops(meta["device_name"], args.peak_tflops) if device.type == "cuda" else None
+        extrapolated.update(
+            train_tflops_4N=flops / 1e12, mfu=(flops / (peak * 1e12)) if peak else None, peak_bf16_tflops=peak,
+            epoch_5000_pairs_s=5000 / once["samples_per_s"], train_peak_gb=once["peak_mb"] / 1024,
+            train_config=f"micro-batch {preset['train_batch']} × accumulation {preset['accum']}, S={s}; "
+                         f"{preset['steps']} micro-batches timed, epoch = 5000 / samples per s")
+        if "profile" not in args.skip:
+            results["profile_top_ops"] = profile_training(model, batches, preset["profile_steps"], device, amp,
+                                                          out.with_name(out.stem + "_profile.txt"))
+
+    if "loader" not in args.skip:
+        print(f"data loader row ({time.perf_counter() - began:.0f} s)", flush=True)
+        paths = write_images(workdir / "train_images", preset["loader_images"])
+        workers = min(4, os.cpu_count() or 1)
+        kwargs = dict(image_size=image_size, batch_size=preset["loader_batch"])
+        parallel = loader_throughput(workdir, paths, workers=workers, pin_memory=device.type == "cuda", **kwargs)
+        inline = loader_throughput(workdir, paths, workers=0, pin_memory=False, **kwargs)
+        report.add("data: training images decoded + augmented", "samples/s", parallel, inline, "samples_per_s",
+                   optimized_label=f"{workers} workers" + (" + pinned" if device.type == "cuda" else ""),
+                   baseline_label="in-process")
+
+    eval_paths = write_images(workdir / "val2014", max(preset["pope_images"], preset["chair_images"]), seed=1)
+    gen = dict(image_size=image_size)
+    if "pope" not in args.skip:
+        print(f"POPE rows ({time.perf_counter() - began:.0f} s)", flush=True)
+        items = pope_items(eval_paths[:preset["pope_images"]], preset["pope_per_image"])
+        pope = dict(max_new_tokens=10, **gen)
+        batch, reps = preset["pope_batch"], preset["repeats"]
+        time_generation(model, items[:batch], workdir, "pope_warmup", batch_size=batch, **pope)  # one-time costs
+        subset = items[:preset["pope_baseline_items"]]
+        cache = str(workdir / "feature_cache")
+        # The first evaluation with an empty cache (encodes each image once) can only run once.
+        cold, t_cold = time_generation(model, items, workdir, "pope_cache_cold", batch_size=batch,
+                                       feature_cache=cache, **pope)
+
+        def variant(name, these=items, **kwargs):
+            return lambda: time_generation(model, these, workdir, name, **{"batch_size": batch, **pope, **kwargs})
+
+        timed = interleaved({
+            "batched": variant("pope_batched"),
+            "batch1": variant("pope_b1", subset, batch_size=1),
+            "unsorted": variant("pope_unsorted", sort=False),
+            "cache_warm": variant("pope_cache_warm", feature_cache=cache),
+            "no_kv": variant("pope_no_kv", use_cache=False),
+        }, reps, "items_per_s")
+        (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
+        report.add("POPE: batching", "questions/s", t_batched, t_one, "items_per_s",
+                   optimized_label=f"batch {batch}, sorted", baseline_label="batch 1", answers=(batched, one))
+        report.add("POPE: prompt-length sort", "questions/s", t_batched, timed["unsorted"][1], "items_per_s",
+                   optimized_label="sorted", baseline_label="unsorted", answers=(batched, timed["unsorted"][0]))
+        report.add("POPE: feature cache, first evaluation", "questions/s", t_cold, t_batched, "items_per_s",
+                   optimized_label="cache (each image encoded once)", baseline_label="no cache",
+                   answers=(cold, batched), note=f"{preset['pope_per_image']} questions per image")
+        report.add("POPE: feature cache, later evaluations", "questions/s", timed["cache_warm"][1], t_batched,
+                   "items_per_s", optimized_label="cache hit", baseline_label="no cache",
+                   answers=(timed["cache_warm"][0], batched))
+        report.add("POPE: KV cache", "questions/s", t_batched, timed["no_kv"][1], "items_per_s",
+                   optimized_label="KV cache", baseline_label="recompute", answers=(batched, timed["no_kv"][0]))
+        extrapolated.update(pope_8910_s=8910 / t_cold["items_per_s"], pope_8910_s_no_feature_cache=8910 /
+                            t_batched["items_per_s"], pope_8910_s_batch1=8910 / t_one["items_per_s"])
+
+    if "chair" not in args.skip:
+        print(f"CHAIR rows ({time.perf_counter() - began:.0f} s)", flush=True)
+        items = chair_items(eval_paths[:preset["chair_images"]])
+        chair = dict(max_new_tokens=preset["chair_tokens"], sort=False, **gen)
+        chair_b1_repeats = 1 if args.size == "7b" else preset["repeats"]  # 7B: 256 tokens one by one, once
+        timed = interleaved({
+            "batched": lambda: time_generation(model, items, workdir, "chair_batched",
+                                               batch_size=preset["chair_batch"], **chair)}, preset["repeats"],
+            "items_per_s")
+        timed.update(interleaved({
+            "batch1": lambda: time_generation(model, items[:preset["chair_baseline_items"]], workdir, "chair_b1",
+                                              batch_size=1, **chair)}, chair_b1_repeats, "items_per_s"))
+        (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
+        report.add(f"CHAIR: batching ({preset['chair_tokens']} new tokens)", "captions/s", t_batched, t_one,
+                   "items_per_s", optimized_label=f"batch {preset['chair_batch']}", baseline_label="batch 1",
+                   answers=(batched, one))
+        extrapolated.update(chair_500_s=500 / t_batched["items_per_s"], chair_tokens=preset["chair_tokens"])
+
+    results["extrapolated"] = extrapolated
+    meta["benchmark_s"] = time.perf_counter() - began
+    return finish(results, out, report)
+
+
+def low_resource_run(args, device: torch.device, tokenizer_dir: str, workdir: Path, preset: dict) -> dict[str, Any]:
+    """Training peak memory with the LLM in 8 bits, through the builder's real loading path: a random 7B LLM is
+    saved once in Hugging Face format, then `model.low_resource: true` loads it with bitsandbytes."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        return {"skipped": f"bitsandbytes is not importable ({err})"}
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from minigpt4.models.builder import LLM_PRESETS
+
+    tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    llm_dir = workdir / "random_vicuna_7b"
+    started = time.perf_counter()
+    with torch.device(device):
+        llm = LlamaForCausalLM(LlamaConfig(**LLM_PRESETS["vicuna-7b"], bos_token_id=tok.bos_token_id,
+                                           eos_token_id=tok.eos_token_id)).to(torch.bfloat16)
+    llm.save_pretrained(llm_dir)
+    del llm
+    torch.cuda.empty_cache()
+    saved_s = time.perf_counter() - started
+    model, _ = build("7b", device, tokenizer_dir, llm_path=str(llm_dir), low_resource=True,
+                     encoder_device=args.encoder_device)
+    batches = training_batches(model, 4, preset["train_batch"], model.encoder.vision_config.image_size, device)
+    timing = time_training(model, batches, model_loss, steps=max(3, preset["steps"] // 4), warmup=1,
+                           accum=preset["accum"], device=device, amp=True)
+    peak_gb = timing["peak_mb"] / 1024
+    return {**timing, "peak_gb": peak_gb, "encoder_device": args.encoder_device or "cuda",
+            "random_llm_written_s": saved_s, "target_gb": GPU_TARGETS["low_resource_peak_gb_max"],
+            "meets_target": peak_gb <= GPU_TARGETS["low_resource_peak_gb_max"]}
+
+
+def targets(results: dict[str, Any], report: Report) -> dict[str, Any]:
+    rows = {r["name"].split(" (")[0]: r for r in report.rows}
+    meta, ext, checks = results["meta"], results.get("extrapolated", {}), {}
+    if meta["device"] == "cpu" and not meta["quick"]:
+        if "POPE: batching" in rows:
+            r = rows["POPE: batching"]
+            checks["cpu: batched POPE >= 3x batch 1, identical answers"] = (r["speedup"] or 0) >= 3 and bool(
+                r["identical"])
+        if "train: encoder passes per image" in rows:
+            checks["cpu: encoder once faster than S times"] = (rows["train: encoder passes per image"]["speedup"]
+                                                               or 0) > 1
+    if meta["size"] == "7b" and meta["device"] != "cpu" and ext:
+        t = GPU_TARGETS
+        goals = (("epoch 5,000 pairs <= 3 min", "epoch_5000_pairs_s", t["epoch_s_max"], True),
+                 ("MFU >= 40 % (4·N)", "mfu", t["mfu_min"], False),
+                 ("POPE 8,910 questions <= 1 min", "pope_8910_s", t["pope_8910_s_max"], True),
+                 ("CHAIR 500 × 256 tokens <= 1 min", "chair_500_s", t["chair_500x256_s_max"], True),
+                 ("training peak <= 40 GB", "train_peak_gb", t["train_peak_gb_max"], True))
+        for name, key, limit, below in goals:
+            value = ext.get(key)
+            checks[f"gpu: {name}"] = None if value is None else (value <= limit if below else value >= limit)
+    if "low_resource" in results and "peak_gb" in results["low_resource"]:
+        checks["gpu: low_resource training peak <= 24 GB"] = results["low_resource"]["meets_target"]
+    return checks
+
+
+def finish(results: dict[str, Any], out: Path, report: Report) -> dict[str, Any]:
+    results["rows"] = report.rows
+    results["meta"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    results["targets"] = targets(results, report)
+    out.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    meta = results["meta"]
+    lines = [f"Benchmark on {meta['device_name']} ({meta['device']}, {meta['cpu_cores']} CPU cores, load average "
+             f"{meta['load_average_before']} before / {meta['load_average_after']} after), size {meta['size']}",
+             "", report.table(), ""]
+    for key, value in results.get("extrapolated", {}).items():
+        lines.append(f"- {key}: {_fmt(value) if isinstance(value, (int, float)) else value}")
+    for key, value in results["targets"].items():
+        lines.append(f"- target {key}: {'pass' if value else ('not measured' if value is None else 'FAIL')}")
+    if "low_resource" in results:
+        lines.append(f"- low_resource: {json.dumps(results['low_resource'], default=str)}")
+    lines.append(f"- {meta['mfu_formula']}")
+    text = "\n".join(lines)
+    out.with_suffix(".md").write_text(text + "\n")
+    print("\n" + text, flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main()
