@@ -96,6 +96,9 @@ def generate_all(
         raise ValueError("generation items must have unique keys")
     done = completed(out_path)
     todo = [it for it in items if it.key not in done]
+    # Every rank must shard the same `todo`: without this barrier a rank that starts late would already see
+    # the answers a faster rank appended, shard a shorter list, and leave items unanswered.
+    dist.barrier()
     mine = todo[rank::world]
     if sort_by_length:  # batches of similar prompt length waste less compute on padding
         mine.sort(key=lambda it: len(model.tokenizer(it.prompt, add_special_tokens=False).input_ids))
