@@ -1,7 +1,7 @@
 """Generate the shapes world: a small procedural hallucination testbed in COCO's file formats.
 
     python scripts/make_shapes_world.py --out data/shapes_world [--num-train 3000 --num-val 300 --seed 0]
-        [--image-size 64 --cooccurrence 0.9 --captions-per-image 3] [--overwrite]
+        [--image-size 64 --cooccurrence 0.9 --val-cooccurrence P --captions-per-image 3] [--overwrite]
 
 The same arguments always give byte-identical files. See minigpt4/datasets/shapes_world.py for the
 layout; in short, train a captioner on train_captions.json + images/, score CHAIR with
@@ -30,6 +30,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--image-size", type=int, default=64, help="square images, pixels (>= 32)")
     parser.add_argument("--cooccurrence", type=float, default=0.9,
                         help="P(partner in image | anchor in image) for the paired classes")
+    parser.add_argument("--val-cooccurrence", type=float, default=None,
+                        help="P(partner | anchor) in the val split only (default: --cooccurrence); 0 makes "
+                             "every val anchor a co-occurrence-hallucination trap")
     parser.add_argument("--captions-per-image", type=int, default=3,
                         help=f"distinct caption templates per image (1..{len(CAPTION_TEMPLATES)})")
     parser.add_argument("--overwrite", action="store_true",
@@ -41,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.out, num_train=args.num_train, num_val=args.num_val, seed=args.seed,
             image_size=args.image_size, cooccurrence=args.cooccurrence,
             captions_per_image=args.captions_per_image, overwrite=args.overwrite,
+            val_cooccurrence=args.val_cooccurrence,
         )
     except (ValueError, FileExistsError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The main job on the embedded tiny default: set up from nothing, build the tiny data, train AdaVIB.
+# Smoke run of the training recipe: set up from nothing, build the tiny data, train AdaVIB on a tiny random-init
+# MiniGPT-4 (train_configs/tiny_cpu.yaml). The main job is scripts/run_experiment.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup_env.sh
+WITH_BROWSER=0 bash scripts/setup_env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 .venv/bin/python scripts/prepare_tiny.py --out data/tiny
 .venv/bin/python train.py --cfg-path train_configs/tiny_cpu.yaml "$@"

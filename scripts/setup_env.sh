@@ -4,6 +4,7 @@
 #               GPU users set e.g. TORCH_SPEC="torch==2.6.0" with their CUDA index in PIP_INDEX_URL/PIP_EXTRA_INDEX_URL.
 #   VENV        where the environment goes (default .venv)
 #   PYTHON      the interpreter that creates it (default python3)
+#   WITH_BROWSER=0  skip installing chromium (needed only by tests/test_demo_browser.py)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
@@ -25,7 +26,9 @@ PY="$VENV/bin/python"
 # ---- Chromium for the demo's browser test (tests/test_demo_browser.py) ----------------------------------------
 # Playwright drives Debian's chromium through executable_path; `playwright install` (a browser download) is never
 # used. Installed only as root with apt-get present; anywhere else the browser test skips and says why.
-if command -v chromium >/dev/null 2>&1; then
+if [ "${WITH_BROWSER:-1}" = "0" ]; then
+  :  # the browser is only for tests/test_demo_browser.py; the experiment and training scripts skip it
+elif command -v chromium >/dev/null 2>&1; then
   :
 elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null 2>&1; then
   if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; } >/dev/null; then

@@ -34,6 +34,7 @@ from minigpt4.datasets.caption import (
     collate_samples,
 )
 from minigpt4.datasets.images import DEFAULT_MAX_PIXELS
+from minigpt4.datasets.shapes_qa import ShapesQADataset
 from minigpt4.datasets.webdata import WebCaptionDataset, expand_shards, mix_by_ratio
 from minigpt4.processors.image import build_image_processor
 from minigpt4.processors.text import build_text_processor
@@ -200,6 +201,19 @@ def build_cc_sbu_align(cfg: Mapping[str, Any], *, rank: int, world_size: int, se
     vis, text = _processors(cfg)
     dataset = CCSBUAlignDataset(cfg["storage"], cfg["prompt_path"], vis, text, **_bad_image_options(cfg))
     return BuiltDataset(dataset, streaming=False, prompts=dataset.prompts)
+
+
+@register_builder("shapes_qa", option_keys={"split", "question_fraction", "image_size"}, required_path_keys=["root"])
+def build_shapes_qa(cfg: Mapping[str, Any], *, rank: int, world_size: int, seed: int) -> BuiltDataset:
+    """A shapes-world folder as captions mixed with POPE-worded yes/no questions, each with its instruction,
+    in the form the shapes-world base model was trained on (see minigpt4/datasets/shapes_qa.py)."""
+    for key in ("vis_processor", "text_processor"):
+        if key in cfg:  # the dataset feeds exactly the evaluation tensors; a train transform would be ignored
+            raise ValueError(f"datasets.shapes_qa.{key}: not used by shapes_qa (it always applies the evaluation "
+                             "image processor at `image_size`); remove the key")
+    dataset = ShapesQADataset(cfg["root"], cfg.get("split", "train"), image_size=int(cfg.get("image_size", 64)),
+                              question_fraction=float(cfg.get("question_fraction", 0.4)), seed=seed)
+    return BuiltDataset(dataset, streaming=False)
 
 
 def _build_shards(name: str, cfg: Mapping[str, Any], rank: int, world_size: int, seed: int) -> BuiltDataset:

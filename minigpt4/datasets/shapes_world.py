@@ -368,6 +368,7 @@ def build_shapes_world(
     cooccurrence: float = 0.9,
     captions_per_image: int = 3,
     overwrite: bool = False,
+    val_cooccurrence: float | None = None,
 ) -> dict[str, str]:
     """Write a shapes world to out_dir and return {what: path}. Files (ids unique across splits):
 
@@ -375,13 +376,20 @@ def build_shapes_world(
     annotations/{instances,captions}_{train,val}2014.json (COCO); synonyms.txt (CHAIR format);
     pope/{random,popular,adversarial}.jsonl; val_images.json ([{"image_id", "image"}], the CHAIR
     captioning set); meta.json (parameters, classes, pairs, class statistics).
+
+    val_cooccurrence (default: `cooccurrence`) sets P(partner | anchor) in the val split alone. The train
+    split, and so anything trained on it, is the same for every value: with 0.0 every anchor in a val image
+    comes without its partner, a probe of co-occurrence hallucination (the partner mentioned anyway).
     """
+    if val_cooccurrence is None:
+        val_cooccurrence = cooccurrence
     if num_train < 1 or num_val < 1:
         raise ValueError(f"need num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
-    if not 0.0 <= cooccurrence <= 1.0:
-        raise ValueError(f"cooccurrence is a probability in [0, 1], got {cooccurrence}")
+    for name, value in (("cooccurrence", cooccurrence), ("val_cooccurrence", val_cooccurrence)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
     if not 1 <= captions_per_image <= len(CAPTION_TEMPLATES):
         raise ValueError(
             f"captions_per_image must be in 1..{len(CAPTION_TEMPLATES)}, got {captions_per_image}"
@@ -399,7 +407,8 @@ def build_shapes_world(
         split = "train" if index < num_train else "val"
         image_id = index + 1
         file_name = f"{image_id:0>12}.jpg"
-        objects = sample_scene(np.random.default_rng([seed, index, _SCENE]), image_size, cooccurrence)
+        objects = sample_scene(np.random.default_rng([seed, index, _SCENE]), image_size,
+                               cooccurrence if split == "train" else val_cooccurrence)
         image, masks = _render(objects, image_size, np.random.default_rng([seed, index, _RENDER]))
         image.save(out / "images" / file_name, "JPEG", quality=JPEG_QUALITY)
         coco[split]["images"].append({"id": image_id, "file_name": file_name,
@@ -459,7 +468,8 @@ def build_shapes_world(
     meta = {
         "generator": "minigpt4.datasets.shapes_world", "version": VERSION,
         "params": {"num_train": num_train, "num_val": num_val, "seed": seed, "image_size": image_size,
-                   "cooccurrence": cooccurrence, "captions_per_image": captions_per_image,
+                   "cooccurrence": cooccurrence, "val_cooccurrence": val_cooccurrence,
+                   "captions_per_image": captions_per_image,
                    "max_objects": MAX_OBJECTS, "pope_questions_per_side": POPE_QUESTIONS_PER_SIDE,
                    "jpeg_quality": JPEG_QUALITY},
         "classes": [asdict(c) for c in SHAPE_CLASSES],

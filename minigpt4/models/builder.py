@@ -85,7 +85,7 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
         sizes.setdefault("pad_token_id", tokenizer.pad_token_id)
     config = LlamaConfig(**sizes)
     config._attn_implementation = cfg.attn_implementation
-    if device.type != "meta":
+    if device.type != "meta" and cfg.full_ckpt is None:  # with full_ckpt the weights arrive after building
         log.warning("model.llm_path is not set: the LLM is randomly initialised (%d layers, width %d)",
                     config.num_hidden_layers, config.hidden_size)
     return LlamaForCausalLM(config).to(dtype)

@@ -1,0 +1,178 @@
+"""The shapes-world AdaVIB experiment: projector-only fine-tuning from the committed base model, the
+co-occurrence probe world, the paired bootstrap, and the experiment script end to end on a tiny world."""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from minigpt4.datasets.shapes_world import COOCCURRENCE_PAIRS, build_shapes_world
+from minigpt4.eval.paired import chair_counts, compare_eval_dirs, paired_difference
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CKPT = ROOT / "assets" / "shapes_base" / "model.safetensors"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def small_worlds(tmp_path_factory) -> Path:
+    """The experiment's two worlds (seed 0; val co-occurrence 0.9 and 0.0) at a few dozen images."""
+    data = tmp_path_factory.mktemp("shapes_data")
+    build_shapes_world(data / "shapes_world", num_train=48, num_val=6)
+    build_shapes_world(data / "shapes_world_probe", num_train=48, num_val=6, val_cooccurrence=0.0)
+    return data
+
+
+def test_probe_world_shares_the_train_split_and_never_pairs_in_val(small_worlds):
+    iid, probe = small_worlds / "shapes_world", small_worlds / "shapes_world_probe"
+    for name in ("train_captions.json", "annotations/instances_train2014.json"):
+        assert (iid / name).read_bytes() == (probe / name).read_bytes()
+    assert (iid / "images/000000000001.jpg").read_bytes() == (probe / "images/000000000001.jpg").read_bytes()
+    big = small_worlds / "big_probe"
+    build_shapes_world(big, num_train=1, num_val=300, val_cooccurrence=0.0)
+    instances = json.loads((big / "annotations/instances_val2014.json").read_text())
+    names = {c["id"]: c["name"] for c in instances["categories"]}
+    present: dict[int, set[str]] = {}
+    for ann in instances["annotations"]:
+        present.setdefault(ann["image_id"], set()).add(names[ann["category_id"]])
+    anchors = sum(anchor in p for p in present.values() for anchor, _ in COOCCURRENCE_PAIRS)
+    assert anchors > 30  # the probe has many traps ...
+    assert not any(anchor in p and partner in p for p in present.values() for anchor, partner in COOCCURRENCE_PAIRS)
+    assert json.loads((big / "meta.json").read_text())["params"]["val_cooccurrence"] == 0.0
+    with pytest.raises(ValueError, match="val_cooccurrence"):
+        build_shapes_world(small_worlds / "bad", val_cooccurrence=1.5)
+
+
+def test_shapes_qa_builder_validates_its_options(small_worlds):
+    from minigpt4.datasets.builders import build_train_dataset
+
+    root = str(small_worlds / "shapes_world")
+    dataset, collate = build_train_dataset({"shapes_qa": {"root": root, "question_fraction": 0.5}}, seed=3)
+    batch = collate([dataset[0], dataset[1]])
+    assert batch["image"].shape == (2, 3, 64, 64) and len(batch["instruction"]) == 2
+    with pytest.raises(ValueError, match=r"datasets\.shapes_qa\.vis_processor"):
+        build_train_dataset({"shapes_qa": {"root": root, "vis_processor": {"name": "blip2_image_train"}}})
+    with pytest.raises(ValueError, match=r"datasets\.shapes_qa\.splt: unknown option"):
+        build_train_dataset({"shapes_qa": {"root": root, "splt": "val"}})
+    with pytest.raises(ValueError, match=r"datasets\.shapes_qa\.root"):
+        build_train_dataset({"shapes_qa": {"root": str(small_worlds / "missing")}})
+
+
+def test_adavib_finetune_from_the_base_model_changes_only_the_projector(small_worlds, tmp_path):
+    """train_configs/shapes_adavib.yaml for 3 steps: only projector tensors are saved, and the model they
+    make holds the base model's encoder and LLM bit for bit, with a changed mean head."""
+    import train
+    from minigpt4.models.builder import build_model
+    from minigpt4.models.checkpoints import load_state_file
+
+    out = tmp_path / "run"
+    assert train.main(["--cfg-path", str(ROOT / "train_configs" / "shapes_adavib.yaml"), "--options",
+                       f"datasets.shapes_qa.root={small_worlds / 'shapes_world'}", f"run.output_dir={out}",
+                       "run.batch_size=16", "run.log_every=1", f"model.tokenizer_path={ROOT / 'assets/shapes_base/tokenizer'}",
+                       f"model.full_ckpt={BASE_CKPT}"]) == 0
+    trained = load_state_file(out / "final" / "trainable.safetensors")
+    assert {k.split(".")[0] for k in trained} == {"projector"}
+    assert {"projector.llama_proj.weight", "projector.llama_proj_std.weight", "projector.mu_p",
+            "projector.std_p"} <= set(trained)
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert metrics and all(np.isfinite(m["kl"]) and m["alpha"] >= 0 for m in metrics if "kl" in m)
+
+    base = load_state_file(BASE_CKPT)
+    model = build_model({
+        **_eval_model_section(), "mm_projector_type": "vib", "ckpt": str(out / "final" / "trainable.safetensors")})
+    state = model.state_dict()
+    for key, value in base.items():
+        if key.startswith("projector."):
+            continue
+        assert torch.equal(state[key], value.float()), key
+    assert not torch.equal(state["projector.llama_proj.weight"], base["projector.llama_proj.weight"].float())
+    assert torch.equal(state["projector.llama_proj.weight"], trained["projector.llama_proj.weight"])
+
+
+def _eval_model_section() -> dict:
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / "assets" / "shapes_base" / "model.yaml").read_text())["model"]
+    return {**cfg, "tokenizer_path": str(ROOT / cfg["tokenizer_path"]), "full_ckpt": str(ROOT / cfg["full_ckpt"])}
+
+
+def _chair_rows(hallucinations: list[int]) -> dict:
+    """A scored-CHAIR-like result: image i mentions circle (present) plus `hallucinations[i]` absent stars."""
+    return {"per_caption": [{"image_id": i + 1, "ground_truth": ["circle"], "mentions": ["circle"] + ["star"] * h,
+                             "hallucinated": ["star"] * h} for i, h in enumerate(hallucinations)]}
+
+
+def test_paired_difference_is_exact_at_the_point_and_zero_for_identical_models():
+    a = {"chair": chair_counts(_chair_rows([0, 1, 0, 2, 0, 0, 1, 0]))}
+    same = paired_difference(a, a, n_resamples=200)
+    assert all(r["diff"] == 0.0 and r["ci"] == [0.0, 0.0] for r in same.values())
+    b = {"chair": chair_counts(_chair_rows([0, 0, 0, 2, 0, 0, 0, 0]))}
+    result = paired_difference(a, b, n_resamples=500)
+    assert result["chair_i"]["a"] == pytest.approx(4 / 12) and result["chair_i"]["b"] == pytest.approx(2 / 10)
+    assert result["chair_i"]["diff"] == pytest.approx(2 / 10 - 4 / 12)
+    low, high = result["chair_i"]["ci"]
+    assert low <= result["chair_i"]["diff"] <= high <= 0.0  # B never hallucinates more on any image
+    assert result["recall"]["diff"] == 0.0
+    c = {"chair": chair_counts(_chair_rows([0, 0, 0]))}
+    with pytest.raises(ValueError, match="different images"):
+        paired_difference(a, c)
+
+
+def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, capsys, monkeypatch):
+    """The README's experiment on 48 train / 6 val images: every step runs, the report has every model and
+    both worlds, and a rerun reuses every step."""
+    monkeypatch.chdir(ROOT)  # the script moves there itself; this restores the directory afterwards
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    experiment = _script("shapes_experiment")
+    out = tmp_path / "exp"
+    argv = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
+            "run.log_every=1"]
+    assert experiment.main(argv) == 0
+    report = (out / "results.md").read_text()
+    for name in ("base", "linear-CE", "VIB fixed β", "AdaVIB", "in-distribution", "co-occurrence probe"):
+        assert name in report
+    summary = json.loads((out / "results.json").read_text())
+    diffs = summary["worlds"]["co-occurrence probe"]["paired_differences_to_linear_ce"]
+    assert set(diffs) == {"base", "VIB fixed β", "AdaVIB"}
+    assert compare_eval_dirs(out / "seed0/adavib/eval_in_distribution",
+                             out / "seed0/adavib/eval_in_distribution")["chair_i"]["diff"] == 0.0
+    capsys.readouterr()
+    # Two seeds, one variant: seed 0's steps are reused, seed 1 runs, and the report turns into mean ± std.
+    assert experiment.main(argv + ["--seeds", "0", "1", "--variants", "AdaVIB"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("  reuse ") == 2 + 2 * 3 and printed.count("  run ") == 2 * 3
+    report = (out / "results.md").read_text()
+    assert "mean ± std over seeds [0, 1]" in report and "VIB fixed β" not in report
+    summary = json.loads((out / "results.json").read_text())
+    assert len(summary["worlds"]["in-distribution"]["paired_differences_to_linear_ce"]["base"]) == 2
+
+
+def test_evaluate_without_arguments_uses_the_embedded_base_model(tmp_path, monkeypatch):
+    """`python evaluate.py` alone: the shapes-world base model on a world it generates when missing."""
+    import evaluate
+    import minigpt4.datasets.shapes_world as shapes_world
+
+    world = tmp_path / "world"
+    monkeypatch.setattr(evaluate, "DEFAULT_WORLD", world)
+    monkeypatch.chdir(tmp_path)  # evaluate.py moves to the repository root itself
+    real_build = shapes_world.build_shapes_world
+    monkeypatch.setattr(shapes_world, "build_shapes_world", lambda out: real_build(out, num_train=2, num_val=3))
+    out = tmp_path / "eval"
+    assert evaluate.main(["--options", f"eval.output_dir={out}", f"eval.image_dir={world}/images",
+                          f"eval.pope.dir={world}/pope", f"eval.chair.images={world}/val_images.json",
+                          f"eval.chair.coco_annotations={world}/annotations", f"eval.chair.synonyms={world}/synonyms.txt",
+                          "eval.bootstrap=0"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"] == "shapes-base" and metrics["chair"]["n_captions"] == 3
+    assert (world / "meta.json").is_file()
+    assert Path.cwd() == ROOT
