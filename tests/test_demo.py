@@ -206,8 +206,14 @@ def test_compare_projector_shares_the_backbone(tiny_model_factory, model, tmp_pa
     torch.manual_seed(1)
     expected = tiny_model_factory("vib", seed=1).projector.llama_proj.weight
     assert torch.equal(view.projector.llama_proj.weight, expected)
-    with pytest.raises(CheckpointError, match="llama_proj_std"):
-        loading.with_projector_checkpoint(model, _compare_ckpt(tiny_model_factory, tmp_path, "linear"))
+    # A checkpoint of the other projector kind builds that kind around the same mean-head shape.
+    linear_view = loading.with_projector_checkpoint(model, _compare_ckpt(tiny_model_factory, tmp_path, "linear"))
+    assert type(linear_view.projector).__name__ == "LinearProjector"
+    assert type(loading.with_projector_checkpoint(linear_view, path).projector).__name__ == "VIBProjector"
+    bad = tmp_path / "wrong_width.safetensors"
+    save_trainable(bad, {"projector.llama_proj.weight": torch.zeros(3, 3), "projector.llama_proj.bias": torch.zeros(3)})
+    with pytest.raises(CheckpointError, match="llama_proj.weight"):
+        loading.with_projector_checkpoint(model, str(bad))
     with pytest.raises(ConfigError, match="not found"):
         loading.with_projector_checkpoint(model, str(tmp_path / "missing.safetensors"))
 

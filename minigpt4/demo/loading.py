@@ -27,8 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, merge, validate_model_config
 from minigpt4.common.tiny import tiny_model_config, train_tokenizer
-from minigpt4.models.checkpoints import load_trainable
+from minigpt4.models.checkpoints import load_state_file, load_trainable
 from minigpt4.models.minigpt4 import MiniGPT4
+from minigpt4.models.vib import VIBProjector, build_projector
 from minigpt4.processors.image import build_image_processor
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ def resolve_device(gpu_id: int | None) -> torch.device:
 
 def with_projector_checkpoint(model: MiniGPT4, path: str | os.PathLike) -> MiniGPT4:
     """A second MiniGPT-4 that shares `model`'s frozen encoder, LLM and tokenizer (the same module objects,
-    no extra memory) and owns a deep copy of its projector, loaded from this project's trainable.safetensors.
+    no extra memory) and owns its own projector, loaded from this project's trainable.safetensors. The
+    projector's kind follows the file, so a linear model can be compared with its VIB fine-tune and back.
 
     load_trainable is strict: a checkpoint of another projector type or LLM width fails with a message that
     lists the mismatched keys, instead of half-loading.
@@ -189,12 +191,25 @@ def with_projector_checkpoint(model: MiniGPT4, path: str | os.PathLike) -> MiniG
     if not Path(path).is_file():
         raise ConfigError(f"--compare-ckpt: file not found: {path}")
     view = MiniGPT4(
-        model.encoder, copy.deepcopy(model.projector), model.llm, model.tokenizer, model.template,
+        model.encoder, _projector_like(model.projector, path), model.llm, model.tokenizer, model.template,
         end_sym=model.end_sym, max_txt_len=model.max_txt_len, num_samples=model.num_samples,
         beta=model.beta, adaptive=model.adaptive,
     )
     load_trainable(view, path)
     return view.eval()
+
+
+def _projector_like(projector: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """A copy of `projector`, or a projector of the kind the checkpoint holds (VIB: it has a std head)
+    around a copy of the same linear mean head. load_trainable then checks every key and shape."""
+    wants_vib = any(key.startswith("projector.llama_proj_std.") for key in load_state_file(path))
+    is_vib = isinstance(projector, VIBProjector)
+    if wants_vib == is_vib or not isinstance(projector.llama_proj, torch.nn.Linear):
+        return copy.deepcopy(projector)  # same kind, or LLaVA's MLP head: nothing to switch
+    mean_head = copy.deepcopy(projector.llama_proj)
+    weight = mean_head.weight
+    new = build_projector("vib" if wants_vib else "linear", projector.in_dim, projector.out_dim, mean_head=mean_head)
+    return new.to(device=weight.device, dtype=weight.dtype)
 
 
 def image_processor_for(model: MiniGPT4, vis_processor: dict | None = None):
