@@ -242,7 +242,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             evaluate_everywhere(variant, run_dir, [f"model.mm_projector_type={VARIANTS[variant][1]}",
                                                    f"model.ckpt={run_dir / 'final' / 'trainable.safetensors'}"])
 
-    seeds_text = f"seed {args.seeds[0]}" if len(args.seeds) == 1 else f"mean ± std over seeds {args.seeds}"
+    seeds_text = (f"seed {args.seeds[0]}; brackets: 95 % bootstrap interval over images" if len(args.seeds) == 1
+                  else f"mean ± std over seeds {args.seeds} (the base model has no seed: its bootstrap interval)")
     parts = [f"# Shapes-world experiment\n\n{seeds_text}; fine-tuning overrides: "
              f"{' '.join(args.train_options) or 'none'}.\n"]
     summary: dict = {"seeds": args.seeds, "train_options": args.train_options, "worlds": {}}
