@@ -474,8 +474,10 @@ def evaluate_main(option: str, env: Env) -> tuple[int, str]:
     options = [f"model.tokenizer_path={env.shared.tokenizer_dir}", f"eval.image_dir={env.tmp}/val2014",
                f"eval.chair.coco_annotations={env.tmp}/annotations", f"eval.output_dir={out}", "eval.device=cpu",
                option]
+    cfg = env.tmp / "schema_defaults.yaml"  # no --cfg-path would mean the embedded shapes-world config
+    cfg.write_text("eval: {}\n")
     with _no_model_build():
-        rc = evaluate.main(["--options", *options])
+        rc = evaluate.main(["--cfg-path", str(cfg), "--options", *options])
     assert not out.exists()
     return rc, ""
 
