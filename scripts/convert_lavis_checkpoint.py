@@ -6,7 +6,7 @@
 
 The result is checked key by key and shape by shape against a full-size ImageEncoder built on the meta
 device (no memory), then written atomically. Load it with
-`minigpt4.models.checkpoints.load_encoder_weights(encoder, "encoder.safetensors")`: no pickle, no renaming,
+`minigpt4.models.released_weights.load_encoder_weights(encoder, "encoder.safetensors")`: no pickle, no renaming,
 no 4 GB of unused LLM weights to read.
 """
 from __future__ import annotations
@@ -21,13 +21,11 @@ import torch
 # Runnable as `python scripts/convert_lavis_checkpoint.py` from a checkout without installing the package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from minigpt4.models.checkpoints import (  # noqa: E402
-    CheckpointError,
+from minigpt4.models.checkpoints import CheckpointError, check_state_dict, save_state_file  # noqa: E402
+from minigpt4.models.released_weights import (  # noqa: E402
     check_hf_blip2_config,
-    check_state_dict,
     read_hf_blip2_snapshot,
     read_lavis_encoder_state,
-    save_state_file,
 )
 from minigpt4.models.encoders import ImageEncoder  # noqa: E402
 

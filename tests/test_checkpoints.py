@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from minigpt4.models import checkpoints as ckpt
+from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.encoders import ImageEncoder
 
@@ -181,7 +182,7 @@ PIXELS = torch.randn(2, 3, IMAGE, IMAGE, generator=torch.Generator().manual_seed
 def test_lavis_checkpoints_load_and_match_functional_reference(lavis_files, attn):
     vit_path, blip2_path, vit, blip2 = lavis_files
     encoder = new_encoder(attn_implementation=attn)
-    ckpt.load_lavis_encoder(encoder, vit_path, blip2_path)
+    released_weights.load_lavis_encoder(encoder, vit_path, blip2_path)
     expected = reference_forward(vit, blip2, PIXELS)
     with torch.no_grad():
         torch.testing.assert_close(encoder(PIXELS), expected, atol=1e-5, rtol=0)
@@ -192,7 +193,7 @@ def test_visual_encoder_inside_blip2_file_is_converted_too(tmp_path, lavis_files
     combined = {**blip2, **{f"visual_encoder.{k}": v for k, v in vit.items()}}
     torch.save({"model": combined}, tmp_path / "blip2_with_vit.pth")
     encoder = new_encoder()
-    ckpt.load_lavis_encoder(encoder, None, tmp_path / "blip2_with_vit.pth")
+    released_weights.load_lavis_encoder(encoder, None, tmp_path / "blip2_with_vit.pth")
     with torch.no_grad():
         torch.testing.assert_close(encoder(PIXELS), reference_forward(vit, blip2, PIXELS), atol=1e-5, rtol=0)
 
@@ -201,11 +202,11 @@ def test_unknown_lavis_keys_are_errors():
     vit = lavis_vit_state()
     vit["blocks.0.attn.relative_position_bias_table"] = torch.zeros(3, HEADS)
     with pytest.raises(CheckpointError, match="relative_position_bias_table"):
-        ckpt.convert_lavis_vit(vit, num_blocks=BLOCKS)
+        released_weights.convert_lavis_vit(vit, num_blocks=BLOCKS)
     blip2 = lavis_blip2_state()
     blip2["Qformer.bert.encoder.layer.0.attention.self.distance_embedding.weight"] = torch.zeros(2, 2)
     with pytest.raises(CheckpointError, match="distance_embedding"):
-        ckpt.convert_lavis_qformer(blip2)
+        released_weights.convert_lavis_qformer(blip2)
 
 
 def test_converted_file_round_trip_through_script(tmp_path, lavis_files, capsys):
@@ -219,12 +220,12 @@ def test_converted_file_round_trip_through_script(tmp_path, lavis_files, capsys)
     assert rc == 0 and out.is_file()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp file left
     encoder = new_encoder()
-    ckpt.load_encoder_weights(encoder, out)
+    released_weights.load_encoder_weights(encoder, out)
     with torch.no_grad():
         torch.testing.assert_close(encoder(PIXELS), reference_forward(vit, blip2, PIXELS), atol=1e-5, rtol=0)
     # A raw LAVIS file is not a converted file: say what to do.
     with pytest.raises(CheckpointError, match="convert_lavis_checkpoint"):
-        ckpt.load_encoder_weights(encoder, vit_path)
+        released_weights.load_encoder_weights(encoder, vit_path)
     # The script's strict check against full-size presets rejects the tiny files, naming the problem.
     rc = convert_lavis_checkpoint.main(["--vit", str(vit_path), "--qformer", str(blip2_path),
                                         "--out", str(tmp_path / "full.safetensors")])
@@ -258,7 +259,7 @@ def test_hf_snapshot_loads_and_matches_hf_computation(tmp_path):
     hf = _save_hf_snapshot(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     encoder = new_encoder(layer_norm_eps=1e-5)  # the tiny HF model uses one eps for blocks and final norm
-    ckpt.load_hf_blip2_snapshot(encoder, tmp_path)
+    released_weights.load_hf_blip2_snapshot(encoder, tmp_path)
     torch.testing.assert_close(encoder.ln_vision.weight, hf.vision_model.post_layernorm.weight, atol=0, rtol=0)
     with torch.no_grad():
         image = hf.vision_model(pixel_values=PIXELS).last_hidden_state
@@ -270,7 +271,7 @@ def test_hf_snapshot_loads_and_matches_hf_computation(tmp_path):
 def test_hf_snapshot_with_other_vit_depth_is_refused(tmp_path):
     _save_hf_snapshot(tmp_path, vision_layers=BLOCKS + 1)
     with pytest.raises(CheckpointError, match="vision_config.num_hidden_layers: snapshot 4, model 3"):
-        ckpt.load_hf_blip2_snapshot(new_encoder(), tmp_path)
+        released_weights.load_hf_blip2_snapshot(new_encoder(), tmp_path)
 
 
 # -------------------------------------------------------------------------------- strict-loading errors
@@ -278,7 +279,7 @@ def test_hf_snapshot_with_other_vit_depth_is_refused(tmp_path):
 
 def test_missing_and_unexpected_keys_are_named(lavis_files):
     _, _, vit, blip2 = lavis_files
-    state = {**ckpt.convert_lavis_vit(vit, num_blocks=BLOCKS), **ckpt.convert_lavis_qformer(blip2)}
+    state = {**released_weights.convert_lavis_vit(vit, num_blocks=BLOCKS), **released_weights.convert_lavis_qformer(blip2)}
     encoder = new_encoder()
     broken = dict(state)
     del broken["vision_model.encoder.layers.1.mlp.fc2.bias"]
@@ -337,7 +338,7 @@ def test_minigpt4_projector_loads(tmp_path):
     weight, bias = torch.randn(4096, Q_WIDTH), torch.randn(4096)
     torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": bias}}, tmp_path / "proj.pth")
     linear = torch.nn.Linear(Q_WIDTH, 4096)
-    ckpt.load_minigpt4_projector(linear, tmp_path / "proj.pth", llm_hidden=4096)
+    released_weights.load_minigpt4_projector(linear, tmp_path / "proj.pth", llm_hidden=4096)
     assert torch.equal(linear.weight, weight) and torch.equal(linear.bias, bias)
 
 
@@ -345,7 +346,7 @@ def test_13b_projector_into_7b_llm_is_explained(tmp_path):
     torch.save({"model": {"llama_proj.weight": torch.zeros(5120, Q_WIDTH), "llama_proj.bias": torch.zeros(5120)}},
                tmp_path / "proj13b.pth")
     with pytest.raises(CheckpointError) as info:
-        ckpt.load_minigpt4_projector(torch.nn.Linear(Q_WIDTH, 4096), tmp_path / "proj13b.pth", llm_hidden=4096)
+        released_weights.load_minigpt4_projector(torch.nn.Linear(Q_WIDTH, 4096), tmp_path / "proj13b.pth", llm_hidden=4096)
     message = str(info.value)
     assert "projector is 5120-wide: this is a 13B" in message and "the LLM is 4096-wide (7B)" in message
     assert "6656" in message and "8192" in message  # the table of known widths
@@ -355,14 +356,14 @@ def test_projector_errors_for_wrong_files(tmp_path, lavis_files):
     _, blip2_path, _, _ = lavis_files
     linear = torch.nn.Linear(Q_WIDTH, 4096)
     with pytest.raises(CheckpointError, match="looks like a LAVIS BLIP-2/EVA checkpoint, not a MiniGPT-4 projector"):
-        ckpt.load_minigpt4_projector(linear, blip2_path, llm_hidden=4096)
+        released_weights.load_minigpt4_projector(linear, blip2_path, llm_hidden=4096)
     torch.save({"model": {"llama_proj.weight": torch.zeros(4096, Q_WIDTH)}}, tmp_path / "nobias.pth")
     with pytest.raises(CheckpointError, match=r"missing: \['llama_proj.bias'\]"):
-        ckpt.load_minigpt4_projector(linear, tmp_path / "nobias.pth", llm_hidden=4096)
+        released_weights.load_minigpt4_projector(linear, tmp_path / "nobias.pth", llm_hidden=4096)
     torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 768), "llama_proj.bias": torch.zeros(4096)}},
                tmp_path / "wide_in.pth")
     with pytest.raises(CheckpointError, match="768-wide inputs but the Q-Former outputs 16-wide"):
-        ckpt.load_minigpt4_projector(linear, tmp_path / "wide_in.pth", llm_hidden=4096)
+        released_weights.load_minigpt4_projector(linear, tmp_path / "wide_in.pth", llm_hidden=4096)
 
 
 # ----------------------------------------------------------------------------------- own checkpoints
@@ -403,11 +404,11 @@ def test_trainable_round_trip_and_checks(tmp_path):
 def test_meta_built_encoder_receives_converted_file_by_assignment(tmp_path, lavis_files):
     vit_path, blip2_path, vit, blip2 = lavis_files
     out = tmp_path / "encoder.safetensors"
-    state = ckpt.read_lavis_encoder_state(vit_path, blip2_path, num_vit_blocks=BLOCKS)
+    state = released_weights.read_lavis_encoder_state(vit_path, blip2_path, num_vit_blocks=BLOCKS)
     ckpt.save_state_file(out, state)
     with torch.device("meta"):
         encoder = new_encoder()
-    ckpt.load_encoder_weights(encoder, out, assign=True)
+    released_weights.load_encoder_weights(encoder, out, assign=True)
     assert not any(t.is_meta for t in encoder.state_dict().values())
     with torch.no_grad():
         torch.testing.assert_close(encoder(PIXELS), reference_forward(vit, blip2, PIXELS), atol=1e-5, rtol=0)

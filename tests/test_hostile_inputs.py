@@ -49,6 +49,7 @@ from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.generate import read_predictions
 from minigpt4.eval.tasks import ChairSettings, EvalSettings, ImageLoader, PopeSettings, run_chair, run_pope
 from minigpt4.models import checkpoints as ckpt
+from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.processors import build_image_processor, build_text_processor
 
@@ -529,14 +530,14 @@ CONFIG_CASES = [
 def projector_file(width: int, llm_hidden: int, env: Env) -> None:
     path = env.tmp / "prerained_minigpt4.pth"
     torch.save({"model": {"llama_proj.weight": torch.zeros(width, 16), "llama_proj.bias": torch.zeros(width)}}, path)
-    ckpt.load_minigpt4_projector(torch.nn.Linear(16, llm_hidden), path, llm_hidden=llm_hidden)
+    released_weights.load_minigpt4_projector(torch.nn.Linear(16, llm_hidden), path, llm_hidden=llm_hidden)
 
 
 def lavis_file_as_projector(env: Env) -> None:
     path = env.tmp / "blip2_pretrained_flant5xxl.pth"
     lavis = {"Qformer.bert.embeddings.LayerNorm.weight": torch.ones(4), "query_tokens": torch.zeros(1, 2, 4)}
     torch.save({"model": lavis}, path)
-    ckpt.load_minigpt4_projector(torch.nn.Linear(4, 8), path, llm_hidden=8)
+    released_weights.load_minigpt4_projector(torch.nn.Linear(4, 8), path, llm_hidden=8)
 
 
 def trainable_file(source: str, target: str, edit: Callable[[dict], None], env: Env) -> list[str]:

@@ -11,6 +11,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.common.registry import Registry
 from minigpt4.conversation.conversation import get_template
 from minigpt4.models import checkpoints as ckpt
+from minigpt4.models import released_weights
 from minigpt4.models.encoders import ImageEncoder
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
@@ -95,11 +96,11 @@ def load_encoder(encoder: ImageEncoder, cfg: DictConfig) -> None:
     """Encoder weights from the first of encoder_path / blip2_hf_path / vit_path+qformer_path that is set;
     the encoder was built on the meta device, so the tensors are assigned (strictly), not copied."""
     if cfg.encoder_path is not None:
-        ckpt.load_encoder_weights(encoder, cfg.encoder_path, assign=True)
+        released_weights.load_encoder_weights(encoder, cfg.encoder_path, assign=True)
     elif cfg.blip2_hf_path is not None:
-        ckpt.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path, assign=True)
+        released_weights.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path, assign=True)
     elif cfg.vit_path is not None:
-        ckpt.load_lavis_encoder(encoder, cfg.vit_path, cfg.qformer_path, assign=True)
+        released_weights.load_lavis_encoder(encoder, cfg.vit_path, cfg.qformer_path, assign=True)
     elif cfg.full_ckpt is None:
         log.warning("no encoder weights given (encoder_path / blip2_hf_path / vit_path+qformer_path): "
                     "the ViT and Q-Former are randomly initialised")
@@ -151,7 +152,7 @@ def load_model_weights(model, cfg: DictConfig) -> None:
     if cfg.full_ckpt is not None:
         load_full_checkpoint(model, cfg.full_ckpt)
     if cfg.projector_path is not None:
-        ckpt.load_minigpt4_projector(model.projector.llama_proj, cfg.projector_path,
+        released_weights.load_minigpt4_projector(model.projector.llama_proj, cfg.projector_path,
                                      llm_hidden=model.llm.config.hidden_size)
     if cfg.ckpt is not None:
         ckpt.load_trainable(model, cfg.ckpt)

@@ -38,6 +38,7 @@ from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 from minigpt4.common.config import ConfigError
 from minigpt4.conversation.conversation import Template, get_template
 from minigpt4.models import checkpoints as ckpt
+from minigpt4.models import released_weights
 from minigpt4.models.builder import ARCHITECTURES, load_full_checkpoint, load_tokenizer, resolve_dtype
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
@@ -186,13 +187,13 @@ def _check_against_folder(cfg: DictConfig, config: LlavaConfig) -> None:
 def load_llava_folder(path: str, *, dtype: torch.dtype, attn_implementation: str) -> LlavaForConditionalGeneration:
     """The whole llava-hf model from a local folder; any missing, unexpected or mis-shaped tensor is an error
     (transformers would otherwise initialise missing ones randomly and only warn)."""
-    ckpt.read_llava_folder_config(path)
+    released_weights.read_llava_folder_config(path)
     log.info("loading LLaVA-1.5 from %s", path)
     model, info = LlavaForConditionalGeneration.from_pretrained(
         path, local_files_only=True, dtype=dtype, attn_implementation=attn_implementation, output_loading_info=True)
     problems = {k: v for k, v in info.items() if v}
     if problems:
-        details = "; ".join(f"{k}: {ckpt._listing(sorted(map(str, v)))}" for k, v in problems.items())
+        details = "; ".join(f"{k}: {ckpt.key_listing(sorted(map(str, v)))}" for k, v in problems.items())
         raise ckpt.CheckpointError(f"{path}: the weights do not match config.json: {details}")
     return model
 
@@ -227,7 +228,7 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
         _check_against_folder(cfg, hf.config)
     else:
         if cfg.llava_path is not None:  # meta: the folder's exact sizes, no weights read
-            ckpt.read_llava_folder_config(cfg.llava_path)
+            released_weights.read_llava_folder_config(cfg.llava_path)
             config = LlavaConfig.from_pretrained(cfg.llava_path, local_files_only=True)
             _check_against_folder(cfg, config)
         else:
@@ -264,7 +265,7 @@ def load_llava_weights(model: Llava15, cfg: DictConfig) -> None:
     if cfg.full_ckpt is not None:
         load_full_checkpoint(model, cfg.full_ckpt)
     if cfg.projector_path is not None:
-        ckpt.load_llava_projector(model.projector.llama_proj, cfg.projector_path,
+        released_weights.load_llava_projector(model.projector.llama_proj, cfg.projector_path,
                                   llm_hidden=model.llm.config.hidden_size)
     if cfg.ckpt is not None:
         ckpt.load_trainable(model, cfg.ckpt)

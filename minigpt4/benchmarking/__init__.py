@@ -1,0 +1,1 @@
+"""Pieces of scripts/benchmark.py: measuring (measure.py) and the timed workloads (workloads.py)."""
