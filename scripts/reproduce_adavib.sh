@@ -63,4 +63,12 @@ done
 
 "$PY" scripts/results_table.py "$OUT"/eval_original/metrics.json "$OUT"/eval_{linear_ce,vib_fixed_beta,adavib}/metrics.json \
   --out "$OUT/results.md"
+# Each model against linear-CE on the same images (paired bootstrap: tighter than comparing the ± above).
+{
+  printf '\n## Paired differences to linear-CE (B − A, percentage points)\n'
+  for setting in original vib_fixed_beta adavib; do
+    printf '\n### %s\n\n' "$setting"
+    "$PY" -m minigpt4.eval.paired --markdown "$OUT/eval_linear_ce" "$OUT/eval_$setting"
+  done
+} >> "$OUT/results.md"
 cat "$OUT/results.md"

@@ -72,5 +72,9 @@ def test_reproduction_script_runs_all_four_settings(tmp_path, tiny_model_factory
     table = (tmp_path / "out" / "results.md").read_text()
     for name in ("minigpt4-7b-released", "minigpt4-7b-linear-ce", "minigpt4-7b-vib-fixed-beta", "minigpt4-7b-adavib"):
         assert name in table, table
+    paired = table.split("## Paired differences to linear-CE", 1)[1]
+    for setting in ("original", "vib_fixed_beta", "adavib"):
+        assert f"### {setting}" in paired, table
+    assert paired.count("| chair_i |") == 3 and paired.count("| pope adversarial accuracy |") == 3, table
     for setting in ("linear_ce", "vib_fixed_beta", "adavib"):
         assert (tmp_path / "out" / f"train_{setting}" / "final" / "trainable.safetensors").exists()

@@ -154,12 +154,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("b", help="evaluate.py output folder of model B")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
     try:
         result = compare_eval_dirs(args.a, args.b, args.resamples, args.seed)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    if args.markdown:
+        print("| metric | A | B | B − A | 95 % paired interval |\n|---|---|---|---|---|")
+        for name, r in result.items():
+            print(f"| {name} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
+                  f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}] |")
+        return 0
     print(f"{'metric':<28}{'A':>8}{'B':>8}{'B − A':>9}   95% paired CI (percentage points)")
     for name, r in result.items():
         print(f"{name:<28}{100 * r['a']:8.1f}{100 * r['b']:8.1f}{100 * r['diff']:+9.1f}   "
