@@ -17,6 +17,7 @@ would type (printed as they start), so the experiment exercises the same code pa
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import shlex
@@ -47,6 +48,7 @@ BASELINE = "linear-CE"
 # In-distribution val pairs anchors with partners 90 % of the time, as in training, so it holds only a handful
 # of co-occurrence traps; the probe's val never does, so every anchor there is a trap.
 WORLDS = {"in-distribution": ("shapes_world", None), "co-occurrence probe": ("shapes_world_probe", 0.0)}
+WORLD_ARGS: dict = {}  # build_shapes_world arguments beyond its defaults (the evaluation world); tests shrink it
 # (column title, metrics.json path, scale)
 COLUMNS = (("CHAIR_S", ("chair", "chair_s"), 100), ("CHAIR_I", ("chair", "chair_i"), 100),
            ("recall", ("chair", "recall"), 100), ("words", ("chair", "mean_length"), 1),
@@ -110,14 +112,20 @@ def ensure_world(world: Path, val_cooccurrence: float | None) -> None:
     from minigpt4.datasets.shapes_world import build_shapes_world
 
     meta = world / "meta.json"
-    if meta.is_file():
+    if meta.is_file():  # reuse it only if it is exactly the world this experiment would build
         params = json.loads(meta.read_text())["params"]
-        wanted = params["cooccurrence"] if val_cooccurrence is None else val_cooccurrence
-        if params.get("val_cooccurrence", params["cooccurrence"]) != wanted or params["seed"] != 0:
-            raise RuntimeError(f"{world} holds another shapes world ({params}); move it away or pass --data")
+        defaults = {name: p.default for name, p in inspect.signature(build_shapes_world).parameters.items()
+                    if name in params} | WORLD_ARGS
+        wanted = {**defaults, "val_cooccurrence": defaults["cooccurrence"] if val_cooccurrence is None
+                  else val_cooccurrence}
+        found = {**params, "val_cooccurrence": params.get("val_cooccurrence", params["cooccurrence"])}
+        differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
+        if differ:
+            raise RuntimeError(f"{world} holds another shapes world ({', '.join(f'{k}: {a} instead of {b}' for k, (a, b) in differ.items())}); "
+                               "move it away or pass --data")
         return
     start = time.perf_counter()
-    build_shapes_world(world, val_cooccurrence=val_cooccurrence)  # defaults: the evaluation world's parameters
+    build_shapes_world(world, val_cooccurrence=val_cooccurrence, **WORLD_ARGS)
     print(f"built the shapes world in {world} ({time.perf_counter() - start:.1f} s)")
 
 

@@ -134,6 +134,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     monkeypatch.chdir(ROOT)  # the script moves there itself; this restores the directory afterwards
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     experiment = _script("shapes_experiment")
+    monkeypatch.setattr(experiment, "WORLD_ARGS", {"num_train": 48, "num_val": 6})  # as small_worlds built them
     out = tmp_path / "exp"
     argv = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
             "run.log_every=1"]
@@ -155,6 +156,9 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     assert "mean ± std over seeds [0, 1]" in report and "VIB fixed β" not in report
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["worlds"]["in-distribution"]["paired_differences_to_linear_ce"]["base"]) == 2
+    # A world folder holding another build is refused, naming what differs, instead of being reused.
+    with pytest.raises(RuntimeError, match="val_cooccurrence: 0.9 instead of 0.0"):
+        experiment.ensure_world(small_worlds / "shapes_world", 0.0)
 
 
 def test_evaluate_without_arguments_uses_the_embedded_base_model(tmp_path, monkeypatch):
