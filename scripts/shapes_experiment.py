@@ -33,6 +33,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
+from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs  # noqa: E402
 from minigpt4.eval.paired import compare_eval_dirs  # noqa: E402
 
 TRAIN_CONFIG = "train_configs/shapes_adavib.yaml"
@@ -129,41 +130,6 @@ def ensure_world(world: Path, val_cooccurrence: float | None) -> None:
     print(f"built the shapes world in {world} ({time.perf_counter() - start:.1f} s)")
 
 
-def cooccurrence_traps(eval_dir: Path, world: Path) -> dict[str, int]:
-    """How often the model names a paired partner that is absent while its anchor is present.
-
-    Captions: among val images holding an anchor without its partner ("traps"), those whose caption names
-    the partner. POPE: among "no" questions about such a partner (any split, each image/class once), those
-    answered "yes". Counts, not rates, because there are few traps per world.
-    """
-    from minigpt4.eval.pope import answer_to_label, load_questions, match_answers
-
-    pairs = [tuple(p) for p in json.loads((world / "meta.json").read_text())["cooccurrence_pairs"]]
-    rows = json.loads((eval_dir / "chair.json").read_text())["per_caption"]
-    traps = fooled = 0
-    for row in rows:
-        truth = set(row["ground_truth"])
-        for anchor, partner in pairs:
-            if anchor in truth and partner not in truth:
-                traps += 1
-                fooled += partner in row["mentions"]
-    partner_of = {anchor: partner for anchor, partner in pairs}
-    truth_by_image = {str(row["image_id"]): set(row["ground_truth"]) for row in rows}
-    pope = json.loads((eval_dir / "pope.json").read_text())
-    asked: dict[tuple[str, str], bool] = {}
-    for q_file, a_file in zip(pope["files"]["questions"], pope["files"]["answers"], strict=True):
-        questions = load_questions(q_file["path"], require_text=True)
-        for question, answer in zip(questions, match_answers(questions, q_file["path"], a_file["path"]), strict=True):
-            truth = truth_by_image.get(str(int(Path(question["image"]).stem)), set())
-            partners = {partner_of[a] for a in truth if a in partner_of and partner_of[a] not in truth}
-            name = next((p for p in partners if f" {p} " in question["text"]), None)
-            if name is not None and question["label"] == "no":
-                said_yes = answer_to_label(answer, pope["rule"], pope["end_string"]) == "yes"
-                asked[(question["image"], name)] = asked.get((question["image"], name), False) or said_yes
-    return {"caption_traps": traps, "caption_partner_named": fooled,
-            "pope_partner_questions": len(asked), "pope_partner_yes": sum(asked.values())}
-
-
 def _value(metrics: dict, path: tuple[str, ...]) -> tuple[float, list[float] | None]:
     node = metrics
     for key in path[:-1]:
@@ -187,10 +153,10 @@ def results_tables(metrics: dict[str, list[dict]], diffs: dict[str, list[dict]],
             else:
                 points = np.array([v for v, _ in values]) * scale
                 cells.append(f"{points.mean():.1f} ± {points.std(ddof=1):.1f}")
-        for hits, total in (("caption_partner_named", "caption_traps"), ("pope_partner_yes", "pope_partner_questions")):
+        for hits, of in (("caption_named", "caption_traps"), ("pope_yes", "pope_questions")):
             counts = [t[hits] for t in traps[name]]
             mean = f"{np.mean(counts):.1f}" if len(counts) > 1 else str(counts[0])
-            cells.append(f"{mean}/{traps[name][0][total]}")
+            cells.append(f"{mean}/{traps[name][0][of]}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "partner named: captions naming the absent partner of a present anchor / such traps; "
               "partner: yes: POPE \"yes\" to such a partner / questions about one.", "","", f"Paired difference to {BASELINE} (percentage points; negative CHAIR = less hallucination):", "",
@@ -261,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         diffs = {name: [compare_eval_dirs(a, b) for a, b in
                         zip(by_model[BASELINE], dirs * len(args.seeds) if name == "base" else dirs, strict=True)]
                  for name, dirs in by_model.items() if name != BASELINE}
-        traps = {name: [cooccurrence_traps(d, worlds[label]) for d in dirs] for name, dirs in by_model.items()}
+        pairs = world_pairs(worlds[label])
+        traps = {name: [total(partner_traps(d, pairs)) for d in dirs] for name, dirs in by_model.items()}
         parts.append(f"## {label} val ({worlds[label]})\n\n" + results_tables(metrics, diffs, traps))
         summary["worlds"][label] = {
             "world": str(worlds[label]), "traps": traps, "paired_differences_to_" + slug(BASELINE): diffs,

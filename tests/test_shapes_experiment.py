@@ -156,6 +156,15 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     assert "mean ± std over seeds [0, 1]" in report and "VIB fixed β" not in report
     summary = json.loads((out / "results.json").read_text())
     assert len(summary["worlds"]["in-distribution"]["paired_differences_to_linear_ce"]["base"]) == 2
+    # The visual-token readout beside the model's own trap counts (scripts/partner_readout.py).
+    readout_json = tmp_path / "readout.json"
+    assert _script("partner_readout").main([
+        "--train", str(small_worlds / "shapes_world"), "--probe", str(small_worlds / "shapes_world_probe"),
+        "--answers", str(out / "base" / "eval_co_occurrence_probe"), "--out", str(readout_json)]) == 0
+    readout = json.loads(readout_json.read_text())
+    assert set(readout) == {partner for _, partner in COOCCURRENCE_PAIRS}
+    for r in readout.values():
+        assert 0 <= r["readout_present_on_traps"] <= r["traps"] == r["model"]["caption_traps"]
     # A world folder holding another build is refused, naming what differs, instead of being reused.
     with pytest.raises(RuntimeError, match="val_cooccurrence: 0.9 instead of 0.0"):
         experiment.ensure_world(small_worlds / "shapes_world", 0.0)
