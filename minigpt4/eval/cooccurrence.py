@@ -9,7 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from minigpt4.eval.pope import answer_to_label, load_questions, match_answers
+from minigpt4.eval.paired import image_key
+from minigpt4.eval.pope import answered_questions
 
 
 def world_pairs(world: str | Path) -> list[tuple[str, str]]:
@@ -31,21 +32,17 @@ def partner_traps(eval_dir: str | Path, pairs: list[tuple[str, str]]) -> dict[st
             if anchor in truth and partner not in truth:
                 counts[partner]["caption_traps"] += 1
                 counts[partner]["caption_named"] += partner in row["mentions"]
-    truth_by_image = {str(row["image_id"]): set(row["ground_truth"]) for row in rows}
+    truth_by_image = {image_key(row["image_id"]): set(row["ground_truth"]) for row in rows}
     pope = json.loads((eval_dir / "pope.json").read_text())
     said_yes: dict[tuple[str, str], bool] = {}
-    for q_file, a_file in zip(pope["files"]["questions"], pope["files"]["answers"], strict=True):
-        questions = load_questions(q_file["path"], require_text=True)
-        answers = match_answers(questions, q_file["path"], a_file["path"])
-        for question, answer in zip(questions, answers, strict=True):
-            if question["label"] != "no":
-                continue
-            truth = truth_by_image.get(str(int(Path(question["image"]).stem)), set())
-            for anchor, partner in pairs:
-                if anchor in truth and partner not in truth and f" {partner} " in question["text"]:
-                    yes = answer_to_label(answer, pope["rule"], pope["end_string"]) == "yes"
-                    key = (question["image"], partner)
-                    said_yes[key] = said_yes.get(key, False) or yes
+    for _, question, predicted in answered_questions(pope):
+        if question["label"] != "no":
+            continue
+        truth = truth_by_image.get(image_key(question["image"]), set())
+        for anchor, partner in pairs:
+            if anchor in truth and partner not in truth and f" {partner} " in question["text"]:
+                key = (question["image"], partner)
+                said_yes[key] = said_yes.get(key, False) or predicted == "yes"
     for (_, partner), yes in said_yes.items():
         counts[partner]["pope_questions"] += 1
         counts[partner]["pope_yes"] += yes

@@ -23,7 +23,7 @@ import numpy as np
 
 from minigpt4.eval.bootstrap import resample_totals, safe_divide
 from minigpt4.eval.chair import parse_image_id
-from minigpt4.eval.pope import answer_to_label, load_questions, match_answers
+from minigpt4.eval.pope import answered_questions
 
 # Per-image count columns of a CHAIR result, and the metrics made of them.
 CHAIR_COLUMNS = ("captions", "hallucinated_captions", "mentions", "hallucinated_mentions", "recalled", "ground_truth")
@@ -31,7 +31,7 @@ CHAIR_METRICS = {"chair_s": ("hallucinated_captions", "captions"), "chair_i": ("
                  "recall": ("recalled", "ground_truth")}
 
 
-def _image_key(raw: object) -> str:
+def image_key(raw: object) -> str:
     """One key per image whatever the naming: CHAIR rows carry COCO ids, POPE rows file names."""
     try:
         return str(parse_image_id(raw))
@@ -50,22 +50,19 @@ def chair_counts(chair_result: dict, source: str = "chair.json") -> dict[str, np
         hallucinated = row["hallucinated"]
         values = np.array([1, bool(hallucinated), len(mentions), len(hallucinated), len(set(mentions) & truth),
                            len(truth)], dtype=np.float64)
-        key = _image_key(row["image_id"])
+        key = image_key(row["image_id"])
         counts[key] = counts[key] + values if key in counts else values
     return counts
 
 
-def pope_counts(questions_path: str | Path, answers_path: str | Path, rule: str, end_string: str
-                ) -> dict[str, np.ndarray]:
-    """{image key: [correct answers, questions]} of one POPE split."""
-    questions = load_questions(questions_path)
-    answers = match_answers(questions, questions_path, answers_path)
-    counts: dict[str, np.ndarray] = {}
-    for question, answer in zip(questions, answers, strict=True):
-        correct = answer_to_label(answer, rule=rule, end_string=end_string) == question["label"]
-        key = _image_key(question["image"])
-        counts.setdefault(key, np.zeros(2))
-        counts[key] += (float(correct), 1.0)
+def pope_counts(pope_result: dict) -> dict[str, dict[str, np.ndarray]]:
+    """{"pope <split>": {image key: [correct answers, questions]}} of a scored POPE result."""
+    counts: dict[str, dict[str, np.ndarray]] = {}
+    for split, question, predicted in answered_questions(pope_result):
+        per_image = counts.setdefault(f"pope {split}", {})
+        key = image_key(question["image"])
+        per_image.setdefault(key, np.zeros(2))
+        per_image[key] += (float(predicted == question["label"]), 1.0)
     return counts
 
 
@@ -78,10 +75,7 @@ def load_eval_counts(eval_dir: str | Path) -> dict[str, dict[str, np.ndarray]]:
         out["chair"] = chair_counts(json.loads(chair_path.read_text(encoding="utf-8")), str(chair_path))
     pope_path = eval_dir / "pope.json"
     if pope_path.is_file():
-        pope = json.loads(pope_path.read_text(encoding="utf-8"))
-        for q_file, a_file in zip(pope["files"]["questions"], pope["files"]["answers"], strict=True):
-            split = Path(q_file["path"]).stem
-            out[f"pope {split}"] = pope_counts(q_file["path"], a_file["path"], pope["rule"], pope["end_string"])
+        out.update(pope_counts(json.loads(pope_path.read_text(encoding="utf-8"))))
     if not out:
         raise FileNotFoundError(f"{eval_dir}: neither chair.json nor pope.json (an evaluate.py output folder?)")
     return out

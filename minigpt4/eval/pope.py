@@ -352,6 +352,15 @@ def score_pope(
 # Command line
 
 
+def answered_questions(result: dict):
+    """(split, question row, predicted label) for every question of a score_pope result, read back from the
+    question and answer files it names (for analyses that need per-question outcomes)."""
+    for q_file, a_file in zip(result["files"]["questions"], result["files"]["answers"], strict=True):
+        questions = load_questions(q_file["path"])
+        for question, answer in zip(questions, match_answers(questions, q_file["path"], a_file["path"]), strict=True):
+            yield Path(q_file["path"]).stem, question, answer_to_label(answer, result["rule"], result["end_string"])
+
+
 def format_table(result: dict) -> str:
     """A small plain-text table, percentages with one decimal and ± half the 95% interval."""
     rows = result["splits"] if "splits" in result else {result["split"]: result}
