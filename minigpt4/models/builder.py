@@ -153,7 +153,7 @@ def load_model_weights(model, cfg: DictConfig) -> None:
         load_full_checkpoint(model, cfg.full_ckpt)
     if cfg.projector_path is not None:
         released_weights.load_minigpt4_projector(model.projector.llama_proj, cfg.projector_path,
-                                     llm_hidden=model.llm.config.hidden_size)
+                                                 llm_hidden=model.llm.config.hidden_size)
     if cfg.ckpt is not None:
         ckpt.load_trainable(model, cfg.ckpt)
 
