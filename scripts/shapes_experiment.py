@@ -72,8 +72,8 @@ def world_options(world: Path) -> list[str]:
             f"eval.chair.synonyms={world}/synonyms.txt"]
 
 
-def run_step(command: list[str], out_dir: Path, done_file: str, log_name: str) -> float:
-    """Run `command` unless out_dir/done_file exists from the same command; returns seconds spent.
+def run_step(command: list[str], out_dir: Path, done_file: str, log_name: str) -> None:
+    """Run `command` unless out_dir/done_file exists from the same command.
 
     The command line is stored next to the outputs: a rerun with other options starts that step afresh
     instead of resuming (or reusing) a run made with different settings.
@@ -81,32 +81,30 @@ def run_step(command: list[str], out_dir: Path, done_file: str, log_name: str) -
     stamp = out_dir / "command.json"
     if (out_dir / done_file).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == command:
         print(f"  reuse  {out_dir}")
-        return 0.0
+        return
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     stamp.write_text(json.dumps(command))
     print("  run    " + shlex.join(command), flush=True)
-    start = time.perf_counter()
     log_path = out_dir.parent / f"{out_dir.name}.{log_name}.log"
     with open(log_path, "w", encoding="utf-8") as log:
         result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0 or not (out_dir / done_file).is_file():
         tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise RuntimeError(f"step failed (exit {result.returncode}); last lines of {log_path}:\n" + "\n".join(tail))
-    return time.perf_counter() - start
 
 
-def train(python: str, out_dir: Path, seed: int, variant: str, extra: list[str]) -> float:
+def train(python: str, out_dir: Path, seed: int, variant: str, extra: list[str]) -> None:
     overrides = VARIANTS[variant][0] + [f"run.seed={seed}", f"run.output_dir={out_dir}"] + extra
     command = [python, "train.py", "--cfg-path", TRAIN_CONFIG, "--options", *overrides]
-    return run_step(command, out_dir, "final/trainable.safetensors", "train")
+    run_step(command, out_dir, "final/trainable.safetensors", "train")
 
 
-def evaluate(python: str, out_dir: Path, name: str, world: Path, options: list[str]) -> float:
+def evaluate(python: str, out_dir: Path, name: str, world: Path, options: list[str]) -> None:
     overrides = [f"eval.output_dir={out_dir}", f"eval.name={name}", *world_options(world), *options]
     command = [python, "evaluate.py", "--cfg-path", EVAL_CONFIG, "--options", *overrides]
-    return run_step(command, out_dir, "metrics.json", "eval")
+    run_step(command, out_dir, "metrics.json", "eval")
 
 
 def ensure_world(world: Path, val_cooccurrence: float | None) -> None:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from _model_checks import assert_sample_major_pairing, toy_batch
 from minigpt4.common.tiny import TINY_LLM
 from minigpt4.models.checkpoints import CheckpointError, load_trainable, save_trainable
 
@@ -62,13 +63,6 @@ def llava_dir(tmp_path_factory, tiny_tokenizer_dir) -> Path:
     return folder
 
 
-def _batch(b: int = 2) -> dict:
-    g = torch.Generator().manual_seed(0)
-    return {"image": torch.randn(b, 3, 28, 28, generator=g),
-            "answer": ["a dog on the grass", "two cats sleeping on a sofa in the living room"][:b],
-            "instruction": [None] * b}
-
-
 # ---- the model ---------------------------------------------------------------------------------------------------
 
 
@@ -80,7 +74,7 @@ def test_vib_forward_backward_trains_only_the_projector(make_llava):
     assert trainable == {f"projector.{n}" for n in (
         "mu_p", "std_p", *(f"{head}.linear_{i}.{t}" for head in ("llama_proj", "llama_proj_std")
                            for i in (1, 2) for t in ("weight", "bias")))}
-    out = model(_batch())
+    out = model(toy_batch())
     out["loss"].backward()
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -98,21 +92,7 @@ def test_sample_s_of_image_b_meets_text_of_image_b(make_llava):
     with torch.no_grad():  # σ ≈ 0: every noisy sample equals its image's μ and can be recognised
         model.projector.llama_proj_std.linear_2.weight.zero_()
         model.projector.llama_proj_std.linear_2.bias.fill_(-30.0)
-    captured = {}
-    handle = model.llm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
-    batch = _batch()
-    model(batch)
-    handle.remove()
-    embeds, labels = captured["inputs_embeds"], captured["labels"]
-    s, b = model.num_samples, 2
-    assert embeds.shape[0] == s * b
-    mu = model.projector.llama_proj(model.encode_images(batch["image"]))
-    single = model.build_training_text([None, None], batch["answer"])
-    for row in range(s * b):
-        image = row % b  # sample-major: row = s·B + b
-        slots = single.image_mask[image]
-        assert torch.allclose(embeds[row, : slots.shape[0]][slots], mu[image], atol=1e-5)
-        assert torch.equal(labels[row, : single.labels.shape[1]], single.labels[image])
+    assert_sample_major_pairing(model)
 
 
 def test_llava_prompt_puts_a_newline_after_the_image_and_ends_with_eos(make_llava):
@@ -147,7 +127,7 @@ def test_entropy_ignores_embedding_rows_past_the_tokenizer_vocabulary(make_llava
         return original(q, **kwargs)
 
     model.projector.forward = spy
-    model(_batch())
+    model(toy_batch())
     assert seen["rows"] == vocab
 
 
@@ -155,7 +135,7 @@ def test_batched_generation_equals_batch_one(make_llava):
     model = make_llava("vib").eval()
     prompts = [f"{LLAVA_SYSTEM} USER: <ImageHere>\nDescribe this image. ASSISTANT:",
                "USER: <ImageHere>\nIs there a dog in the image? ASSISTANT:"]
-    images = _batch()["image"]
+    images = toy_batch()["image"]
     batched = model.generate(prompts, images, max_new_tokens=6)
     assert batched == [model.generate([p], images[i: i + 1], max_new_tokens=6)[0] for i, p in enumerate(prompts)]
 

@@ -2,16 +2,8 @@
 import pytest
 import torch
 
+from _model_checks import assert_sample_major_pairing, toy_batch
 from minigpt4.conversation.conversation import get_template
-
-
-def _batch(b=2, size=28):
-    g = torch.Generator().manual_seed(0)
-    return {
-        "image": torch.randn(b, 3, size, size, generator=g),
-        "answer": ["a dog on the grass", "two cats sleeping on a sofa in the living room"][:b],
-        "instruction": [None] * b,
-    }
 
 
 def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
@@ -21,7 +13,7 @@ def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
     assert trainable and all(n.startswith("projector.") for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    out = model(_batch())
+    out = model(toy_batch())
     out["loss"].backward()
     for n, p in model.named_parameters():
         if p.requires_grad:
@@ -39,7 +31,7 @@ def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
 
 def test_linear_projector_loss_is_ce_only(tiny_model_factory):
     model = tiny_model_factory("linear").train()
-    out = model(_batch())
+    out = model(toy_batch())
     assert out["kl_term"].item() == 0.0 and torch.allclose(out["loss"], out["ce"])
 
 
@@ -48,25 +40,7 @@ def test_sample_s_of_image_b_meets_text_of_image_b(tiny_model_factory):
     with torch.no_grad():  # σ ≈ 0 so every noisy sample equals its image's μ and can be recognised
         model.projector.llama_proj_std.weight.zero_()
         model.projector.llama_proj_std.bias.fill_(-30.0)
-    captured = {}
-
-    def grab(module, args, kwargs):
-        captured.update(kwargs)
-
-    handle = model.llm.register_forward_pre_hook(grab, with_kwargs=True)
-    batch = _batch()
-    model(batch)
-    handle.remove()
-    embeds, labels = captured["inputs_embeds"], captured["labels"]
-    s, b = model.num_samples, 2
-    assert embeds.shape[0] == s * b
-    mu = model.projector.llama_proj(model.encode_images(batch["image"]))
-    single = model.build_training_text([None, None], batch["answer"])
-    for row in range(s * b):
-        image = row % b  # sample-major: row = s·B + b
-        slots = single.image_mask[image]
-        assert torch.allclose(embeds[row, : slots.shape[0]][slots], mu[image], atol=1e-5)
-        assert torch.equal(labels[row, : single.labels.shape[1]], single.labels[image])
+    assert_sample_major_pairing(model)
 
 
 def test_golden_label_masking_two_rows(tiny_model_factory):
@@ -110,7 +84,7 @@ def _prompts():
 
 def test_batched_generation_equals_batch_one_and_stops_per_row(tiny_model_factory):
     model = tiny_model_factory("vib").eval()
-    images = _batch()["image"]
+    images = toy_batch()["image"]
     model.end_sym = "\u0000never"  # first: no stop, to see what the random model says
     free = model.generate(_prompts(), images, max_new_tokens=12)
     assert all(len(t) > 0 for t in free)

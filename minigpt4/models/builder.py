@@ -147,13 +147,14 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     return model
 
 
-def load_model_weights(model, cfg: DictConfig) -> None:
-    """Whole-model file, then the released projector, then our own fine-tuned projector (later ones win)."""
+def load_model_weights(model, cfg: DictConfig,
+                       load_projector=released_weights.load_minigpt4_projector) -> None:
+    """Whole-model file, then the released projector (read by `load_projector` into the μ head), then our own
+    fine-tuned projector; later ones win."""
     if cfg.full_ckpt is not None:
         load_full_checkpoint(model, cfg.full_ckpt)
     if cfg.projector_path is not None:
-        released_weights.load_minigpt4_projector(model.projector.llama_proj, cfg.projector_path,
-                                                 llm_hidden=model.llm.config.hidden_size)
+        load_projector(model.projector.llama_proj, cfg.projector_path, llm_hidden=model.llm.config.hidden_size)
     if cfg.ckpt is not None:
         ckpt.load_trainable(model, cfg.ckpt)
 

@@ -39,7 +39,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.conversation import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
-from minigpt4.models.builder import ARCHITECTURES, load_full_checkpoint, load_tokenizer, resolve_dtype
+from minigpt4.models.builder import ARCHITECTURES, load_model_weights, load_tokenizer, resolve_dtype
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
 
@@ -256,16 +256,7 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     if model.entropy_vocab_size != model.llm.get_input_embeddings().weight.shape[0]:
         log.info("VIB similarity entropy over the tokenizer's %d base tokens (of %d embedding rows)",
                  model.entropy_vocab_size, model.llm.get_input_embeddings().weight.shape[0])
-    load_llava_weights(model, cfg)
+    load_model_weights(model, cfg, load_projector=released_weights.load_llava_projector)
     return model
 
 
-def load_llava_weights(model: Llava15, cfg: DictConfig) -> None:
-    """Whole-model file, then a released projector as the μ head, then our own fine-tuned projector."""
-    if cfg.full_ckpt is not None:
-        load_full_checkpoint(model, cfg.full_ckpt)
-    if cfg.projector_path is not None:
-        released_weights.load_llava_projector(model.projector.llama_proj, cfg.projector_path,
-                                              llm_hidden=model.llm.config.hidden_size)
-    if cfg.ckpt is not None:
-        ckpt.load_trainable(model, cfg.ckpt)
