@@ -1,103 +1,13 @@
 #!/usr/bin/env python
-"""Train a projector (linear, VIB or AdaVIB) on a frozen MiniGPT-4 / LLaVA-1.5.
+"""`python train.py ...` in a checkout: runs minigpt4/cli/train.py, where the code is (installed: `adavib-train`).
 
-    python train.py --cfg-path train_configs/tiny_cpu.yaml
-    torchrun --nproc_per_node=8 train.py --cfg-path train_configs/adavib_minigpt4_7b.yaml \
-        --options model.llm_path=/weights/vicuna-7b run.output_dir=out/adavib
-    python train.py --cfg-path ... --resume          # continue from output_dir/checkpoints/latest
-
-Config layers, later wins: schema defaults (model, run) < dataset builder defaults < the recipe YAML <
-`--options key=value ...`. Everything is validated (unknown keys, types, paths) before a model is built.
+Edit minigpt4/cli/train.py. `import train` returns that module itself, so tests and tools see one module.
 """
-from __future__ import annotations
-
-import argparse
-import logging
-import os
 import sys
-from dataclasses import dataclass, field
-from typing import Any
 
-from omegaconf import OmegaConf
-
-from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
-
-
-@dataclass
-class TrainConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    datasets: dict[str, Any] = field(default_factory=dict)
-    run: dict[str, Any] = field(default_factory=dict)
-
-
-def load_train_config(cfg_path: str, options: list[str] | None = None, *, resume: bool = False):
-    """-> (resolved DictConfig, RunConfig). Raises ConfigError naming the offending key."""
-    from minigpt4.datasets.builders import validate_dataset_cfg
-    from minigpt4.runners.config import RunConfig
-
-    options = list(options or [])
-    if resume:
-        options.append("run.resume=true")
-    cfg = merge(TrainConfig, cfg_path, options=options, where=cfg_path)
-    validate_model_config(cfg.model)
-    if not cfg.datasets:
-        raise ConfigError(f"{cfg_path}: `datasets:` is empty; name at least one dataset builder")
-    for name, options_ in cfg.datasets.items():
-        try:
-            validate_dataset_cfg(name, OmegaConf.to_container(options_, resolve=True))
-        except (KeyError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"{cfg_path}: {err}") from None
-    try:
-        run = RunConfig.from_dict(OmegaConf.to_container(cfg.run, resolve=True))
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{cfg_path}: {err}") from None
-    return cfg, run
-
-
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--cfg-path", required=True, help="recipe YAML (train_configs/*.yaml)")
-    ap.add_argument("--options", nargs="*", default=[], help="overrides, e.g. run.init_lr=1e-5 model.vib.beta=0")
-    ap.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in run.output_dir")
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-    try:
-        cfg, run = load_train_config(args.cfg_path, args.options, resume=args.resume)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-
-    import torch
-
-    from minigpt4.common import dist
-    from minigpt4.common.errors import USER_FACING_ERRORS
-    from minigpt4.common.provenance import write_provenance
-    from minigpt4.datasets.builders import build_train_dataset
-    from minigpt4.models.builder import build_model
-    from minigpt4.runners.runner import Runner
-
-    rank, world, _, device = dist.init_distributed(run.device)
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
-    else:  # commit, versions and SHA-256 of every weight/data file, before anything is trained
-        write_provenance(OmegaConf.to_container(cfg, resolve=True), run.output_dir, device=device)
-    torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
-    try:
-        dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
-        model = build_model(cfg.model, device=device)
-        runner = Runner(model, dataset, collate, run, config_to_save=OmegaConf.to_container(cfg, resolve=True))
-        summary = runner.train()
-    except USER_FACING_ERRORS as err:  # a bad file: its message names it; a torch traceback would bury that
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if rank == 0:
-        logging.info("done: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
-        logging.info("outputs in %s (metrics.jsonl, checkpoints/, final/trainable.safetensors)",
-                     os.path.abspath(run.output_dir))
-    del runner, model  # the DDP wrapper must go before the process group (see dist.cleanup)
-    dist.cleanup()
-    return 0
+from minigpt4.cli import train as _command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(_command.main())
+else:
+    sys.modules[__name__] = _command

@@ -13,6 +13,11 @@
 #   TRAIN_JSON=data/lure/detail_5k.json            # [{"image_id", "caption"}]
 #   COCO=data/coco                                 # train2014/ val2014/ annotations/
 #   NGPU=8                                         # GPUs on this node (default: all visible)
+#   POPE_PROTOCOL / CHAIR_PROTOCOL                 # named protocols (python -m minigpt4.eval.protocols); defaults:
+#                                                  #   minigpt4: adavib-pope + opera-chair-500
+#                                                  #   llava15:  llava15-pope + opera-chair-500
+#   CHAIR_IMAGES=my_eval.json                      # the image list, for CHAIR_PROTOCOL=adavib-chair (AdaVIB's own
+#                                                  #   eval.json is not public); COCO/val2014 must hold the images
 #   OUT=out/reproduce
 #   MODEL_OPTIONS / TRAIN_OPTIONS / EVAL_OPTIONS   extra space-separated --options for every model / train / eval call
 #   ARCH=minigpt4 ENCODER=... VICUNA=... PROJECTOR=... TRAIN_JSON=... COCO=... bash scripts/reproduce_adavib.sh
@@ -35,14 +40,31 @@ case "$ARCH" in
     : "${PROJECTOR:?set PROJECTOR to prerained_minigpt4_7b.pth}"
     MODEL=(model.encoder_path="$ENCODER" model.llm_path="$VICUNA" "${EXTRA_MODEL[@]}")
     START=(model.projector_path="$PROJECTOR")      # the released projector: starting point and baseline
-    SUFFIX=minigpt4_7b ORIGINAL=eval_configs/minigpt4_7b_original.yaml ;;
+    SUFFIX=minigpt4_7b ORIGINAL=eval_configs/minigpt4_7b_original.yaml
+    POPE_PROTOCOL=${POPE_PROTOCOL:-adavib-pope} ;;
   llava15)
     : "${LLAVA:?set LLAVA to the local llava-hf LLaVA-1.5-7B folder}"
     MODEL=(model.llava_path="$LLAVA" "${EXTRA_MODEL[@]}")
     START=()                                       # the folder's own projector is the starting point
-    SUFFIX=llava15_7b ORIGINAL=eval_configs/original_llava15_7b.yaml ;;
+    SUFFIX=llava15_7b ORIGINAL=eval_configs/original_llava15_7b.yaml
+    POPE_PROTOCOL=${POPE_PROTOCOL:-llava15-pope} ;;
   *) echo "ARCH must be minigpt4 or llava15, got '$ARCH'" >&2; exit 2 ;;
 esac
+
+# Every model is evaluated under the same named protocols; results.md names them and their sources per row.
+CHAIR_PROTOCOL=${CHAIR_PROTOCOL:-opera-chair-500}
+PROTOCOLS=(eval.pope.protocol="$POPE_PROTOCOL" eval.chair.protocol="$CHAIR_PROTOCOL")
+if [ -n "${CHAIR_IMAGES:-}" ]; then PROTOCOLS+=(eval.chair.images="$CHAIR_IMAGES"); fi
+"$PY" - "$POPE_PROTOCOL" "$CHAIR_PROTOCOL" "${CHAIR_IMAGES:-}" <<'CHECK' || exit 2   # stops here, not after training
+import sys
+from minigpt4.eval.protocols import get_protocol
+try:
+    pope, chair = get_protocol(sys.argv[1], "pope"), get_protocol(sys.argv[2], "chair")
+except KeyError as err:
+    sys.exit(f"error: POPE_PROTOCOL / CHAIR_PROTOCOL: {err.args[0]}")
+if chair.image_set == "user-list" and not sys.argv[3]:
+    sys.exit(f"error: CHAIR_PROTOCOL={chair.name} runs on your own image list: set CHAIR_IMAGES")
+CHECK
 
 for setting in linear_ce vib_fixed_beta adavib; do
   if [ ! -f "$OUT/train_$setting/final/trainable.safetensors" ]; then
@@ -53,7 +75,7 @@ for setting in linear_ce vib_fixed_beta adavib; do
   fi
 done
 
-EVAL=(eval.image_dir="$COCO/val2014" eval.chair.coco_annotations="$COCO/annotations" "${EXTRA_EVAL[@]}")
+EVAL=(eval.image_dir="$COCO/val2014" eval.chair.coco_annotations="$COCO/annotations" "${PROTOCOLS[@]}" "${EXTRA_EVAL[@]}")
 "${LAUNCH[@]}" evaluate.py --cfg-path "$ORIGINAL" --options "${MODEL[@]}" \
   "${START[@]}" "${EVAL[@]}" eval.output_dir="$OUT/eval_original"
 for setting in linear_ce vib_fixed_beta adavib; do

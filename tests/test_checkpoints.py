@@ -362,7 +362,7 @@ def test_projector_errors_for_wrong_files(tmp_path, lavis_files):
         released_weights.load_minigpt4_projector(linear, tmp_path / "nobias.pth", llm_hidden=4096)
     torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 768), "llama_proj.bias": torch.zeros(4096)}},
                tmp_path / "wide_in.pth")
-    with pytest.raises(CheckpointError, match="768-wide inputs but the Q-Former outputs 16-wide"):
+    with pytest.raises(CheckpointError, match="768-wide inputs, BLIP-2 Q-Former queries.*visual tokens are 16-wide"):
         released_weights.load_minigpt4_projector(linear, tmp_path / "wide_in.pth", llm_hidden=4096)
 
 
@@ -412,3 +412,75 @@ def test_meta_built_encoder_receives_converted_file_by_assignment(tmp_path, lavi
     assert not any(t.is_meta for t in encoder.state_dict().values())
     with torch.no_grad():
         torch.testing.assert_close(encoder(PIXELS), reference_forward(vit, blip2, PIXELS), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------- out-of-range weights end to end (issue 13 item 3)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _float64_projector_with_1e300(model) -> dict[str, torch.Tensor]:
+    """The model's trainable tensors as float64, one entry 1e300: finite in the file, inf once cast to fp32."""
+    tensors = {k: v.detach().double().clone() for k, v in model.trainable_state_dict().items()}
+    tensors["projector.llama_proj.weight"][0, 0] = 1e300
+    return tensors
+
+
+def test_evaluate_refuses_a_float64_projector_beyond_fp32_instead_of_scoring_empty_answers(
+        tmp_path, tiny_tokenizer_dir, tiny_model_factory, capsys, monkeypatch):
+    """Before: the 1e300 became inf in fp32, the logits NaN, every answer "", POPE scored them all "yes"
+    (recall 1.0, exit 0). Now: exit 2 naming the file and the tensor, and no answer or metric is written."""
+    import yaml
+    from PIL import Image
+
+    import evaluate
+    from minigpt4.common.tiny import tiny_model_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    bad = tmp_path / "trainable.safetensors"
+    ckpt.save_state_file(bad, _float64_projector_with_1e300(tiny_model_factory("vib")))
+    (tmp_path / "val2014").mkdir()
+    Image.new("RGB", (32, 32), (90, 20, 200)).save(tmp_path / "val2014" / "COCO_val2014_000000000001.jpg")
+    (tmp_path / "pope").mkdir()
+    (tmp_path / "pope" / "random.jsonl").write_text("".join(json.dumps(
+        {"question_id": q, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog?",
+         "label": "yes" if q % 2 else "no"}) + "\n" for q in range(4)))
+    out = tmp_path / "out"
+    cfg = {"model": tiny_model_config(tiny_tokenizer_dir, "vib", ckpt=str(bad)),
+           "eval": {"tasks": ["pope"], "output_dir": str(out), "image_dir": str(tmp_path / "val2014"), "device": "cpu",
+                    "bootstrap": 0, "vis_processor": {"name": "blip2_image_eval", "image_size": 28},
+                    "pope": {"dir": str(tmp_path / "pope"), "splits": ["random"], "max_new_tokens": 4}}}
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(cfg))
+    assert evaluate.main(["--cfg-path", str(tmp_path / "eval.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    for fragment in (str(bad), "'projector.llama_proj.weight'", "1e+300", "torch.float32", "would become inf"):
+        assert fragment in err, (fragment, err)
+    assert not (out / "pope_random_answers.jsonl").exists() and not (out / "metrics.json").exists()
+
+
+def test_training_refuses_a_float64_projector_beyond_fp32_instead_of_blaming_the_learning_rate(tmp_path, capsys):
+    """Before: training skipped 5 steps of NaN loss and advised lowering run.init_lr. Now: exit 2 at load time,
+    naming the file and the tensor."""
+    import importlib.util
+
+    import train
+
+    spec = importlib.util.spec_from_file_location("prepare_tiny", ROOT / "scripts" / "prepare_tiny.py")
+    prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(prepare)
+    prepare.prepare(str(tmp_path / "tiny"), num_train=8, num_val=2)
+    d = tmp_path / "tiny"
+    weight = torch.zeros(64, 32, dtype=torch.float64)  # the tiny recipe's LLM is 64 wide, its Q-Former 32
+    weight[5, 7] = 1e300
+    bad = tmp_path / "prerained_minigpt4.pth"
+    torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": torch.zeros(64, dtype=torch.float64)}}, bad)
+    options = [f"model.tokenizer_path={d}/tokenizer", f"datasets.caption_json.ann_path={d}/world/train_captions.json",
+               f"datasets.caption_json.image_dir={d}/world/images", f"run.output_dir={tmp_path}/out",
+               f"model.projector_path={bad}"]
+    assert train.main(["--cfg-path", str(ROOT / "train_configs" / "tiny_cpu.yaml"), "--options", *options]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and "init_lr" not in err, err
+    for fragment in (str(bad), "'llama_proj.weight'", "1e+300", "torch.float32"):
+        assert fragment in err, (fragment, err)
+    assert not (tmp_path / "out" / "checkpoints").exists()

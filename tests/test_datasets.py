@@ -465,7 +465,7 @@ def test_option_tables_cover_every_builder():
     assert set(DATASET_OPTION_KEYS) == set(REQUIRED_PATH_KEYS)
     assert {"caption_json", "cc_sbu_align", "laion", "cc_sbu"} <= set(DATASET_OPTION_KEYS)
     assert DATASET_OPTION_KEYS["caption_json"] == {"ann_path", "image_dir", "vis_processor", "text_processor",
-                                                   "on_bad_image", "max_pixels"}
+                                                   "on_bad_image", "max_pixels", "allow_outside_image_dir"}
     for name, keys in REQUIRED_PATH_KEYS.items():
         assert set(keys) <= DATASET_OPTION_KEYS[name]
 

@@ -3,6 +3,7 @@ the friendly messages for bad input. Runs on tiny random models."""
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -54,7 +55,10 @@ def _compare_ckpt(tiny_model_factory, tmp_path, projector="vib", seed=1) -> str:
 # ------------------------------------------------------------------------------------------ diagnostics
 def test_upload_computes_the_training_statistics(engine, model, image_path):
     state, preview, markdown = engine.upload(engine.new_state(), image_path)
-    assert preview.size == (56, 40) and state.image_name == "scene.png"
+    # 56×40 is too small to look at: enlarged by a whole factor (6) with sharp pixels, aspect ratio kept.
+    assert preview.size == (336, 240) and state.image_name == "scene.png"
+    original = np.asarray(Image.open(image_path).convert("RGB"))
+    assert np.array_equal(np.asarray(preview)[::6, ::6], original)
     diag = state.diagnostics[BASE]
     # The same H/log V the VIB projector reports (what training logs), and α = -log of it.
     _, info = model.project(state.features)
@@ -327,16 +331,23 @@ def test_model_config_errors_name_the_key(tmp_path):
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request only warns
 def test_handlers_turn_errors_into_status_lines(engine, tmp_path, image_path, model, monkeypatch):
     pytest.importorskip("gradio")
-    from minigpt4.demo.app import build_demo, handle_send, handle_upload
+    from minigpt4.demo.app import build_demo, handle_example, handle_send, handle_upload
 
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"\xff\xd8garbage")
-    state, box, preview, diag, _, _, status = handle_upload(engine, str(bad), engine.new_state())
-    assert box is None and preview is None and state.features is None and "bad.jpg" in status and "⚠️" in status
+    state, box, preview, diag, plot, _, _, status = handle_upload(engine, str(bad), engine.new_state())
+    assert box is None and preview is None and plot is None and state.features is None
+    assert "bad.jpg" in status and "⚠️" in status
     out = list(handle_send(engine, "hello", state, 1, False, 1.0, 0.9, 8, False))
     assert len(out) == 1 and "Upload an image first" in out[0][3]
-    state, _, preview, diag, _, _, status = handle_upload(engine, image_path, engine.new_state())
+    state, _, preview, diag, plot, _, _, status = handle_upload(engine, image_path, engine.new_state())
     assert "H/log V" in diag and status.startswith("Loaded scene.png")
+    # The bar plot holds the table's numbers: one bar per top-k entry, the uniform 1/V line, H/log V in the title.
+    (axes,) = plot.axes
+    diag_base = state.diagnostics[BASE]
+    assert [bar.get_height() for bar in axes.patches] == pytest.approx([p for _, p in diag_base.top_words])
+    assert axes.lines[0].get_ydata()[0] == pytest.approx(1 / diag_base.vocab_size)
+    assert f"H/log V = {diag_base.entropy_ratio:.3f}" in axes.get_title()
     monkeypatch.setattr(model, "generate", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
     out = list(handle_send(engine, "hello", state, 2, False, 1.0, 0.9, 8, False))
     assert "Generation failed (RuntimeError: boom)" in out[-1][3]
@@ -345,3 +356,21 @@ def test_handlers_turn_errors_into_status_lines(engine, tmp_path, image_path, mo
     assert out[0][4] == "" and out[-1][3] == "Done." and out[-1][1][0]["content"] == "hello"
     demo = build_demo(engine, model_description="tiny")
     assert demo is not None
+    # Clicking an example loads that file as an upload would, and empties the file box.
+    class Click:
+        index = 1
+
+    examples = [str(bad), image_path]
+    state, box, preview, diag, plot, _, _, status = handle_example(engine, examples, engine.new_state(), Click())
+    assert box is None and status.startswith("Loaded scene.png") and plot is not None
+
+
+def test_shapes_example_images_are_written_once_and_deterministic(tmp_path):
+    first = loading.shapes_example_images(tmp_path / "a")
+    again = loading.shapes_example_images(tmp_path / "b")
+    assert len(first) == 4 and [Image.open(p).size for p in first] == [(64, 64)] * 4
+    assert [open(p, "rb").read() for p in first] == [open(p, "rb").read() for p in again]
+    assert len({open(p, "rb").read() for p in first}) == 4  # four different scenes
+    stamp = [os.stat(p).st_mtime_ns for p in first]
+    assert loading.shapes_example_images(tmp_path / "a") == first
+    assert [os.stat(p).st_mtime_ns for p in first] == stamp  # reused, not rewritten

@@ -1,5 +1,6 @@
 """The demo in a real browser: start `python demo.py` on a free localhost port with the default model, drive
-Debian's Chromium headless through Playwright, and check what a person would see.
+Debian's Chromium headless through Playwright, and check what a person would see: example images that load with
+one click, the image at a readable size, the diagnostics table with its bar plot beside it, chat and compare mode.
 
 Needs the `playwright` Python package and a `chromium` executable on PATH (scripts/setup_env.sh installs both
 where it can). Playwright's own browser download is never used: it cannot be fetched offline.
@@ -119,6 +120,27 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
             _wait_text(page, "#status", "Cannot use notes.txt")
             assert "Traceback" not in page.content()
 
+            # The default shapes-world model comes with example images: one click loads a scene.
+            examples = page.locator("#examples img")
+            examples.first.wait_for(state="visible", timeout=20_000)
+            assert examples.count() == 4
+            examples.first.click()
+            _wait_text(page, "#status", "Loaded shapes_example_1.png")
+            _wait_text(page, "#diagnostics", "H/log V")
+            # The 64-px scene is shown enlarged (whole pixels), not as a stamp-sized thumbnail.
+            preview = page.locator("#preview img")
+            preview.wait_for(state="visible", timeout=10_000)
+            assert preview.evaluate("img => img.naturalWidth") >= 320
+            assert preview.bounding_box()["width"] >= 240 and preview.bounding_box()["height"] >= 240
+            # Next to the tables, the same top-k distribution as a bar plot (one panel per projector).
+            plot = page.locator("#similarity-plot img").first  # matplotlib figures arrive as a PNG
+            plot.wait_for(state="visible", timeout=20_000)
+            assert plot.bounding_box()["width"] > 300 and plot.bounding_box()["height"] > 150
+            diagnostics_box = page.locator("#diagnostics").bounding_box()
+            plot_box = page.locator("#similarity-plot").bounding_box()
+            assert plot_box["x"] >= diagnostics_box["x"] + diagnostics_box["width"] - 5  # beside the table
+            assert abs(plot_box["y"] - diagnostics_box["y"]) < 100
+
             # The refused file was cleared, so the real image can be dropped at once.
             file_input.wait_for(state="attached", timeout=10_000)
             file_input.set_input_files(str(image_path))
@@ -132,6 +154,7 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
             assert page.locator("#diagnostics table").count() == 2  # one top-10 table per projector
             assert page.locator("#diagnostics table tbody tr").count() == 20
             assert page.locator("#preview img").count() == 1
+            assert page.locator("#preview img").evaluate("img => img.naturalWidth") == 320  # 160 px × 2
 
             # Compare mode is on by default with --compare-ckpt: both projectors answer, side by side.
             page.locator("#question textarea").fill("Describe this image.")

@@ -160,3 +160,123 @@ def test_two_process_evaluation_equals_one_process(fixture_root, tiny_tokenizer_
         assert a == b
     assert json.loads((one / "metrics.json").read_text())["pope"]["mean"] == \
         json.loads((two / "metrics.json").read_text())["pope"]["mean"]
+
+
+def _last_line(text: str) -> str:
+    lines = text.strip().splitlines()
+    return lines[-1] if lines else ""
+
+
+def test_resume_refuses_answers_of_another_model_or_settings_and_reuses_its_own(
+        fixture_root, tiny_tokenizer_dir, tiny_model_factory, capsys, monkeypatch):
+    """Issue 13 item 1: a finished folder evaluated again with another checkpoint / prompt / max_new_tokens used to
+    return the old model's answers and metrics with exit 0. Now refused, before the model is built; the same
+    settings still resume and reuse every stored answer."""
+    import evaluate
+    from minigpt4.models import builder
+    from minigpt4.models.minigpt4 import MiniGPT4
+
+    out = fixture_root / "fp"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    run = lambda *options: evaluate.main(["--cfg-path", str(cfg), "--options", "eval.bootstrap=0", *options])
+    assert run() == 0
+    stored = {p.name: p.read_text() for p in out.iterdir() if p.suffix in (".jsonl", ".json")}
+    assert (out / "pope_random_answers.fingerprint.json").is_file()
+    assert (out / "chair_captions.fingerprint.json").is_file()
+    other = tiny_model_factory("vib", seed=4)  # same architecture, other weights
+    from minigpt4.models.checkpoints import save_state_file
+
+    save_state_file(str(fixture_root / "other_full.safetensors"),
+                    {k: v.contiguous() for k, v in other.state_dict().items()})
+
+    def refuse(*_, **__):
+        raise AssertionError("refusing to resume must not need the model")
+
+    changes = [
+        (f"model.full_ckpt={fixture_root / 'other_full.safetensors'}", "model.full_ckpt: 'sha256:"),
+        ("eval.pope.question_suffix=' Answer yes or no.'", "eval.pope.question_suffix: '' -> ' Answer yes or no.'"),
+        ("eval.pope.max_new_tokens=5", "eval.pope.max_new_tokens: 4 -> 5"),
+        ("eval.chair.max_new_tokens=9", "eval.chair.max_new_tokens: 8 -> 9"),
+        ("eval.system='You are a helpful assistant. '", "eval.system:"),
+        ("eval.pope.protocol=adavib-pope", "eval.pope.protocol: 'single-string-pope' -> 'adavib-pope'"),
+        ("eval.vis_processor.image_size=32", "eval.vis_processor.image_size: 28 -> 32"),
+    ]
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "build_model", refuse)
+        for option, fragment in changes:
+            tasks = ["eval.tasks=[chair]"] if option.startswith("eval.chair") else []
+            assert run(option, *tasks) == 2, option
+            err = _last_line(capsys.readouterr().err)
+            assert err.startswith("error: ") and "other settings" in err and fragment in err, (option, err)
+            assert f"set another eval.output_dir or delete {out}" in err
+        # answers without a fingerprint (made before fingerprints existed): nothing says which model made them
+        (out / "pope_random_answers.fingerprint.json").rename(out / "kept.json")
+        assert run() == 2
+        assert "no pope_random_answers.fingerprint.json records which model" in capsys.readouterr().err
+        (out / "kept.json").rename(out / "pope_random_answers.fingerprint.json")
+    assert {p.name: p.read_text() for p in out.iterdir() if p.name in stored} == stored  # nothing was touched
+
+    # The same settings resume: drop two answers as a kill would, and only those two are generated again.
+    answers = (out / "pope_random_answers.jsonl").read_text().splitlines(keepends=True)
+    (out / "pope_random_answers.jsonl").write_text("".join(answers[:-2]))
+    generated = []
+    original = MiniGPT4.generate
+
+    def counting(self, prompts, *args, **kwargs):
+        generated.extend(prompts)
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(MiniGPT4, "generate", counting)
+    assert run() == 0
+    assert len(generated) == 2
+    assert {p.name: p.read_text() for p in out.iterdir() if p.suffix == ".jsonl"} == \
+        {name: text for name, text in stored.items() if name.endswith(".jsonl")}
+    assert json.loads((out / "metrics.json").read_text()) == json.loads(stored["metrics.json"])
+
+
+def test_resume_refuses_a_changed_question_for_a_stored_answer(fixture_root, tiny_tokenizer_dir, capsys):
+    """A question file edited under the same question_id: the stored answer was made for another prompt."""
+    import evaluate
+
+    out = fixture_root / "fq"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    run = lambda: evaluate.main(["--cfg-path", str(cfg), "--options", "eval.tasks=[pope]", "eval.bootstrap=0"])
+    assert run() == 0
+    questions = fixture_root / "pope" / "random.jsonl"
+    rows = [json.loads(line) for line in questions.read_text().splitlines()]
+    rows[0]["text"] = "Is there a cat in the image?"
+    questions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    assert run() == 2
+    err = _last_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and "stored answer for key '1' was made for another prompt" in err, err
+    assert "dog" in err and "cat" in err and f"delete {out}" in err
+
+
+def test_protocol_label_follows_the_settings(fixture_root, tiny_tokenizer_dir):
+    """A run is labelled by its named protocol, and NAME+overrides, with the changed keys in metrics.json, as soon
+    as a key on top changes what the protocol says (issue 13 item 1, issue 14); never under the plain name."""
+    import evaluate
+
+    out = fixture_root / "label"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    options = ["eval.tasks=[pope,chair]", "eval.bootstrap=0", "eval.pope.protocol=adavib-pope",
+               "eval.pope.max_new_tokens=10", "eval.chair.protocol=describe-sampled-500"]
+    assert evaluate.main(["--cfg-path", str(cfg), "--options", *options]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["protocols"]["pope"]["label"] == "adavib-pope"  # 10 is the protocol's own value: no override
+    assert "jiaqi5598/AdaVIB" in metrics["protocols"]["pope"]["source"]
+    assert metrics["protocols"]["chair"]["label"] == metrics["chair"]["protocol"] == "describe-sampled-500+overrides"
+    assert metrics["chair"]["protocol_overrides"] == {
+        "eval.chair.num_images": {"protocol": 500, "used": 3}, "eval.chair.max_new_tokens": {"protocol": 512, "used": 8}}
+    assert metrics["protocol"] == f"adavib-pope (dir {fixture_root / 'pope'}) + describe-sampled-500+overrides"
+    captions = [json.loads(x) for x in (out / "chair_captions.jsonl").read_text().splitlines()]
+    assert all("\x1f" not in row["prompt"] for row in captions)  # one string after the image
+    answers = [json.loads(x) for x in (out / "pope_random_answers.jsonl").read_text().splitlines()]
+    assert answers[0]["prompt"].endswith("</Img> \x1fis there a dog in the image?\x1f###Assistant:")
+    # fewer images: the stored captions of the same settings are reused, and the override lists the new count
+    assert evaluate.main(["--cfg-path", str(cfg), "--options", *options, "eval.chair.num_images=2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["chair"]["protocol_overrides"]["eval.chair.num_images"] == {"protocol": 500, "used": 2}
+    assert metrics["chair"]["n_captions"] == 2

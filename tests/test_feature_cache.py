@@ -168,3 +168,57 @@ def test_pope_answers_identical_with_and_without_the_cache(model, images, tmp_pa
     _refuse_encoder(model, monkeypatch)  # a second evaluation reads every image from the cache
     run_pope(model, settings(rerun, str(tmp_path / "fc")), str(rerun))
     assert answers(rerun) == answers(plain)
+
+
+def _within(seconds: float, fn):
+    """fn() in a thread; a hang fails the test after `seconds` (a blocked FIFO reader is then released)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised in the test's thread
+            outcome["error"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise AssertionError(f"still running after {seconds} s: the FIFO was opened")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.mark.parametrize("kind", ["fifo", "link-to-dev-zero"])
+def test_pope_with_the_cache_refuses_a_fifo_or_device_image_instead_of_hashing_it_forever(
+        model, images, tmp_path, kind):
+    """Issue 13 item 2: with eval.feature_cache set, the image was hashed before it was checked; a FIFO blocked
+    and a link to /dev/zero was read forever. Now it is refused as without the cache: an error naming the file,
+    or (on_bad_image: skip) its questions are left out and the rest scored."""
+    import os
+
+    from minigpt4.datasets.images import BadImageError
+
+    special = tmp_path / "images" / "COCO_val2014_000000000009.jpg"
+    if kind == "fifo":
+        os.mkfifo(special)
+    else:
+        os.symlink("/dev/zero", special)
+    pope = tmp_path / "pope"
+    pope.mkdir()
+    names = [p.rsplit("/", 1)[1] for p in images[:2]] + [special.name]
+    (pope / "random.jsonl").write_text("".join(json.dumps(
+        {"question_id": q, "image": name, "text": "Is there a dog in the image?", "label": "yes" if q % 2 else "no"})
+        + "\n" for q, name in enumerate(names)))
+
+    def settings(out, on_bad_image):
+        return EvalSettings(image_dir=str(tmp_path / "images"), output_dir=str(out), batch_size=2, device="cpu",
+                            bootstrap=0, vis_processor=dict(PREP), feature_cache=str(tmp_path / "fc"),
+                            on_bad_image=on_bad_image, pope=PopeSettings(dir=str(pope), splits=["random"],
+                                                                          max_new_tokens=3))
+
+    with pytest.raises(BadImageError, match=f"{special}: not a regular file"):
+        _within(10, lambda: run_pope(model, settings(tmp_path / "e", "error"), str(tmp_path / "e")))
+    result = _within(10, lambda: run_pope(model, settings(tmp_path / "s", "skip"), str(tmp_path / "s")))
+    assert result["n"] == 2 and result["skipped"]["random"] == {"questions": 1, "images": [special.name]}

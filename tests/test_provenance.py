@@ -215,3 +215,36 @@ def test_evaluate_writes_provenance_with_the_benchmark_hashes(tmp_path, tiny_mod
     assert record["data"]["eval.pope.random"]["sha256"] == _sha(tmp_path / "pope" / "random.jsonl")
     assert record["data"]["eval.image_dir"]["num_files"] == 1
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["pope"]["n"] == 2
+
+
+def test_a_refused_run_does_not_rewrite_the_provenance(tmp_path, capsys):
+    """An old run without --resume, a --resume with another data order, or a folder in use by another run is
+    refused before provenance.json is touched; the accepted resume then adds its record to the history."""
+    import train
+    from minigpt4.common.output_dir import claim_output_dir
+
+    data = _prepare_tiny(tmp_path)
+    out = tmp_path / "run"
+    options = [f"model.tokenizer_path={data}/tokenizer",
+               f"datasets.caption_json.ann_path={data}/world/train_captions.json",
+               f"datasets.caption_json.image_dir={data}/world/images", f"run.output_dir={out}",
+               "run.iters_per_epoch=4", "run.log_every=1", "run.progress_bar=false", "run.save_every_steps=1"]
+    assert train.main(["--cfg-path", TINY_RECIPE, "--options", *options, "run.max_steps=2"]) == 0
+    first = (out / "provenance.json").read_bytes()
+    capsys.readouterr()
+
+    refused = {"old run, no --resume": ["--options", *options],
+               "other data order": ["--resume", "--options", *options, "run.seed=7"]}
+    for why, argv in refused.items():
+        assert train.main(["--cfg-path", TINY_RECIPE, *argv]) == 2, why
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (why, err)
+        assert (out / "provenance.json").read_bytes() == first, why
+    with claim_output_dir(out, "another run"):
+        assert train.main(["--cfg-path", TINY_RECIPE, "--resume", "--options", *options]) == 2
+    assert "is in use by another run" in capsys.readouterr().err
+    assert (out / "provenance.json").read_bytes() == first
+
+    assert train.main(["--cfg-path", TINY_RECIPE, "--resume", "--options", *options]) == 0
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["earlier"] == [json.loads(first)]  # the accepted resume is recorded, the refused ones are not

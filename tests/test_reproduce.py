@@ -53,25 +53,32 @@ def test_reproduction_script_runs_all_four_settings(tmp_path, tiny_model_factory
     _tiny_user_files(tmp_path, tiny_model_factory)
     sizes = [f"model.vision.{k}={v}" for k, v in TINY_VISION.items()]
     sizes += [f"model.qformer.{k}={v}" for k, v in TINY_QFORMER.items()]
-    sizes += [f"model.num_query_tokens={TINY_NUM_QUERY_TOKENS}", "model.llm_dtype=fp32", "model.encoder_dtype=fp32",
-              "model.max_txt_len=32"]
+    # The MiniGPT-4 recipes run model.precision: reference (CUDA fp16); on the CPU the tiny stand-ins run fp32.
+    sizes += [f"model.num_query_tokens={TINY_NUM_QUERY_TOKENS}", "model.precision=fp32", "model.max_txt_len=32"]
     env = {
         **os.environ, "PY": sys.executable, "NGPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT,
         "ENCODER": str(tmp_path / "encoder.safetensors"), "VICUNA": str(tmp_path / "vicuna"),
         "PROJECTOR": str(tmp_path / "projector.pth"), "TRAIN_JSON": str(tmp_path / "train.json"),
         "COCO": str(tmp_path / "coco"), "OUT": str(tmp_path / "out"),
+        # OPERA's 500 images are not in the tiny COCO: AdaVIB's CHAIR protocol on a list of the 3 that are
+        "CHAIR_PROTOCOL": "adavib-chair", "CHAIR_IMAGES": str(tmp_path / "chair_ids.txt"),
         "MODEL_OPTIONS": " ".join(sizes),
         "TRAIN_OPTIONS": "run.device=cpu run.amp=none run.num_workers=0 run.batch_size=2 run.grad_accum_steps=2 "
                          "datasets.caption_json.vis_processor.image_size=28",
         "EVAL_OPTIONS": f"eval.device=cpu eval.bootstrap=20 eval.pope.dir={tmp_path / 'pope'} eval.pope.max_new_tokens=3 "
                         "eval.chair.max_new_tokens=6 eval.vis_processor.image_size=28",
     }
+    (tmp_path / "chair_ids.txt").write_text("101\n102\n103\n")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts/reproduce_adavib_minigpt4.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     table = (tmp_path / "out" / "results.md").read_text()
     for name in ("minigpt4-7b-released", "minigpt4-7b-linear-ce", "minigpt4-7b-vib-fixed-beta", "minigpt4-7b-adavib"):
         assert name in table, table
+    rows = [line for line in table.splitlines() if line.startswith("| minigpt4-7b")]
+    assert len(rows) == 4 and all("adavib-pope+overrides" in row and "adavib-chair+overrides" in row for row in rows)
+    assert all("pope: adavib-pope, from jiaqi5598/AdaVIB: pope_eval.py; chair: adavib-chair, from jiaqi5598/AdaVIB: "
+               "coco_eval.py" in row for row in rows), table
     paired = table.split("## Paired differences to linear-CE", 1)[1]
     for setting in ("original", "vib_fixed_beta", "adavib"):
         assert f"### {setting}" in paired, table

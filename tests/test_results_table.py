@@ -45,10 +45,10 @@ VIB_POPE_ONLY = {
 }
 
 EXPECTED = """\
-| model | projector | protocol | CHAIR_S | CHAIR_I | recall | length | POPE random acc | POPE random F1 | POPE popular acc | POPE popular F1 | POPE adversarial acc | POPE adversarial F1 | POPE mean acc | POPE mean F1 |
-|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
-| minigpt4-7b | linear | opera-500-512 | 31.8 ± 4.0 | 9.9 ± 2.0 | 60.0 | 98.2 | 85.0 ± 1.0 | 85.1 ± 1.1 | 80.0 | 79.0 | – | – | 82.5 | 82.1 |
-| minigpt4-7b | vib | pope-greedy | – | – | – | – | – | – | – | – | 80.0 | 75.0 | – | – |
+| model | projector | protocol | source | CHAIR_S | CHAIR_I | recall | length | POPE random acc | POPE random F1 | POPE popular acc | POPE popular F1 | POPE adversarial acc | POPE adversarial F1 | POPE mean acc | POPE mean F1 |
+|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|
+| minigpt4-7b | linear | opera-500-512 | – | 31.8 ± 4.0 | 9.9 ± 2.0 | 60.0 | 98.2 | 85.0 ± 1.0 | 85.1 ± 1.1 | 80.0 | 79.0 | – | – | 82.5 | 82.1 |
+| minigpt4-7b | vib | pope-greedy | – | – | – | – | – | – | – | – | – | 80.0 | 75.0 | – | – |
 """
 
 

@@ -6,6 +6,7 @@ import importlib.util
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from minigpt4.runners.checkpointing import (
 from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data import EpochBatchSampler, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
+from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.runners.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -268,6 +270,61 @@ def test_training_survives_a_failed_save_through_resume(tmp_path, monkeypatch, r
     assert_same_run(out, reference)
 
 
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("damaged_file", ["state.pt", "trainable.safetensors"])
+def test_resume_passes_over_a_damaged_newest_checkpoint_and_matches_uninterrupted(tmp_path, reference, caplog,
+                                                                                   damaged_file):
+    out = tmp_path / "damaged"
+    run_toy(out, "--stop-after", "5")  # keep_last=2 kept step_00000004 and step_00000005
+    _truncate(out / "checkpoints" / "step_00000005" / damaged_file)
+    with pytest.raises(CheckpointError, match=f"step_00000005/{damaged_file} is truncated or damaged"):
+        load_checkpoint(out / "checkpoints" / "step_00000005")
+    with caplog.at_level("WARNING", logger="minigpt4.runners.runner"):
+        summary, _ = run_toy(out, "--resume")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"step_00000005/{damaged_file} is truncated or damaged" in warning
+    assert "resuming from" in warning and "step_00000004 instead" in warning
+    assert summary["completed"]
+    assert_same_run(out, reference)  # through the fallback, bitwise equal to the uninterrupted run
+
+
+def test_resume_when_latest_names_a_deleted_folder_or_nothing_is_complete(tmp_path, caplog):
+    out = tmp_path / "run"
+    run_toy(out, "--stop-after", "3")
+    shutil.rmtree(out / "checkpoints" / "step_00000003")
+    with caplog.at_level("WARNING", logger="minigpt4.runners.runner"):
+        summary, _ = run_toy(out, "--resume", "--stop-after", "3")
+    assert "names 'step_00000003', which is not a checkpoint directory" in caplog.text
+    assert summary["global_step"] == 3 and latest_checkpoint(out).name == "step_00000003"
+
+    for step_dir in (out / "checkpoints").glob("step_*"):  # every checkpoint damaged: refused, each one named
+        _truncate(step_dir / "state.pt")
+    with pytest.raises(CheckpointError) as info:
+        run_toy(out, "--resume")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no complete checkpoint to resume from in")
+    assert "step_00000003/state.pt is truncated" in message and "step_00000002/state.pt is truncated" in message
+    shutil.rmtree(out / "checkpoints" / "step_00000002")
+    shutil.rmtree(out / "checkpoints" / "step_00000003")
+    with pytest.raises(CheckpointError, match="latest names 'step_00000003', which is not a checkpoint"):
+        run_toy(out, "--resume")  # `latest` pointing nowhere, nothing left to fall back to
+
+
+def test_stale_final_temporaries_are_swept(tmp_path):
+    save_checkpoint(tmp_path, 1, {"w": torch.ones(2)}, {"global_step": 1})
+    (tmp_path / ".tmp-final-99999").mkdir()
+    (tmp_path / ".tmp-final-99999" / "trainable.safetensors").write_bytes(b"half")
+    old_final = tmp_path / ".old-final-99999"  # killed between the two renames of save_final: no final/ left
+    old_final.mkdir()
+    (old_final / "config.json").write_text("{}")
+    checkpointing.remove_stale_temporaries(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "final"]
+    assert (tmp_path / "final" / "config.json").read_text() == "{}"
+
+
 def test_keep_last_and_strict_loading(tmp_path):
     for step in range(1, 5):
         save_checkpoint(tmp_path, step, {"w": torch.full((2,), float(step))}, {"global_step": step}, keep_last=2)
@@ -283,16 +340,16 @@ def test_keep_last_and_strict_loading(tmp_path):
         load_trainable_state(model, {**good, "extra": torch.ones(1)}, "ckpt")
     with pytest.raises(ValueError, match=r"weight: checkpoint \(2, 3\) vs model \(3, 2\)"):
         load_trainable_state(model, {**good, "weight": torch.ones(2, 3)}, "ckpt")
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint"):
+    with pytest.raises(CheckpointError, match="neither a checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
 
 
 def test_resume_refuses_other_data_order_and_fresh_start_refuses_old_run(tmp_path):
     out = tmp_path / "run"
     run_toy(out, "--stop-after", "2")
-    with pytest.raises(ValueError, match="grad_accum_steps: checkpoint 2, now 1"):
+    with pytest.raises(CheckpointError, match="grad_accum_steps: checkpoint 2, now 1"):
         toy.main([str(out), "--iters", "4", "--epochs", "2", "--accum", "1", "--resume"])
-    with pytest.raises(FileExistsError, match="set run.resume: true"):
+    with pytest.raises(CheckpointError, match="set run.resume: true"):
         run_toy(out)
 
 
@@ -331,8 +388,74 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
 
 def test_nonfinite_steps_in_a_row_abort(tmp_path):
     model = toy.ToyModel(noise=False, nan_calls=frozenset(range(1, 100)))
-    with pytest.raises(RuntimeError, match="non-finite for 2 optimizer steps in a row"):
+    with pytest.raises(RuntimeError, match="non-finite for 2 optimizer steps in a row") as info:
         _runner(tmp_path, model, max_nonfinite_steps=2, iters_per_epoch=5).train()
+    # nothing else is to blame here (the toy multiplies its loss by NaN), so the advice is about the numerics
+    assert "weights and this step's inputs are all finite" in str(info.value) and "run.init_lr" in str(info.value)
+
+
+class _BetaToy(toy.ToyModel):
+    """The toy with a KL-like term weighted by `beta`, as MiniGPT4 weights its KL by model.vib.beta."""
+
+    def __init__(self, beta: float):
+        super().__init__(noise=False)
+        self.beta = beta
+
+    def forward(self, batch):
+        out = super().forward(batch)
+        return {**out, "loss": out["loss"] + self.beta * out["sigma"]}
+
+
+def test_nonfinite_loss_from_a_nan_config_value_stops_at_once_naming_it(tmp_path):
+    from minigpt4.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"step 1: the loss is not finite; a config value is to blame: "
+                                          r"model\.vib\.beta = nan") as info:
+        _runner(tmp_path, _BetaToy(float("nan")), max_nonfinite_steps=5).train()
+    assert "init_lr" not in str(info.value)  # not the advice to lower the learning rate
+
+
+@pytest.mark.parametrize("poison, named", [
+    (lambda m: m.encoder[0].weight, "frozen parameter(s) or buffer(s) encoder.0.weight hold NaN/inf"),
+    (lambda m: m.mean_head.weight, "trainable parameter(s) mean_head.weight hold NaN/inf before any optimizer step"),
+])
+def test_nonfinite_loss_from_the_weights_stops_at_once_naming_them(tmp_path, poison, named):
+    from minigpt4.runners.nonfinite import NonFiniteLossError
+
+    model = toy.ToyModel(noise=False)
+    with torch.no_grad():
+        poison(model)[0, 0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"step 1: the loss is not finite; the weights are to blame") as info:
+        _runner(tmp_path, model).train()
+    assert named in str(info.value)
+
+
+def test_nonfinite_inputs_are_named_and_their_steps_skipped(tmp_path, caplog):
+    dataset = toy.ToyDataset(augment=False)
+    dataset.x[5, 2] = float("nan")  # one bad sample: the step that reads it is skipped, the others train
+    cfg = RunConfig(output_dir=str(tmp_path), device="cpu", amp="none", batch_size=2, iters_per_epoch=4,
+                    max_epoch=2, lr_sched="constant", init_lr=1e-2, num_workers=0, log_every=1, progress_bar=False,
+                    shuffle=False)  # each epoch reads samples 0-7 in order: sample 5 is in step 3 of each
+    torch.set_num_threads(1)
+    summary = Runner(toy.ToyModel(noise=False), dataset, toy.collate, cfg).train()
+    assert summary["completed"] and summary["skipped_nonfinite"] == 2
+    warnings = [r.getMessage() for r in caplog.records if "the inputs are to blame" in r.getMessage()]
+    assert len(warnings) == 2 and "step 3: the loss is not finite" in warnings[0], warnings
+    assert "'x' of batch row(s) [1] holds NaN/inf values" in warnings[0]
+
+
+def test_input_diagnosis_names_samples_whose_pixels_or_embeddings_are_not_finite(tiny_model_factory):
+    from minigpt4.runners.nonfinite import input_problems
+
+    model = tiny_model_factory("vib")
+    pixels = torch.zeros(2, 3, 28, 28)
+    pixels[1, 0, 3, 3] = float("nan")
+    batch = {"image": pixels, "answer": ["a", "b"], "id": ["img-1", "img-2"]}
+    assert input_problems(model, [batch], rerun_model=True) == ["'image' of sample(s) img-2 holds NaN/inf values."]
+    with torch.no_grad():  # finite pixels, an encoder that overflows: named as the embeddings, not the pixels
+        model.encoder.ln_vision.weight.fill_(float("inf"))
+    found = input_problems(model, [{**batch, "image": torch.zeros(2, 3, 28, 28)}], rerun_model=True)
+    assert len(found) == 1 and "image embeddings (encoder output) of sample(s) img-1, img-2" in found[0], found
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -128,6 +129,25 @@ def test_paired_difference_is_exact_at_the_point_and_zero_for_identical_models()
         paired_difference(a, c)
 
 
+def test_progress_line_is_redrawn_in_place_on_a_terminal(monkeypatch):
+    import io
+
+    experiment = _script("shapes_experiment")
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    screen = Terminal()
+    line = experiment.LiveLine("  [2/5]   │ ", stream=screen)
+    line.show("train:  10%|#         | 1/10")
+    monkeypatch.setattr(experiment.time, "perf_counter", lambda: 1e9)  # later than the 0.2 s redraw interval
+    line.show("train:  20%|##        | 2/10\n")
+    line.close()
+    assert screen.getvalue() == ("\r\x1b[K  [2/5]   │ train:  10%|#         | 1/10"
+                                 "\r\x1b[K  [2/5]   │ train:  20%|##        | 2/10\r\x1b[K")
+
+
 def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, capsys, monkeypatch):
     """The README's experiment on 48 train / 6 val images: every step runs, the report has every model and
     both worlds, and a rerun reuses every step."""
@@ -135,10 +155,24 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     experiment = _script("shapes_experiment")
     monkeypatch.setattr(experiment, "WORLD_ARGS", {"num_train": 48, "num_val": 6})  # as small_worlds built them
+    monkeypatch.setattr(experiment, "PLAIN_EVERY_S", 0.0)  # no terminal here: show every progress line
     out = tmp_path / "exp"
     argv = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
             "run.log_every=1"]
     assert experiment.main(argv) == 0
+    printed = capsys.readouterr().out
+    # Where the run stands: step k of N with the elapsed time and what is left, after every step ...
+    assert "plan: 11 steps (11 to run, 0 finished before and reused)" in printed  # 2 + 3 variants × 3
+    done = re.findall(r"^  \[(\d+)/11\] done   (train|eval) in \d+ s · elapsed \d+:\d\d · (.*)$", printed, re.M)
+    assert [int(k) for k, _, _ in done] == list(range(1, 12))
+    assert done[0][2].endswith("left (10 steps)")
+    assert all(re.fullmatch(r"about \d+:\d\d left \(\d+ steps?\)", left) for _, _, left in done[:-1])
+    assert done[-1][2] == "nothing left"
+    # ... each step's own progress line as it runs (here the tqdm bars of training and generation) ...
+    assert re.search(r"^  \[3/11\]   │ train: +\d+%", printed, re.M)
+    assert re.search(r"^  \[1/11\]   │ .*\d+/\d+", printed, re.M)
+    # ... and the full output of every step in its log file.
+    assert "train: 100%" in (out / "seed0" / "linear_ce.train.log").read_text()
     report = (out / "results.md").read_text()
     for name in ("base", "linear-CE", "VIB fixed β", "AdaVIB", "in-distribution", "co-occurrence probe"):
         assert name in report
@@ -151,7 +185,8 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     # Two seeds, one variant: seed 0's steps are reused, seed 1 runs, and the report turns into mean ± std.
     assert experiment.main(argv + ["--seeds", "0", "1", "--variants", "AdaVIB"]) == 0
     printed = capsys.readouterr().out
-    assert printed.count("  reuse ") == 2 + 2 * 3 and printed.count("  run ") == 2 * 3
+    assert len(re.findall(r"^  \[\d+/14\] reuse ", printed, re.M)) == 2 + 2 * 3
+    assert len(re.findall(r"^  \[\d+/14\] run ", printed, re.M)) == 2 * 3
     report = (out / "results.md").read_text()
     assert "mean ± std over seeds [0, 1]" in report and "VIB fixed β" not in report
     summary = json.loads((out / "results.json").read_text())

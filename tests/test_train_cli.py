@@ -107,3 +107,48 @@ def test_bad_weight_file_is_one_line_error_not_traceback(tmp_path, capsys):
     assert train.main(["--cfg-path", TINY, "--options", *_prepare(tmp_path), f"model.projector_path={bad}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "5120" in err and "Traceback" not in err
+
+
+def test_two_runs_started_into_one_folder_at_once_exactly_one_runs(tmp_path):
+    """Both start at the same moment. The lock on run.output_dir (taken before the model is built, held until the
+    run ends) lets exactly one through; the other stops with one line naming the folder and the pid holding it.
+    The runs are long (1000 epochs), so the refused one meets the lock however late it starts; the one that runs
+    is then preempted with SIGTERM (a checkpoint and exit 0)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    options = _prepare(tmp_path) + ["run.max_epoch=1000", "run.log_every=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
+    command = [sys.executable, os.path.join(ROOT, "train.py"), "--cfg-path", TINY, "--options", *options]
+    logs = [tmp_path / f"stderr{i}.txt" for i in range(2)]
+    handles = [open(log, "w") for log in logs]
+    procs = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=handle)
+             for handle in handles]
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
+        winner = 1 - loser
+        while time.time() < deadline and procs[winner].poll() is None and not metrics.is_file():
+            time.sleep(0.1)  # SIGTERM only once it trains (its handler is installed then)
+        procs[winner].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for handle in handles:
+            handle.close()
+    errors = [log.read_text() for log in logs]
+    assert (codes[winner], codes[loser]) == (0, 2), errors
+    refusal = errors[loser].strip().splitlines()
+    assert "Traceback" not in errors[loser] and refusal[-1].startswith("error: the output folder "), refusal
+    assert f"{tmp_path}/out is in use by another run (pid {procs[winner].pid} on " in refusal[-1]
+    steps = [json.loads(line)["step"] for line in metrics.read_text().splitlines()]
+    assert steps == list(range(1, len(steps) + 1))  # one run's log, not two interleaved
+    assert "earlier" not in json.loads((tmp_path / "out" / "provenance.json").read_text())  # written once
+    assert not (tmp_path / "out" / ".lock").exists()  # released at the end

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
 from minigpt4.models.vib import (
@@ -148,3 +149,49 @@ def test_linear_projector_has_the_released_key_names():
     assert set(proj.state_dict()) == {"llama_proj.weight", "llama_proj.bias"}
     vib = VIBProjector(6, 8)
     assert {"llama_proj.weight", "llama_proj.bias", "llama_proj_std.weight", "mu_p", "std_p"} <= set(vib.state_dict())
+
+
+def test_vib_functions_keep_fp64_and_equal_a_float64_computation():
+    """fp64 in, fp64 math: nothing is lowered to fp32 on the way (fp16/bf16 are still promoted to fp32)."""
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(3, 7, 16, generator=g, dtype=torch.float64) * 3
+    mask = (torch.rand(3, 7, generator=g) > 0.3).double()
+    mask[:, 0] = 1
+    pooled = pool_tokens(h, mask)
+    expected = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).sqrt()
+    assert pooled.dtype == torch.float64 and (pooled - expected).abs().max() < 1e-12
+
+    mu_q, mu_p = torch.randn(3, 16, generator=g, dtype=torch.float64), torch.randn(16, generator=g, dtype=torch.float64)
+    std_q = torch.rand(3, 16, generator=g, dtype=torch.float64) + 1e-3
+    std_p = torch.rand(16, generator=g, dtype=torch.float64) + 1e-3
+    kl = gaussian_kl(mu_q, std_q, mu_p, std_p)
+    ref = kl_divergence(Normal(mu_q, std_q), Normal(mu_p, std_p)).sum(-1)
+    assert kl.dtype == torch.float64 and ((kl - ref).abs() / ref.abs().clamp_min(1.0)).max() < 1e-12
+
+    emb = torch.randn(300, 16, generator=g, dtype=torch.float64)
+    entropy = similarity_entropy(pooled, emb, chunk_size=2)
+    p = torch.softmax(pooled @ emb.T, dim=-1)
+    ref_h = -(p * torch.log(p + 1e-8)).sum(-1)
+    assert entropy.dtype == torch.float64 and (entropy - ref_h).abs().max() < 1e-12
+
+    alpha = adaptive_weight(entropy, 300)
+    ref_alpha = -torch.log((ref_h / math.log(300)).clamp(1e-6, 1.0))
+    assert alpha.dtype == torch.float64 and (alpha - ref_alpha).abs().max() < 1e-12
+    for low in (torch.float16, torch.bfloat16):  # half precision is still promoted to fp32
+        assert pool_tokens(h.to(low)).dtype == gaussian_kl(*(t.to(low) for t in (mu_q, std_q, mu_p, std_p))).dtype \
+            == similarity_entropy(pooled.to(low), emb.to(low)).dtype == adaptive_weight(entropy.to(low), 300).dtype \
+            == torch.float32
+
+
+def test_vib_projector_in_fp64_reports_fp64_statistics():
+    torch.manual_seed(0)
+    proj = VIBProjector(8, 6).double().train()
+    q = torch.randn(2, 5, 8, dtype=torch.float64)
+    emb = torch.randn(40, 6, dtype=torch.float64)
+    z, info = proj(q, embed_weight=emb, num_samples=2, beta=0.5, adaptive=True)
+    mu, std = proj.llama_proj(q), F.softplus(proj.llama_proj_std(q))
+    expected_kl = gaussian_kl(pool_tokens(mu), pool_tokens(std), proj.mu_p, proj.prior_std())
+    assert z.dtype == info["kl"].dtype == info["alpha"].dtype == info["kl_term"].dtype == torch.float64
+    assert (info["kl"] - expected_kl).abs().max() < 1e-12
+    alpha = adaptive_weight(similarity_entropy(pool_tokens(z.detach()), emb), 40).reshape(2, 2).mean(0)
+    assert abs(info["kl_term"].item() - 0.5 * (alpha * expected_kl).mean().item()) < 1e-12

@@ -188,14 +188,16 @@ def quiet_progress_bars() -> None:
 
 def time_generation(model, items, workdir: Path, name: str, *, image_size: int, batch_size: int,
                     max_new_tokens: int, sort: bool = True, use_cache: bool = True,
-                    feature_cache: str | None = None) -> tuple[dict[str, str], dict[str, Any]]:
-    """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`."""
+                    feature_cache: str | None = None, vis_processor: str = "blip2_image_eval",
+                    generate_kwargs: dict | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+    """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`;
+    `generate_kwargs` go to model.generate besides max_new_tokens."""
     from minigpt4.eval.generate import generate_all
     from minigpt4.eval.tasks import EvalSettings, GenerationInputs
 
     settings = EvalSettings(image_dir=str(Path(items[0].image).parent), batch_size=batch_size, sort_by_length=sort,
                             use_cache=use_cache, feature_cache=feature_cache,
-                            vis_processor={"name": "blip2_image_eval", "image_size": image_size})
+                            vis_processor={"name": vis_processor, "image_size": image_size})
     out_path = workdir / f"{name}.jsonl"
     out_path.unlink(missing_ok=True)  # generate_all resumes: a leftover file would skip the work
     try:
@@ -209,7 +211,8 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
         inputs.prepare(items)
         preds = generate_all(inputs.model, items, out_path=str(out_path), load_image=inputs.load_image,
                              batch_size=batch_size, sort_by_length=sort,
-                             generate_kwargs=dict(max_new_tokens=max_new_tokens), desc=name)
+                             generate_kwargs=dict(max_new_tokens=max_new_tokens, **(generate_kwargs or {})),
+                             desc=name)
         sync(model.device)
         seconds = time.perf_counter() - start
     finally:

@@ -7,12 +7,17 @@ is built.
 """
 from __future__ import annotations
 
+import io
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
+from minigpt4.common.jsonfiles import DataFileError, read_text
 
 
 class ConfigError(ValueError):
@@ -51,6 +56,9 @@ class ModelConfig:
     #   llava15: vicuna-7b-v1.5 | vicuna-13b-v1.5
     llm: dict[str, Any] = field(default_factory=dict)  # LlamaConfig overrides for random init
     num_query_tokens: int = 32
+    # qformer: the 32 BLIP-2 Q-Former queries (MiniGPT-4 with Vicuna) | vit_patch4: no Q-Former, each 4 consecutive
+    #   ViT patch tokens concatenated, 64 × 4·1408 (MiniGPT-4's Llama-2 variant; reads only model.vit_path)
+    visual_tokens: str = "qformer"
     # --- the method ---
     mm_projector_type: str = "vib"  # linear | vib
     vib: VIBConfig = field(default_factory=VIBConfig)
@@ -59,14 +67,20 @@ class ModelConfig:
     end_sym: Optional[str] = None  # defaults to the template's
     max_txt_len: int = 512
     # --- precision / speed ---
-    llm_dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
-    encoder_dtype: str = "auto"  # same choices; LAVIS runs the ViT in fp16 on GPU
+    # auto | fp32 | bf16 | reference (MiniGPT-4/AdaVIB: ViT Linear/Conv fp16, Q-Former + projector fp32, LLM fp16,
+    #   fp16 autocast, GradScaler in training); the table is in minigpt4/models/precision.py
+    precision: str = "auto"
+    llm_dtype: str = "auto"  # precision auto only: auto (bf16 on GPU, fp32 on CPU) | fp32 | fp16 | bf16
+    encoder_dtype: str = "auto"  # precision auto only; same choices
     attn_implementation: str = "sdpa"  # sdpa | eager | flash_attention_2
     low_resource: bool = False  # 8-bit LLM via bitsandbytes (GPU only)
     encoder_device: Optional[str] = None  # null: with the LLM; cpu: ViT + Q-Former on the CPU (24 GB cards)
 
 
 DTYPE_CHOICES = ("auto", "fp32", "fp16", "bf16")
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "reference")
+# The run.amp each precision trains under (auto: whatever run.amp says).
+TRAINING_AMP = {"fp32": "none", "bf16": "bf16", "reference": "fp16"}
 PATH_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "tokenizer_path",
              "projector_path", "ckpt", "full_ckpt", "llava_path")
 # Weight sources that only one architecture reads: set for the other one, they would be silently unused.
@@ -88,13 +102,11 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
     try:
         for layer in layers:
             if isinstance(layer, (str, os.PathLike)):
-                if not os.path.isfile(layer):
-                    raise ConfigError(f"config file not found: {layer}")
-                layer = OmegaConf.load(layer)
+                layer = load_yaml(layer)
             cfg = OmegaConf.merge(cfg, layer)
             plain = OmegaConf.merge(plain, layer)
         if options:
-            dotlist = OmegaConf.from_dotlist(list(options))
+            dotlist = parse_options(options)
             cfg = OmegaConf.merge(cfg, dotlist)
             plain = OmegaConf.merge(plain, dotlist)
     except OmegaConfBaseException as err:
@@ -104,7 +116,84 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
         raise ConfigError(f"{where}: these keys must be set (e.g. --options {missing[0]}=...): {', '.join(missing)}")
     for key in missing:  # allow_missing: shape-only use, the value does not matter
         OmegaConf.update(cfg, key, None, force_add=True)
+    refuse_non_finite(OmegaConf.to_container(cfg, resolve=False), where)
     return cfg
+
+
+def load_yaml(path: str | os.PathLike) -> DictConfig:
+    """A YAML config file through omegaconf's loader (which refuses duplicate keys), as a DictConfig.
+
+    ConfigError naming `file:line:column` for a syntax error (a tab included: YAML indents with spaces), a
+    duplicate key, a second document, or a top level that is not a mapping (a list or a single value, which
+    OmegaConf would otherwise load as a ListConfig or, for a word, as `{word: null}`).
+    """
+    if not os.path.exists(path):
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        text = read_text(path)  # UTF-8 (a byte-order mark is fine); a FIFO or a device is refused
+    except DataFileError as err:
+        raise ConfigError(str(err)) from None
+    try:
+        top = yaml.compose(text, Loader=yaml.SafeLoader)  # the node tree: what the top level is, and where
+        loaded = OmegaConf.load(io.StringIO(text))
+    except yaml.MarkedYAMLError as err:
+        raise ConfigError(_explain_yaml(path, text, err)) from None
+    except yaml.reader.ReaderError as err:  # a control character: a position, no line mark
+        line = text.count("\n", 0, err.position) + 1
+        code = err.character if isinstance(err.character, int) else ord(err.character)
+        raise ConfigError(f"{path}:{line}: not valid YAML: character U+{code:04X} is not allowed "
+                          f"({err.reason})") from None
+    if top is not None and not isinstance(top, yaml.MappingNode):
+        kind = "a list" if isinstance(top, yaml.SequenceNode) else f"a single value ({top.value!r})"
+        raise ConfigError(f"{path}:{top.start_mark.line + 1}: the top level is {kind}; expected a mapping of "
+                          "sections (model:, run:, datasets:, eval:)")
+    return loaded
+
+
+def _explain_yaml(path: str | os.PathLike, text: str, err: yaml.MarkedYAMLError) -> str:
+    mark = err.problem_mark or err.context_mark
+    if mark is None:
+        return f"{path}: not valid YAML: {err.problem or err.context}"
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}"
+    lines = text.split("\n")
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    if line[mark.column:mark.column + 1] == "\t":
+        return f"{where}: a tab character; YAML indents and separates with spaces only"
+    problem = err.problem or "not valid YAML"
+    if problem.startswith("found duplicate key") and err.context_mark is not None:
+        key = problem[len("found duplicate key"):].strip()
+        return (f"{where}: duplicate key '{key}' (in the mapping that starts on line {err.context_mark.line + 1}); "
+                "each key may appear once")
+    context = f" ({err.context} on line {err.context_mark.line + 1})" if err.context and err.context_mark else ""
+    return f"{where}: YAML syntax error: {problem}{context}"
+
+
+def parse_options(options: list[str]) -> DictConfig:
+    """`--options key=value ...` as a DictConfig. An item without `=` (omegaconf reads `run.init_lr` as
+    `run.init_lr=null`) or with an empty key part is an error, as is a value that is not valid YAML."""
+    for item in options:
+        key, sep, _ = item.partition("=")
+        if not sep or "" in key.strip().split("."):
+            raise ConfigError(f"--options {item!r}: expected key=value, e.g. run.init_lr=1e-5 (no spaces around =)")
+        try:
+            OmegaConf.from_dotlist([item])
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--options {item!r}: the value is not valid YAML "
+                              f"({getattr(err, 'problem', None) or err})") from None
+    return OmegaConf.from_dotlist(list(options))
+
+
+def refuse_non_finite(values: Any, where: str, prefix: str = "") -> None:
+    """No setting means NaN or inf, and NaN passes every `x < 0` / `x <= 0` check (all comparisons with it are
+    false) to surface later as a NaN loss or score: refuse it here, naming the key."""
+    if isinstance(values, dict):
+        for key, value in values.items():
+            refuse_non_finite(value, where, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(values, (list, tuple)):
+        for index, value in enumerate(values):
+            refuse_non_finite(value, where, f"{prefix}[{index}]")
+    elif isinstance(values, float) and not math.isfinite(values):
+        raise ConfigError(f"{where}: {prefix} = {values}; expected a finite number")
 
 
 def _explain(err: OmegaConfBaseException, cfg: DictConfig, where: str) -> str:
@@ -124,8 +213,10 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         "mm_projector_type": ("linear", "vib"),
         "vib.kl_on": ("pooled", "token"),
         "vib.std_head": ("same", "linear"),
+        "precision": PRECISION_CHOICES,
         "llm_dtype": DTYPE_CHOICES,
         "encoder_dtype": DTYPE_CHOICES,
+        "visual_tokens": ("qformer", "vit_patch4"),
         "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
         "prompt_template": ("vicuna_v0", "llama2", "plain", "llava15"),
         "arch": ("minigpt4", "llava15"),
@@ -141,12 +232,14 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         raise ConfigError(f"model.encoder_device = {model.encoder_device!r}; expected null (with the LLM) or cpu")
     if model.vib.num_samples < 1:
         raise ConfigError(f"model.vib.num_samples must be >= 1, got {model.vib.num_samples}")
-    if model.vib.beta < 0:
-        raise ConfigError(f"model.vib.beta must be >= 0, got {model.vib.beta}")
-    if (model.vit_path is None) != (model.qformer_path is None):
+    if not (math.isfinite(model.vib.beta) and model.vib.beta >= 0):
+        raise ConfigError(f"model.vib.beta must be >= 0 and finite, got {model.vib.beta}")
+    if model.visual_tokens == "qformer" and (model.vit_path is None) != (model.qformer_path is None):
         raise ConfigError("model.vit_path and model.qformer_path come together (LAVIS ViT + BLIP-2 Q-Former); "
                           "set both, or use model.encoder_path / model.blip2_hf_path")
     check_arch_keys(model)
+    check_precision(model)
+    check_visual_tokens(model)
     if check_files:
         check_paths(model, PATH_KEYS, prefix="model")
 
@@ -163,6 +256,63 @@ def check_arch_keys(model: DictConfig) -> None:
         raise ConfigError("model.low_resource (8-bit LLM) is not supported for model.arch = 'llava15'")
     if model.arch == "llava15" and model.encoder_device is not None:
         raise ConfigError("model.encoder_device is not supported for model.arch = 'llava15'")
+
+
+# The llm_dtype / encoder_dtype each precision implies (reference's encoder is mixed: no single dtype).
+PRECISION_DTYPES = {"fp32": ("fp32", "fp32"), "bf16": ("bf16", "bf16"), "reference": ("fp16", None)}
+
+
+def check_precision(model: DictConfig) -> None:
+    """model.precision sets every part's dtype; a per-part dtype key that says otherwise is an error."""
+    for key, implied in zip(("llm_dtype", "encoder_dtype"), PRECISION_DTYPES.get(model.precision, ())):
+        if model[key] not in ("auto", implied):
+            raise ConfigError(f"model.{key} = {model[key]!r} contradicts model.precision = {model.precision!r}, "
+                              f"which sets every part's dtype; drop model.{key}, or use model.precision: auto")
+    if model.precision == "reference" and model.arch != "minigpt4":
+        raise ConfigError(f"model.precision: reference reproduces MiniGPT-4/AdaVIB; for model.arch = {model.arch!r} "
+                          "use auto, bf16 or fp32")
+
+
+def check_visual_tokens(model: DictConfig) -> None:
+    """MiniGPT-4's Llama-2 variant (vit_patch4) has no Q-Former: every Q-Former source would be unused, and the
+    converted/BLIP-2 files would bring BLIP-2's ln_vision, which that variant never loads."""
+    if model.visual_tokens == "qformer":
+        return
+    if model.arch != "minigpt4":
+        raise ConfigError(f"model.visual_tokens = {model.visual_tokens!r} is for model.arch: minigpt4")
+    for key in ("encoder_path", "qformer_path", "blip2_hf_path"):
+        if model.get(key) is not None:
+            raise ConfigError(f"model.{key} is not used by model.visual_tokens = 'vit_patch4' (MiniGPT-4's Llama-2 "
+                              "variant, no Q-Former); give the EVA ViT alone as model.vit_path (eva_vit_g.pth)")
+    if model.qformer:
+        raise ConfigError("model.qformer is not used by model.visual_tokens = 'vit_patch4' (no Q-Former); remove it")
+
+
+def resolve_training_amp(precision: str, amp: str | None) -> str | None:
+    """run.amp for `model.precision`: it follows the precision (TRAINING_AMP) when the recipe leaves it out, and
+    one that contradicts the precision is an error. With precision auto, run.amp is what the recipe says."""
+    wanted = TRAINING_AMP.get(precision)
+    if wanted is None:
+        return amp
+    if amp is None:
+        return wanted
+    if amp != wanted:
+        raise ConfigError(f"run.amp = {amp!r} contradicts model.precision = {precision!r}, which trains under "
+                          f"run.amp: {wanted}; drop run.amp (it follows model.precision) or use model.precision: auto")
+    return amp
+
+
+def training_run_settings(precision: str, run: dict[str, Any]) -> dict[str, Any]:
+    """The `run:` section with what `model.precision` implies: run.amp (`resolve_training_amp`), and no FSDP for
+    reference, whose ViT blocks mix fp16 Linear and fp32 LayerNorm weights (FSDP flattens a unit into one dtype)."""
+    run = dict(run)
+    amp = resolve_training_amp(precision, run.get("amp"))
+    if amp is not None:
+        run["amp"] = amp
+    if precision == "reference" and run.get("distributed") == "fsdp":
+        raise ConfigError("run.distributed: fsdp cannot shard model.precision: reference (its ViT blocks mix fp16 "
+                          "and fp32 weights, FSDP needs one dtype per unit); use run.distributed: ddp")
+    return run
 
 
 def check_paths(node: DictConfig, keys: tuple[str, ...], *, prefix: str) -> None:

@@ -3,7 +3,10 @@ message). Entry points print them as one line and exit 2 instead of showing a tr
 from __future__ import annotations
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.files import NotRegularFileError
+from minigpt4.common.jsonfiles import DataFileError
 from minigpt4.datasets.images import BadImageError
 from minigpt4.models.checkpoints import CheckpointError
 
-USER_FACING_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, BadImageError)
+USER_FACING_ERRORS: tuple[type[BaseException], ...] = (ConfigError, CheckpointError, BadImageError,
+                                                         DataFileError, NotRegularFileError)

@@ -27,7 +27,7 @@ import sys
 from importlib import metadata, resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping
-from minigpt4.common.files import sha256_file
+from minigpt4.common.files import require_regular_file, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ class HashCache:
         self.hashed_bytes = 0  # bytes actually read this time (0 when every file was cached)
 
     def sha256(self, path: str | os.PathLike) -> str:
-        real = os.path.realpath(path)
+        real = os.path.realpath(require_regular_file(path, "file to hash"))  # the error names the path as given
         stat = os.stat(real)
         entry = self.entries.get(real)
         if isinstance(entry, dict) and entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns:

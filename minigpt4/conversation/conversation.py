@@ -10,6 +10,10 @@ from dataclasses import dataclass, field
 
 IMAGE_PLACEHOLDER = "<ImageHere>"
 IMAGE_TAG = f"<Img>{IMAGE_PLACEHOLDER}</Img>"
+# Between two parts of a prompt that are tokenized separately (each gets SentencePiece's leading "▁"), as
+# reference code that tokenized the question apart from the text around it did (minigpt4/eval/protocols.py).
+# The image placeholder is always such a boundary. ASCII "unit separator": never part of a prompt's text.
+SEGMENT_BREAK = "\x1f"
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 
 from torch.utils.data import ConcatDataset, Dataset, IterableDataset
 
+from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.common.registry import Registry
 from minigpt4.datasets.caption import (
     ON_BAD_IMAGE_CHOICES,
@@ -52,6 +53,9 @@ COMMON_OPTION_KEYS = {"vis_processor", "text_processor", "on_bad_image", "max_pi
 _STREAM_KEYS = COMMON_OPTION_KEYS | {"shards", "sample_ratio", "shuffle_buffer"}
 # Filled by `register_builder`; read by the config validator to report unknown keys and missing paths.
 DATASET_OPTION_KEYS: dict[str, set[str]] = {}
+# Map-style caption builders: true lets an annotation's image_id be an absolute path or climb out of the image
+# folder with ".." (refused by default: such an entry would silently read a file from anywhere).
+OUTSIDE_KEY = "allow_outside_image_dir"
 REQUIRED_PATH_KEYS: dict[str, list[str]] = {}
 
 
@@ -109,8 +113,11 @@ def _check_path(prefix: str, key: str, value: Any, kind: str) -> Path:
     if not isinstance(value, (str, os.PathLike)) or str(value) == "":
         raise ValueError(f"{prefix}.{key}: expected a path, got {value!r}")
     path = Path(value).expanduser()
-    if kind == "file" and not path.is_file():
-        raise ValueError(f"{prefix}.{key}: file not found: {path}")
+    if kind == "file":
+        try:  # a FIFO or a link to /dev/zero would block the reader forever; say what the path is
+            require_regular_file(path, "file")
+        except NotRegularFileError as err:
+            raise ValueError(f"{prefix}.{key}: {err}") from None
     if kind == "dir" and not path.is_dir():
         raise ValueError(f"{prefix}.{key}: directory not found: {path}")
     if kind == "any" and not path.exists():
@@ -139,8 +146,10 @@ def validate_dataset_cfg(name: str, cfg: Mapping[str, Any] | Any) -> None:
         _check_path(prefix, "image_dir", cfg["image_dir"], "dir")
     elif name == "cc_sbu_align":
         storage = _check_path(prefix, "storage", cfg["storage"], "dir")
-        if not (storage / "filter_cap.json").is_file():
-            raise ValueError(f"{prefix}.storage: file not found: {storage / 'filter_cap.json'}")
+        try:
+            require_regular_file(storage / "filter_cap.json", "file")
+        except NotRegularFileError as err:
+            raise ValueError(f"{prefix}.storage: {err}") from None
         if not (storage / "image").is_dir():
             raise ValueError(f"{prefix}.storage: directory not found: {storage / 'image'}")
         _check_path(prefix, "prompt_path", cfg["prompt_path"], "file")
@@ -149,9 +158,14 @@ def validate_dataset_cfg(name: str, cfg: Mapping[str, Any] | Any) -> None:
             urls = expand_shards(cfg["shards"])
         except ValueError as err:
             raise ValueError(f"{prefix}.{err}") from None
-        missing = [u for u in urls if not _is_remote(u) and not Path(u).expanduser().is_file()]
+        missing = [u for u in urls if not _is_remote(u) and not Path(u).expanduser().exists()]
         if missing:
             raise ValueError(f"{prefix}.shards: {len(missing)} of {len(urls)} shard files not found, e.g. {missing[0]}")
+        try:
+            for url in (u for u in urls if not _is_remote(u)):
+                require_regular_file(Path(url).expanduser(), "shard")
+        except NotRegularFileError as err:
+            raise ValueError(f"{prefix}.shards: {err}") from None
     else:  # builders registered elsewhere: their required paths must at least exist
         for key in REQUIRED_PATH_KEYS[name]:
             _check_path(prefix, key, cfg[key], "any")
@@ -168,6 +182,8 @@ def validate_dataset_cfg(name: str, cfg: Mapping[str, Any] | Any) -> None:
     if cfg.get("on_bad_image", "error") not in ON_BAD_IMAGE_CHOICES:
         raise ValueError(f"{prefix}.on_bad_image: expected one of {', '.join(ON_BAD_IMAGE_CHOICES)}, "
                          f"got {cfg['on_bad_image']!r}")
+    if not isinstance(cfg.get(OUTSIDE_KEY, False), bool):
+        raise ValueError(f"{prefix}.{OUTSIDE_KEY}: expected true or false, got {cfg[OUTSIDE_KEY]!r}")
     max_pixels = cfg.get("max_pixels", DEFAULT_MAX_PIXELS)
     if max_pixels is not None and (isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels <= 0):
         raise ValueError(f"{prefix}.max_pixels: expected a positive integer or null, got {max_pixels!r}")
@@ -189,17 +205,19 @@ def _bad_image_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
     return {"on_bad_image": cfg.get("on_bad_image", "error"), "max_pixels": cfg.get("max_pixels", DEFAULT_MAX_PIXELS)}
 
 
-@register_builder("caption_json", option_keys=set(), required_path_keys=["ann_path", "image_dir"])
+@register_builder("caption_json", option_keys={OUTSIDE_KEY}, required_path_keys=["ann_path", "image_dir"])
 def build_caption_json(cfg: Mapping[str, Any], *, rank: int, world_size: int, seed: int) -> BuiltDataset:
     vis, text = _processors(cfg)
-    dataset = CaptionJsonDataset(cfg["ann_path"], cfg["image_dir"], vis, text, **_bad_image_options(cfg))
+    dataset = CaptionJsonDataset(cfg["ann_path"], cfg["image_dir"], vis, text, **_bad_image_options(cfg),
+                                 allow_outside_image_dir=cfg.get(OUTSIDE_KEY, False))
     return BuiltDataset(dataset, streaming=False)
 
 
-@register_builder("cc_sbu_align", option_keys=set(), required_path_keys=["storage", "prompt_path"])
+@register_builder("cc_sbu_align", option_keys={OUTSIDE_KEY}, required_path_keys=["storage", "prompt_path"])
 def build_cc_sbu_align(cfg: Mapping[str, Any], *, rank: int, world_size: int, seed: int) -> BuiltDataset:
     vis, text = _processors(cfg)
-    dataset = CCSBUAlignDataset(cfg["storage"], cfg["prompt_path"], vis, text, **_bad_image_options(cfg))
+    dataset = CCSBUAlignDataset(cfg["storage"], cfg["prompt_path"], vis, text, **_bad_image_options(cfg),
+                                allow_outside_image_dir=cfg.get(OUTSIDE_KEY, False))
     return BuiltDataset(dataset, streaming=False, prompts=dataset.prompts)
 
 

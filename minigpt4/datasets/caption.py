@@ -19,7 +19,6 @@ in `empty_captions`).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -30,6 +29,9 @@ from typing import Any, Callable, Sequence
 import torch
 from torch.utils.data import Dataset
 
+from minigpt4.common.files import NotRegularFileError, require_regular_file
+from minigpt4.common.jsonfiles import DataFileError, read_json
+from minigpt4.common.paths import join_inside
 from minigpt4.datasets.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
 from minigpt4.processors.image import process_seed
 
@@ -46,19 +48,15 @@ class CaptionRecord:
     sample_id: str
 
 
-def load_json_file(path: str | os.PathLike) -> Any:
-    """json.load with errors that name the file (and line/column for syntax errors)."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: annotation file not found") from None
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: not UTF-8 text ({err})") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}:{err.colno}: malformed JSON: {err.msg}") from None
+def _unusable_images(records: Sequence[CaptionRecord]) -> dict[int, str]:
+    """Record index -> why its image file cannot be read, from file metadata alone (nothing is opened)."""
+    unusable = {}
+    for index, record in enumerate(records):
+        try:
+            require_regular_file(record.image_path, "image")
+        except NotRegularFileError as err:
+            unusable[index] = err.reason
+    return unusable
 
 
 def parse_caption_entries(entries: Any, source: str, where: str = "") -> list[tuple[str, str]]:
@@ -68,21 +66,21 @@ def parse_caption_entries(entries: Any, source: str, where: str = "") -> list[tu
     about five captions per image); each entry is its own sample, so duplicates simply appear twice.
     """
     if not isinstance(entries, list):
-        raise ValueError(f"{source}{where}: expected a JSON list of {{\"image_id\", \"caption\"}} objects, "
-                         f"got {type(entries).__name__}")
+        raise DataFileError(f"{source}{where}: expected a JSON list of {{\"image_id\", \"caption\"}} objects, "
+                            f"got {type(entries).__name__}")
     pairs = []
     for index, entry in enumerate(entries):
         at = f"{source}{where}[{index}]"
         if not isinstance(entry, dict):
-            raise ValueError(f"{at}: expected an object with 'image_id' and 'caption', got {type(entry).__name__}")
+            raise DataFileError(f"{at}: expected an object with 'image_id' and 'caption', got {type(entry).__name__}")
         for field in ("image_id", "caption"):
             if field not in entry:
-                raise ValueError(f"{at}: missing field '{field}'")
+                raise DataFileError(f"{at}: missing field '{field}'")
         image_id, caption = entry["image_id"], entry["caption"]
         if isinstance(image_id, bool) or not isinstance(image_id, (int, str)) or str(image_id).strip() == "":
-            raise ValueError(f"{at}.image_id: expected an integer or a non-empty string, got {image_id!r}")
+            raise DataFileError(f"{at}.image_id: expected an integer or a non-empty string, got {image_id!r}")
         if not isinstance(caption, str):
-            raise ValueError(f"{at}.caption: expected a string, got {type(caption).__name__}")
+            raise DataFileError(f"{at}.caption: expected a string, got {type(caption).__name__}")
         pairs.append((str(image_id), caption))
     return pairs
 
@@ -127,16 +125,19 @@ class ImageCaptionDataset(Dataset):
         self.on_bad_image = on_bad_image
         self.max_pixels = max_pixels
 
-        missing = [r for r in records if not r.image_path.is_file()]
+        unusable = _unusable_images(records)  # index -> why: missing, a FIFO, a link to /dev/zero, ...
+        missing = [records[i] for i in unusable]
         if missing and on_bad_image == "error":
+            first = next(iter(unusable))
             raise BadImageError(
-                missing[0].image_path,
-                f"file not found (listed in {source}; {len(missing)} of {len(records)} images are missing; "
-                "set on_bad_image: skip to train without them)",
+                records[first].image_path,
+                f"{unusable[first]} (listed in {source}; {len(missing)} of {len(records)} images are missing or "
+                "not regular files; set on_bad_image: skip to train without them)",
             )
         if missing:
-            logger.warning("%s: %d of %d images are missing and will be skipped, e.g. %s",
-                           source, len(missing), len(records), missing[0].image_path)
+            first = next(iter(unusable))
+            logger.warning("%s: %d of %d images are missing or not regular files and will be skipped, e.g. %s (%s)",
+                           source, len(missing), len(records), records[first].image_path, unusable[first])
         # A caption that cleans to nothing would train the model to answer with the end symbol alone (a direct,
         # silent push towards shorter captions, which lowers CHAIR on its own): a bad sample, under the same
         # policy as a bad image. Compared with the processed empty string so a processor prompt is allowed for.
@@ -144,7 +145,7 @@ class ImageCaptionDataset(Dataset):
         empty = [(i, r) for i, r in enumerate(records) if text_processor(r.caption) == empty_answer]
         if empty and on_bad_image == "error":
             index, record = empty[0]
-            raise ValueError(
+            raise DataFileError(
                 f"{source}: entry {index} (image_id {record.sample_id}) has an empty caption after cleaning "
                 f"({record.caption!r}); {len(empty)} of {len(records)} captions are empty. Fix or remove them, "
                 "or set on_bad_image: skip to train without them"
@@ -153,7 +154,7 @@ class ImageCaptionDataset(Dataset):
             logger.warning("%s: %d of %d captions are empty after cleaning and will be skipped, e.g. entry %d",
                            source, len(empty), len(records), empty[0][0])
         empty_index = {i for i, _ in empty}
-        self.records = [r for i, r in enumerate(records) if r.image_path.is_file() and i not in empty_index]
+        self.records = [r for i, r in enumerate(records) if i not in unusable and i not in empty_index]
         if not self.records:
             raise ValueError(f"{source}: no samples with an existing image file and a non-empty caption")
         self.missing_images = [str(r.image_path) for r in missing]
@@ -198,14 +199,25 @@ class ImageCaptionDataset(Dataset):
         raise RuntimeError(f"{self.source}: none of the {count} images could be loaded (see the warnings above)")
 
 
+def _image_records(pairs: list[tuple[str, str]], folder: str | os.PathLike, name_of: Callable[[str], str], *,
+                   entry: str, option: str, allow_outside: bool) -> list[CaptionRecord]:
+    """(image_id, caption) pairs -> records whose image is `folder`/`name_of(image_id)`; an image_id that would
+    leave `folder` ("../../x", an absolute path) is refused naming `entry[index].image_id`, unless allowed."""
+    return [CaptionRecord(Path(join_inside(folder, name_of(image_id), entry=f"{entry}[{index}].image_id",
+                                           option=option, allow=allow_outside)), caption, image_id)
+            for index, (image_id, caption) in enumerate(pairs)]
+
+
 class CaptionJsonDataset(ImageCaptionDataset):
-    """AdaVIB/LURE format: a JSON list of {"image_id", "caption"}; images are `{image_id:0>12}.jpg`."""
+    """AdaVIB/LURE format: a JSON list of {"image_id", "caption"}; images are `{image_id:0>12}.jpg`.
+    `allow_outside_image_dir`: accept image_ids that are absolute paths or climb out of image_dir."""
 
     def __init__(self, ann_path: str | os.PathLike, image_dir: str | os.PathLike, vis_processor: Callable,
-                 text_processor: Callable[[str], str], **kwargs: Any):
-        pairs = parse_caption_entries(load_json_file(ann_path), str(ann_path))
-        image_dir = Path(image_dir)
-        records = [CaptionRecord(image_dir / f"{image_id:0>12}.jpg", caption, image_id) for image_id, caption in pairs]
+                 text_processor: Callable[[str], str], *, allow_outside_image_dir: bool = False, **kwargs: Any):
+        pairs = parse_caption_entries(read_json(ann_path), str(ann_path))
+        records = _image_records(pairs, image_dir, lambda image_id: f"{image_id:0>12}.jpg", entry=str(ann_path),
+                                 option="datasets.caption_json.allow_outside_image_dir",
+                                 allow_outside=allow_outside_image_dir)
         super().__init__(records, vis_processor, text_processor, source=str(ann_path), **kwargs)
 
 
@@ -216,15 +228,17 @@ class CCSBUAlignDataset(ImageCaptionDataset):
     """
 
     def __init__(self, storage: str | os.PathLike, prompt_path: str | os.PathLike, vis_processor: Callable,
-                 text_processor: Callable[[str], str], **kwargs: Any):
+                 text_processor: Callable[[str], str], *, allow_outside_image_dir: bool = False, **kwargs: Any):
         storage = Path(storage)
         ann_path = storage / "filter_cap.json"
-        content = load_json_file(ann_path)
+        content = read_json(ann_path)
         if not isinstance(content, dict) or "annotations" not in content:
-            raise ValueError(f"{ann_path}: expected an object with an 'annotations' list")
+            raise DataFileError(f"{ann_path}: expected an object with an 'annotations' list")
         pairs = parse_caption_entries(content["annotations"], str(ann_path), ".annotations")
-        records = [CaptionRecord(storage / "image" / f"{image_id}.jpg", caption, image_id)
-                   for image_id, caption in pairs]
+        records = _image_records(pairs, storage / "image", lambda image_id: f"{image_id}.jpg",
+                                 entry=f"{ann_path}.annotations",
+                                 option="datasets.cc_sbu_align.allow_outside_image_dir",
+                                 allow_outside=allow_outside_image_dir)
         self.prompts = read_prompts(prompt_path)
         super().__init__(records, vis_processor, text_processor, source=str(ann_path), **kwargs)
 

@@ -30,6 +30,8 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
+from minigpt4.common.files import NotRegularFileError, require_regular_file
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default warning threshold (1 GiB / 4 bytes per pixel / 3)
@@ -131,9 +133,10 @@ def load_rgb(
         stream: io.BytesIO | Path = io.BytesIO(bytes(source))
     else:
         label = name or str(source)
-        path = Path(source)
-        if not path.is_file():
-            raise BadImageError(label, "file not found" if not path.exists() else "not a regular file")
+        try:  # a FIFO or a link to /dev/zero would block PIL forever: refused from its metadata alone
+            path = require_regular_file(source, "image")
+        except NotRegularFileError as err:
+            raise BadImageError(label, err.reason) from None
         if path.stat().st_size == 0:
             raise BadImageError(label, "empty file (0 bytes)")
         stream = path

@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from minigpt4.common.files import require_regular_file
+from minigpt4.common.paths import join_inside
 from minigpt4.datasets.images import load_rgb
 from minigpt4.datasets.shapes_world import CLASS_NAMES, _pope_question, _with_article
 from minigpt4.processors.image import Blip2ImageEvalProcessor
@@ -47,9 +49,10 @@ def no_answer(name: str) -> str:
 
 
 def _read_json(path: Path) -> dict:
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"{path}: missing; generate the world with "
                                 "`python scripts/make_shapes_world.py --out <folder>`")
+    require_regular_file(path, "shapes-world file")  # a FIFO would block read_text forever
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -92,7 +95,10 @@ class ShapesQADataset(Dataset):
         for row, classes in enumerate(self.present):
             self.objects[row, [CLASS_NAMES.index(c) for c in classes]] = 1.0
         self.process = Blip2ImageEvalProcessor(image_size)
-        pixels = [np.asarray(load_rgb(str(root / "images" / img["file_name"]))) for img in instances["images"]]
+        where = f"{root}/annotations/instances_{split}2014.json: images"
+        paths = [join_inside(root / "images", str(img["file_name"]), entry=f"{where}[{i}].file_name", option=None)
+                 for i, img in enumerate(instances["images"])]
+        pixels = [np.asarray(load_rgb(path)) for path in paths]
         sizes = {p.shape for p in pixels}
         if len(sizes) != 1:
             raise ValueError(f"{root}/images: a shapes world has images of one size, found {sorted(sizes)}")

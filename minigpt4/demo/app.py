@@ -39,17 +39,25 @@ def _warn(message: str) -> str:
 
 
 def handle_upload(engine: DemoEngine, path: str | None, state: ChatState):
-    """-> state, file box, preview image, diagnostics Markdown, base chat, compare chat, status.
+    """-> state, file box, preview image, diagnostics Markdown, similarity plot, base chat, compare chat, status.
     A refused file is also cleared from the file box, so the next one can be dropped straight away."""
     try:
         state, preview, diagnostics = engine.upload(state, path)
+        figure = engine.similarity_figure(state)
     except DemoInputError as err:
-        return engine.new_state(), None, None, "", [], [], _warn(str(err))
+        return engine.new_state(), None, None, "", None, [], [], _warn(str(err))
     except Exception as err:  # noqa: BLE001 - keep the page alive; the server log has the traceback
         log.exception("image upload failed")
-        return (engine.new_state(), None, None, "", [], [],
+        return (engine.new_state(), None, None, "", None, [], [],
                 _warn(f"Could not process the image ({type(err).__name__}). Please try another file."))
-    return state, gr.update(), preview, diagnostics, [], [], f"Loaded {state.image_name}. Ask a question."
+    return state, gr.update(), preview, diagnostics, figure, [], [], f"Loaded {state.image_name}. Ask a question."
+
+
+def handle_example(engine: DemoEngine, examples: list[str], state: ChatState, evt: gr.SelectData):
+    """A click on an example image loads it exactly as an upload of that file would (the file box is emptied)."""
+    result = list(handle_upload(engine, examples[evt.index], state))
+    result[1] = None
+    return tuple(result)
 
 
 def handle_send(engine: DemoEngine, question: str, state: ChatState, num_beams: float, do_sample: bool,
@@ -83,8 +91,10 @@ def handle_clear(engine: DemoEngine, state: ChatState):
 
 
 def build_demo(engine: DemoEngine, *, model_description: str, compare_description: str | None = None,
-               defaults: DecodingSettings | None = None) -> gr.Blocks:
+               defaults: DecodingSettings | None = None, examples: list[str] | None = None) -> gr.Blocks:
+    """The page; `examples` are image files shown as clickable thumbnails under the upload box."""
     defaults = defaults or DecodingSettings()
+    examples = list(examples or [])
     with gr.Blocks(title="MiniGPT-4 AdaVIB demo", analytics_enabled=False) as demo:
         state = gr.State(engine.new_state())
         gr.Markdown(INTRO)
@@ -95,8 +105,10 @@ def build_demo(engine: DemoEngine, *, model_description: str, compare_descriptio
         with gr.Row():
             with gr.Column(scale=1, min_width=300):
                 upload = gr.File(label="Image file", type="filepath", elem_id="image-upload")
-                preview = gr.Image(label="Image", type="pil", interactive=False, height=240, elem_id="preview")
-                diagnostics = gr.Markdown(elem_id="diagnostics")
+                gallery = gr.Gallery(value=examples, label="Examples: click one to load it", columns=2,
+                                     rows=2, height=420, object_fit="contain", allow_preview=False, interactive=False,
+                                     visible=bool(examples), elem_id="examples")
+                preview = gr.Image(label="Image", type="pil", interactive=False, height=360, elem_id="preview")
             with gr.Column(scale=2):
                 with gr.Row():
                     chat_base = gr.Chatbot(label="Base projector", height=420, elem_id="chat-base")
@@ -117,14 +129,22 @@ def build_demo(engine: DemoEngine, *, model_description: str, compare_descriptio
                     temperature = gr.Slider(0.05, 2.0, value=defaults.temperature, step=0.05, label="Temperature")
                     top_p = gr.Slider(0.05, 1.0, value=defaults.top_p, step=0.05, label="Top-p")
                     max_new_tokens = gr.Slider(1, 512, value=defaults.max_new_tokens, step=1, label="Max new tokens")
+        with gr.Row():  # the table and the same numbers as bars, side by side
+            diagnostics = gr.Markdown(elem_id="diagnostics")
+            plot = gr.Plot(show_label=False, elem_id="similarity-plot")  # the figure carries its own title
 
         # Every event that runs the model shares one queue slot (concurrency_id): Gradio's default limit is per
         # event, so without it an upload could encode while another session's answer is generating.
         model_slot = dict(concurrency_id="model", concurrency_limit=1)
-        upload.upload(lambda p, s: handle_upload(engine, p, s), [upload, state],
-                      [state, upload, preview, diagnostics, chat_base, chat_compare, status], **model_slot)
-        upload.clear(lambda: (engine.new_state(), None, "", [], [], ""), None,
-                     [state, preview, diagnostics, chat_base, chat_compare, status])
+        loaded = [state, upload, preview, diagnostics, plot, chat_base, chat_compare, status]
+        upload.upload(lambda p, s: handle_upload(engine, p, s), [upload, state], loaded, **model_slot)
+        upload.clear(lambda: (engine.new_state(), None, "", None, [], [], ""), None,
+                     [state, preview, diagnostics, plot, chat_base, chat_compare, status])
+
+        def example_fn(current: ChatState, evt: gr.SelectData):  # the annotation makes Gradio pass the click
+            return handle_example(engine, examples, current, evt)
+
+        gallery.select(example_fn, [state], loaded, **model_slot)
         inputs = [question, state, num_beams, do_sample, temperature, top_p, max_new_tokens, compare]
         outputs = [state, chat_base, chat_compare, status, question]
 

@@ -27,7 +27,22 @@ log = logging.getLogger(__name__)
 DEMO_MAX_PIXELS = 40_000_000  # refuse larger uploads from the header, before decoding (decompression bombs)
 MAX_QUESTION_CHARS = 2000
 PREVIEW_SIZE = 512
+PREVIEW_MIN = 320  # smaller images are enlarged (whole pixels, nearest neighbour) to at least this long side
 BASE, COMPARE = "base", "compare"
+TITLES = {BASE: "Base projector", COMPARE: "Compare projector"}
+
+
+def preview_image(image: Image.Image) -> Image.Image:
+    """The image as the page shows it: at most PREVIEW_SIZE on the long side; a small image (the 64-px shapes
+    world, a thumbnail) enlarged by a whole factor with nearest-neighbour, so its pixels stay sharp and readable."""
+    preview = image.copy()
+    long_side = max(preview.size)
+    if long_side < PREVIEW_MIN:
+        factor = -(-PREVIEW_MIN // long_side)  # ceil: at least PREVIEW_MIN
+        factor = min(factor, PREVIEW_SIZE // long_side) or 1
+        return preview.resize((preview.width * factor, preview.height * factor), Image.Resampling.NEAREST)
+    preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
+    return preview
 
 
 class DemoInputError(ValueError):
@@ -119,14 +134,19 @@ class DemoEngine:
                           conversations={k: Conversation(m.template) for k, m in self.models.items()})
         for key, model in self.models.items():
             state.diagnostics[key] = diagnose_features(model, features, top_k=self.top_k)[0]
-        preview = image.copy()
-        preview.thumbnail((PREVIEW_SIZE, PREVIEW_SIZE))
-        return state, preview, self.diagnostics_markdown(state)
+        return state, preview_image(image), self.diagnostics_markdown(state)
 
     def diagnostics_markdown(self, state: ChatState) -> str:
-        titles = {BASE: "Base projector", COMPARE: "Compare projector"}
-        return "\n\n".join(diagnostics_markdown(d, f"{titles[k]} — {state.image_name}")
+        return "\n\n".join(diagnostics_markdown(d, f"{TITLES[k]} — {state.image_name}")
                            for k, d in state.diagnostics.items())
+
+    def similarity_figure(self, state: ChatState):
+        """The top-k similarity bar plot of the current image, one panel per projector (None before an image)."""
+        if not state.diagnostics:
+            return None
+        from minigpt4.demo.plots import similarity_figure
+
+        return similarity_figure({TITLES[k]: d for k, d in state.diagnostics.items()})
 
     # ------------------------------------------------------------------------------------ chat
     def answer(self, state: ChatState, question: str, settings: DecodingSettings,

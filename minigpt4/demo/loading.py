@@ -166,6 +166,25 @@ def shapes_synonyms_file(cache: Path | None = None) -> str:
     return str(path)
 
 
+def shapes_example_images(cache: Path | None = None, count: int = 4, seed: int = 7) -> list[str]:
+    """`count` shapes-world scenes (64 px, drawn as the world draws them), written once to the cache, for the
+    page's example images when the default shapes-world model runs: nobody has to find an image to try it."""
+    import numpy as np
+
+    from minigpt4.datasets.shapes_world import render_image, sample_scene
+
+    folder = (cache or cache_dir()) / f"shapes_examples_{seed}"
+    paths = [folder / f"shapes_example_{i + 1}.png" for i in range(count)]
+    if not all(p.is_file() for p in paths):
+        folder.mkdir(parents=True, exist_ok=True)
+        rng = np.random.default_rng(seed)
+        for path in paths:
+            staging = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+            render_image(sample_scene(rng, 64, 0.9), 64, rng).save(staging)
+            os.replace(staging, path)  # a second demo starting at once never reads half an image
+    return [str(p) for p in paths]
+
+
 def describe_model(cfg: DictConfig) -> str:
     """One line for the page header: which weights are loaded."""
     weights = [f"{k}={os.path.basename(str(cfg[k]).rstrip('/'))}" for k in PATH_KEYS

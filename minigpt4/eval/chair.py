@@ -42,12 +42,10 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import sys
-import warnings
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
@@ -55,8 +53,10 @@ import nltk
 import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
+from minigpt4.eval import pattern_singularize
 from minigpt4.eval.nltk_setup import ensure_punkt
-from minigpt4.common.files import sha256_file
+from minigpt4.common.files import require_regular_file, sha256_file
+from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -105,34 +105,10 @@ MERGE_TABLE = _build_merge_table()
 
 @functools.lru_cache(maxsize=1)
 def _load_pattern_singularize() -> Callable[[str], str]:
-    """`singularize` from pattern 3.6's `pattern/text/en/inflect.py`, loaded by file path.
-
-    `import pattern.en` would run `pattern/text/en/__init__.py`, which builds a parser and a
-    WordNet interface that asks NLTK to download data. inflect.py itself is self-contained rules
-    and word tables, except for one import: `from pattern.text import Verbs, <constants>` (the
-    verb-conjugation base class, unused by singularize). That pulls in `pattern/__init__.py` (it
-    only extends the package path), `pattern/text/__init__.py`, `pattern/text/tree.py` and
-    `pattern/helpers.py`: pure Python definitions with lazy data tables, no downloads. So we let
-    that import happen normally and only bypass `pattern.text.en`'s __init__ by executing
-    inflect.py under a private module name; nothing is stubbed or patched.
-    """
-    spec = importlib.util.find_spec("pattern")  # locates the package without executing it
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError(
-            "the CHAIR scorer needs pattern's singularizer: pip install --no-deps patternlite==3.6"
-        )
-    package_dir = Path(next(iter(spec.submodule_search_locations)))
-    inflect_path = package_dir / "text" / "en" / "inflect.py"
-    if not inflect_path.is_file():
-        raise ImportError(f"{inflect_path} not found; is patternlite 3.6 installed?")
-    module_spec = importlib.util.spec_from_file_location("_minigpt4_pattern_inflect", inflect_path)
-    module = importlib.util.module_from_spec(module_spec)
-    with warnings.catch_warnings():
-        # Old-style regex escapes in pattern's sources warn on compile; they are not our concern.
-        warnings.simplefilter("ignore")
-        module_spec.loader.exec_module(module)
-    # Pure function of the word: memoise it (captions repeat a small vocabulary).
-    return functools.lru_cache(maxsize=None)(module.singularize)
+    """pattern 3.6's `singularize` (minigpt4/eval/pattern_singularize.py: an attributed copy of its tables and
+    rules, checked word for word against patternlite by tests/test_chair.py), memoised: captions repeat a small
+    vocabulary."""
+    return functools.lru_cache(maxsize=None)(pattern_singularize.singularize)
 
 
 def singularize(word: str) -> str:
@@ -160,6 +136,7 @@ class CHAIRScorer:
         self.synonyms_path = Path(synonyms_path) if synonyms_path else DEFAULT_SYNONYMS
         self.vocabulary: set[str] = set()
         self.canonical: dict[str, str] = {}
+        require_regular_file(self.synonyms_path, "CHAIR synonyms file")  # a FIFO would block read_text forever
         lines = self.synonyms_path.read_text(encoding="utf-8").splitlines()
         for line in lines:
             entries = line.strip().split(", ")
@@ -227,13 +204,9 @@ def _fingerprint(paths: Iterable[Path]) -> list[dict]:
 
 
 def _load_json(path: Path) -> dict:
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
+    data = read_json(path)
     if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(f"{path}: expected a COCO annotation object with an 'annotations' list")
+        raise DataFileError(f"{path}: expected a COCO annotation object with an 'annotations' list")
     return data
 
 
@@ -258,7 +231,7 @@ def _compute_ground_truth(
                         image_id = parse_image_id(annotation["image_id"])
                         gt.setdefault(image_id, set()).update(mentions)
             except KeyError as missing:
-                raise ValueError(f"{path}: an image or annotation has no key {missing}") from None
+                raise DataFileError(f"{path}: an image or annotation has no key {missing}") from None
             del data  # the train files are large; free each before reading the next
     return gt
 
@@ -270,9 +243,9 @@ def _add_instance_objects(
     for annotation in data["annotations"]:
         name = category_name.get(annotation["category_id"])
         if name is None:
-            raise ValueError(f"{path}: category_id {annotation['category_id']} not in categories")
+            raise DataFileError(f"{path}: category_id {annotation['category_id']} not in categories")
         if name not in scorer.canonical:
-            raise ValueError(
+            raise DataFileError(
                 f"{path}: category {name!r} is not in the synonyms file {scorer.synonyms_path}"
             )
         gt.setdefault(parse_image_id(annotation["image_id"]), set()).add(scorer.canonical[name])
@@ -343,41 +316,30 @@ def load_captions(
 ) -> list[dict]:
     """[{"image_id": int, "caption": str}] from a JSONL file or a JSON list, one row per entry."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
     if path.suffix == ".json":
-        try:
-            items = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: not valid JSON ({error})") from None
+        items = read_json(path)
         if not isinstance(items, list):
-            raise ValueError(f"{path}: expected a JSON list of caption objects")
+            raise DataFileError(f"{path}: expected a JSON list of caption objects")
         entries = [(f"{path}[{i}]", item) for i, item in enumerate(items)]
     else:
-        entries = []
-        for line_number, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                entries.append((f"{path}:{line_number}", json.loads(line)))
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
+        entries = [(f"{path}:{line_number}", item) for line_number, item in read_jsonl(path)]
     rows = []
     for where, item in entries:
         if not isinstance(item, dict) or image_id_key not in item or caption_key not in item:
-            raise ValueError(
+            raise DataFileError(
                 f"{where}: expected an object with {image_id_key!r} and {caption_key!r}"
             )
         if not isinstance(item[caption_key], str):
-            raise ValueError(f"{where}: {caption_key!r} must be a string")
+            raise DataFileError(f"{where}: {caption_key!r} must be a string")
         try:
             image_id = parse_image_id(item[image_id_key])
         except ValueError:
-            raise ValueError(
+            raise DataFileError(
                 f"{where}: cannot read a COCO image id from {item[image_id_key]!r}"
             ) from None
         rows.append({"image_id": image_id, "caption": item[caption_key]})
     if not rows:
-        raise ValueError(f"{path}: no captions")
+        raise DataFileError(f"{path}: no captions")
     return rows
 
 
@@ -495,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "generation": args.protocol,
             "scorer": "CHAIR reference behaviour (SPEC section 4, steps 1-7)",
             "tokenizer": "nltk.word_tokenize, Punkt english",
-            "singularizer": "pattern 3.6 en.inflect.singularize",
+            "singularizer": pattern_singularize.SOURCE,
             "mean_length": "whitespace-separated words per caption",
         },
         "files": {

@@ -3,6 +3,12 @@
 Predictions are appended to a JSONL file per rank as they are produced (flushed and fsynced per batch); a
 rerun reads every part file, skips what is done and generates only the rest, so a killed evaluation loses
 at most the batch in flight and never duplicates an item. Rank 0 merges the parts at the end.
+
+A stored answer is reused only for the same question: its line keeps the prompt and the item's fields (image,
+question id), and a key whose stored prompt or fields differ from the item now asked is refused
+(`check_done_items`), never silently answered by the old line. What the key and prompt cannot show (the
+weights, the generation settings) is checked against the fingerprint next to the answers
+(minigpt4/eval/fingerprint.py) before the model is built.
 """
 from __future__ import annotations
 
@@ -16,8 +22,14 @@ import torch
 from tqdm import tqdm
 
 from minigpt4.common import dist
+from minigpt4.common.config import ConfigError
+from minigpt4.common.jsonfiles import DataFileError, decode_utf8, parse_jsonl
 
 log = logging.getLogger(__name__)
+
+
+class ResumeMismatchError(ConfigError):
+    """Answers already in the output folder were made by another model, settings or question."""
 
 
 @dataclass
@@ -44,19 +56,13 @@ def read_predictions(path: str) -> dict[str, dict]:
             f.truncate(cut)
         data = data[:cut]
     line_of: dict[str, int] = {}
-    for number, line in enumerate(data.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for number, row in parse_jsonl(decode_utf8(data, path), path):
         if not isinstance(row, dict) or "key" not in row:
-            raise ValueError(f"{path}:{number}: expected a JSON object with a 'key' (a prediction line)")
+            raise DataFileError(f"{path}:{number}: expected a JSON object with a 'key' (a prediction line)")
         key = str(row["key"])
         if key in line_of:
-            raise ValueError(f"{path}:{number}: key {row['key']!r} again (first on line {line_of[key]}); was the "
-                             "same output_dir written by two evaluations at once? Remove the file to regenerate")
+            raise DataFileError(f"{path}:{number}: key {row['key']!r} again (first on line {line_of[key]}); was the "
+                                "same output_dir written by two evaluations at once? Remove the file to regenerate")
         line_of[key] = number
         done[key] = row
     return done
@@ -95,6 +101,7 @@ def generate_all(
     if len(set(keys)) != len(keys):
         raise ValueError("generation items must have unique keys")
     done = completed(out_path)
+    check_done_items(done, items, out_path)
     todo = [it for it in items if it.key not in done]
     # Every rank must shard the same `todo`: without this barrier a rank that starts late would already see
     # the answers a faster rank appended, shard a shorter list, and leave items unanswered.
@@ -125,6 +132,33 @@ def generate_all(
         merge_parts(out_path, [it.key for it in items])
     dist.barrier()
     return completed(out_path)
+
+
+def check_done_items(done: dict[str, dict], items: list[GenerationItem], out_path: str) -> None:
+    """Every stored answer whose key an item asks for again was made for that item's prompt and fields."""
+    for item in items:
+        row = done.get(item.key)
+        if row is None:
+            continue
+        wanted = {"prompt": item.prompt, **item.extra}
+        differ = [name for name, value in wanted.items() if row.get(name) != value]
+        if differ:
+            name = differ[0]
+            raise ResumeMismatchError(
+                f"{out_path}: the stored answer for key {item.key!r} was made for another {name} "
+                f"({describe_change(row.get(name), wanted[name])}: another question file or prompt); to start "
+                f"fresh, set another eval.output_dir or delete {os.path.dirname(out_path) or '.'}")
+
+
+def describe_change(old: Any, new: Any, width: int = 28) -> str:
+    """"old -> new" for a message; long strings are cut to the part around their first difference."""
+    if isinstance(old, str) and isinstance(new, str) and max(len(old), len(new)) > width:
+        same = next((i for i, (a, b) in enumerate(zip(old, new)) if a != b), min(len(old), len(new)))
+        start = max(0, same - 8)
+        cut = [("..." if start else "") + repr(text[start:start + width]) + ("..." if len(text) > start + width
+                                                                             else "") for text in (old, new)]
+        return f"{cut[0]} -> {cut[1]}"
+    return f"{old!r} -> {new!r}"
 
 
 def merge_parts(out_path: str, order: Iterable[str]) -> None:

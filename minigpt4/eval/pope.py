@@ -52,6 +52,7 @@ import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.common.files import sha256_file
+from minigpt4.common.jsonfiles import DataFileError, read_jsonl
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -69,20 +70,10 @@ NEGATIONS = {
 
 def _read_jsonl_numbered(path: str | Path) -> list[tuple[int, dict]]:
     """(line number, object) for every non-blank line; a malformed line is an error naming it."""
-    rows: list[tuple[int, dict]] = []
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue  # a trailing blank line is common and harmless
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{line_number}: not valid JSON ({error.msg})") from None
-            if not isinstance(obj, dict):
-                raise ValueError(
-                    f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}"
-                )
-            rows.append((line_number, obj))
+    rows = read_jsonl(path)
+    for line_number, obj in rows:
+        if not isinstance(obj, dict):
+            raise DataFileError(f"{path}:{line_number}: expected a JSON object, got {type(obj).__name__}")
     return rows
 
 
@@ -111,40 +102,40 @@ def load_questions(path: str | Path, require_text: bool = False) -> list[dict]:
     for line_number, row in _read_jsonl_numbered(path):
         for key in required:
             if key not in row:
-                raise ValueError(f"{path}:{line_number}: question has no {key!r} key")
+                raise DataFileError(f"{path}:{line_number}: question has no {key!r} key")
         for key in ("question_id", "image"):
             # null, 1.0, true or a list would still "work" through str() and then never match its answer
             # (or, for images, resolve to a file named "None"): refuse them here, by line.
             if not _is_id(row[key]):
-                raise ValueError(f"{path}:{line_number}: {key} must be an integer or a non-empty string, "
-                                 f"got {row[key]!r}")
+                raise DataFileError(f"{path}:{line_number}: {key} must be an integer or a non-empty string, "
+                                    f"got {row[key]!r}")
         if require_text and not (isinstance(row["text"], str) and row["text"].strip()):
-            raise ValueError(f"{path}:{line_number}: text must be the question as a non-empty string, "
-                             f"got {row['text']!r}")
+            raise DataFileError(f"{path}:{line_number}: text must be the question as a non-empty string, "
+                                f"got {row['text']!r}")
         label = str(row["label"]).strip().lower()
         if label not in ("yes", "no"):
-            raise ValueError(
+            raise DataFileError(
                 f"{path}:{line_number}: label must be 'yes' or 'no', got {row['label']!r}"
             )
         key = str(row["question_id"])
         if key in seen:
-            raise ValueError(
+            raise DataFileError(
                 f"{path}:{line_number}: duplicate question_id {row['question_id']!r} "
                 f"(first on line {seen[key]})"
             )
         seen[key] = line_number
         questions.append({**row, "label": label})
     if not questions:
-        raise ValueError(f"{path}: no questions")
+        raise DataFileError(f"{path}: no questions")
     return questions
 
 
 def _answer_text(row: dict, path: str | Path, line_number: int) -> str:
     text = row.get("answer", row.get("text"))
     if text is None:
-        raise ValueError(f"{path}:{line_number}: answer line has neither 'answer' nor 'text'")
+        raise DataFileError(f"{path}:{line_number}: answer line has neither 'answer' nor 'text'")
     if not isinstance(text, str):
-        raise ValueError(f"{path}:{line_number}: answer must be a string, got {text!r}")
+        raise DataFileError(f"{path}:{line_number}: answer must be a string, got {text!r}")
     return text
 
 
@@ -157,14 +148,14 @@ def match_answers(
     if not with_id:
         # No ids at all: the answers were written in question order.
         if len(rows) != len(questions):
-            raise ValueError(
+            raise DataFileError(
                 f"{answers_path}: {len(rows)} answers without question_id but {questions_path} "
                 f"has {len(questions)} questions; such answers are matched by line order"
             )
         return [_answer_text(row, answers_path, line) for line, row in rows]
     if len(with_id) != len(rows):
         first_missing = next(line for line, row in rows if "question_id" not in row)
-        raise ValueError(
+        raise DataFileError(
             f"{answers_path}:{first_missing}: answer has no question_id while other lines do"
         )
     question_ids = {str(q["question_id"]) for q in questions}
@@ -173,12 +164,12 @@ def match_answers(
     for line, row in rows:
         key = str(row["question_id"])
         if key in line_of:
-            raise ValueError(
+            raise DataFileError(
                 f"{answers_path}:{line}: duplicate answer for question_id {row['question_id']!r} "
                 f"(first on line {line_of[key]})"
             )
         if key not in question_ids:
-            raise ValueError(
+            raise DataFileError(
                 f"{answers_path}:{line}: question_id {row['question_id']!r} is not in "
                 f"{questions_path}"
             )
@@ -186,7 +177,7 @@ def match_answers(
         by_id[key] = _answer_text(row, answers_path, line)
     missing = [q["question_id"] for q in questions if str(q["question_id"]) not in by_id]
     if missing:
-        raise ValueError(
+        raise DataFileError(
             f"{answers_path}: no answer for {len(missing)} question(s) of {questions_path}, "
             f"e.g. question_id {missing[:5]}"
         )

@@ -16,21 +16,25 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common import dist
 from minigpt4.common.config import ConfigError
-from minigpt4.conversation.conversation import format_eval_prompt
+from minigpt4.common.files import NotRegularFileError, require_regular_file
+from minigpt4.common.jsonfiles import DataFileError, parse_json, read_text
+from minigpt4.common.paths import join_inside
 from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.generate import GenerationItem, generate_all
+from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
 from minigpt4.models.feature_cache import FeatureInputModel, build_feature_source
 from minigpt4.processors.image import build_image_processor
 
 log = logging.getLogger(__name__)
 
-# The reference POPE/CHAIR system text (AdaVIB, OPERA) and prompt (SPEC §4).
+# AdaVIB's POPE/CHAIR system text and this harness's one-string prompt (protocol single-string-pope's, MiniGPT-4).
 REFERENCE_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
                     "helpful, detailed, and polite answers to the user's questions. Please answer the question. ")
 REFERENCE_PROMPT = "{system}###Human: <Img><ImageHere></Img> {question}###Assistant:"
 POPE_SPLITS = ("random", "popular", "adversarial")
+DEFAULT_TEMPLATE = "vicuna_v0"  # the prompt family when no model says otherwise (minigpt4/eval/protocol_runs.py)
 
 
 @dataclass
@@ -38,23 +42,28 @@ class PopeSettings:
     version: str = "coco-2023-08"  # coco-2023-08 (LLaVA-1.5 / AdaVIB) | coco-2023-10
     dir: Optional[str] = None  # folder with {split}.jsonl; default: the shipped files of `version`
     splits: list[str] = field(default_factory=lambda: list(POPE_SPLITS))
-    rule: str = "reference"  # reference | first-sentence
-    max_new_tokens: int = 10
-    # appended to every question; LLaVA-1.5's official POPE protocol uses
-    # "\nAnswer the question using a single word or phrase."
-    question_suffix: str = ""
+    # A named protocol (python -m minigpt4.eval.protocols): prompt, tokenization, generation, answer rule. The keys
+    # below are null = the protocol's; a value other than the protocol's is recorded as NAME+overrides.
+    protocol: str = "single-string-pope"
+    rule: Optional[str] = None  # reference | first-sentence
+    max_new_tokens: Optional[int] = None
+    question_suffix: Optional[str] = None  # appended to every question (llava15-pope: "\nAnswer the question …")
+    question_cleaning: Optional[str] = None  # none | blip_caption (adavib-pope)
 
 
 @dataclass
 class ChairSettings:
-    images: Optional[str] = None  # .txt (one file name or id per line) or caption JSON; null: sample image_dir
-    num_images: Optional[int] = 500  # sample size when `images` is null (OPERA: 500 random val2014 images)
-    sample_seed: int = 0
-    question: str = "Describe this image."
-    max_new_tokens: int = 256
+    # A named protocol (python -m minigpt4.eval.protocols): prompt, images, generation, sentence handling. The keys
+    # below are null = the protocol's; a value other than the protocol's is recorded as NAME+overrides.
+    protocol: str = "describe-sampled-500"
+    images: Optional[str] = None  # .txt (one file name or id per line) or caption JSON; adavib-chair needs one
+    num_images: Optional[int] = None  # sample size (describe-sampled-500) or cap of the list
+    sample_seed: Optional[int] = None
+    question: Optional[str] = None
+    max_new_tokens: Optional[int] = None
+    sentences: Optional[str] = None  # keep | drop-unfinished | drop-unk (CHAIR sentence handling)
     coco_annotations: Optional[str] = None  # folder with instances_*2014.json and captions_*2014.json
     synonyms: Optional[str] = None  # default: the reference 80-category synonyms
-    protocol: Optional[str] = None  # name in results; default "chair-{n}img-{max_new_tokens}tok"
 
 
 @dataclass
@@ -63,18 +72,25 @@ class EvalSettings:
     output_dir: str = "out/eval"
     name: str = "model"  # model label in metrics.json and the results table
     image_dir: Optional[str] = None  # COCO val2014 images
+    # true: a POPE `image` / CHAIR list entry may be an absolute path or climb out of image_dir with ".."
+    allow_outside_image_dir: bool = False
     batch_size: int = 8
     device: str = "auto"
-    system: str = REFERENCE_SYSTEM
-    prompt_format: str = REFERENCE_PROMPT
+    system: Optional[str] = None  # null: each task's protocol's system text, prompt format and beams
+    prompt_format: Optional[str] = None  # {system}, {question}, <ImageHere> once
     vis_processor: dict[str, Any] = field(default_factory=lambda: {"name": "blip2_image_eval", "image_size": 224})
-    num_beams: int = 1
+    num_beams: Optional[int] = None
     sort_by_length: bool = True
     use_cache: bool = True  # KV cache during generation (switch off only to measure what it saves)
     feature_cache: Optional[str] = None  # folder of cached encoder outputs; null: encode every time
     on_bad_image: str = "error"  # error | skip
     bootstrap: int = 1000  # resamples for the confidence intervals (0: none)
     seed: int = 0
+    # Mirrors of the results, as training's run.tensorboard / run.wandb (minigpt4/eval/eval_logging.py): metrics
+    # and per-item tables to {output_dir}/tensorboard, and to a W&B run (offline unless WANDB_MODE says otherwise).
+    tensorboard: bool = False
+    wandb: bool = False
+    wandb_project: str = "minigpt4-adavib"
     pope: PopeSettings = field(default_factory=PopeSettings)
     chair: ChairSettings = field(default_factory=ChairSettings)
 
@@ -82,24 +98,11 @@ class EvalSettings:
 def validate_eval_settings(ev) -> None:
     """Value checks the types cannot express, run before the model is built (a bad batch size or prompt would
     otherwise fail only after loading 7B weights, or, for a prompt without {question}, not fail at all).
-    `ev` is the `eval:` section (a DictConfig or an EvalSettings); raises ConfigError naming the key."""
-    at_least = [("batch_size", ev.batch_size, 1), ("num_beams", ev.num_beams, 1), ("bootstrap", ev.bootstrap, 0),
-                ("pope.max_new_tokens", ev.pope.max_new_tokens, 1),
-                ("chair.max_new_tokens", ev.chair.max_new_tokens, 1)]
-    if ev.chair.num_images is not None:
-        at_least.append(("chair.num_images", ev.chair.num_images, 1))
-    for key, value, low in at_least:
+    `ev` is the `eval:` section (a DictConfig or an EvalSettings); raises ConfigError naming the key. The protocol
+    keys (prompt, beams, new tokens, rule, images) are checked by protocol_runs.protocol_runs."""
+    for key, value, low in [("batch_size", ev.batch_size, 1), ("bootstrap", ev.bootstrap, 0)]:
         if value < low:
             raise ConfigError(f"eval.{key} = {value}; expected an integer >= {low}")
-    try:
-        marker = "\x00question\x00"
-        prompt = format_eval_prompt(ev.prompt_format, system="", question=marker)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(f"eval.prompt_format = {ev.prompt_format!r}: {err!r}; expected a format string with "
-                          "{system}, {question} and <ImageHere> once") from None
-    if marker not in prompt:
-        raise ConfigError(f"eval.prompt_format = {ev.prompt_format!r} has no {{question}} field: every question "
-                          "would get the same prompt")
     vis = OmegaConf.to_container(ev.vis_processor) if isinstance(ev.vis_processor, DictConfig) else ev.vis_processor
     try:
         build_image_processor(vis)
@@ -118,9 +121,13 @@ def validate_eval_settings(ev) -> None:
                 path = pope_question_file(ev.pope, split)
             except ValueError as err:
                 raise ConfigError(str(err)) from None
-            if not os.path.isfile(path):
+            if not os.path.exists(path):
                 where = "eval.pope.dir" if ev.pope.dir is not None else f"eval.pope.version = {ev.pope.version!r}"
                 raise ConfigError(f"eval.pope.splits: no questions file {path} for split {split!r} ({where})")
+            try:  # a FIFO or a link to /dev/zero: say what it is (reading it would block)
+                require_regular_file(path, f"POPE questions file for split {split!r}")
+            except NotRegularFileError as err:
+                raise ConfigError(f"eval.pope.splits: {err}") from None
 
 
 def pope_question_file(settings: PopeSettings, split: str) -> str:
@@ -133,12 +140,13 @@ def pope_question_file(settings: PopeSettings, split: str) -> str:
     return str(shipped)
 
 
-def resolve_image(image_dir: str, name: str | int) -> str:
+def resolve_image(image_dir: str, name: str | int, *, entry: str = "an entry", allow_outside: bool = False) -> str:
     """The image file of a POPE/CHAIR entry: a file name as given, or for a bare COCO id the val2014 name
-    (COCO_val2014_000000xxxxxx.jpg) or the zero-padded one (000000xxxxxx.jpg), whichever exists."""
+    (COCO_val2014_000000xxxxxx.jpg) or the zero-padded one (000000xxxxxx.jpg), whichever exists. A name that
+    leaves image_dir is refused (OutsideFolderError naming `entry`) unless `allow_outside`."""
     text = str(name)
     if not text.isdigit():
-        return os.path.join(image_dir, text)
+        return join_inside(image_dir, text, entry=entry, option="eval.allow_outside_image_dir", allow=allow_outside)
     candidates = [f"COCO_val2014_{int(text):012d}.jpg", f"{int(text):012d}.jpg"]
     for candidate in candidates:
         if os.path.exists(os.path.join(image_dir, candidate)):
@@ -194,25 +202,108 @@ class GenerationInputs:
                  self.source.cache.root)
 
 
-def run_pope(model, settings: EvalSettings, out_dir: str) -> dict:
+CHAIR_CAPTIONS = "chair_captions.jsonl"
+
+
+def pope_answers_name(split: str) -> str:
+    return f"pope_{split}_answers.jsonl"
+
+
+def task_run(settings: EvalSettings, task: str, run: Optional[ProtocolRun] = None,
+             template: str = DEFAULT_TEMPLATE) -> ProtocolRun:
+    """`run` if given, else `task`'s protocol run under `settings` for a model of prompt `template`."""
+    return run if run is not None else resolve_run(settings, task, template)
+
+
+def require_images(items: list[GenerationItem], settings: EvalSettings, what: str) -> None:
+    """With on_bad_image=error, every image the items ask for must exist now, before the model is built; the
+    message names the missing ones (with skip they are skipped one by one while generating)."""
+    if settings.on_bad_image != "error":
+        return
+    missing = [path for path in dict.fromkeys(it.image for it in items) if not os.path.exists(path)]
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise DataFileError(f"eval.image_dir = {settings.image_dir}: {len(missing)} image(s) of {what} are missing: "
+                            f"{shown} (eval.on_bad_image=skip leaves them out)")
+
+
+def pope_items(settings: EvalSettings, split: str,
+               run: Optional[ProtocolRun] = None) -> tuple[str, list[dict], list[GenerationItem]]:
+    """(question file, its questions, one generation item per question) of a POPE split under `run`."""
+    run = task_run(settings, "pope", run)
+    q_path = pope_question_file(settings.pope, split)
+    questions = pope_scorer.load_questions(q_path, require_text=True)
+    items = [GenerationItem(
+        key=str(q["question_id"]),
+        image=resolve_image(settings.image_dir, q["image"], entry=f"{q_path}: question_id {q['question_id']!r}",
+                            allow_outside=settings.allow_outside_image_dir),
+        prompt=run.pope_prompt(q["text"]),
+        extra={"question_id": q["question_id"], "image": q["image"]}) for q in questions]
+    return q_path, questions, items
+
+
+def chair_items(settings: EvalSettings, run: Optional[ProtocolRun] = None) -> list[GenerationItem]:
+    """One captioning item per CHAIR image of `run`; an empty image list is an error (nothing would be scored)."""
+    run = task_run(settings, "chair", run)
+    names = chair_image_list(settings, run)
+    source = run.images
+    if not names:
+        where = (f"eval.chair.images: {source} lists no images" if source is not None else
+                 f"eval.image_dir: {settings.image_dir} has no .jpg/.jpeg/.png file to sample CHAIR images from")
+        raise DataFileError(f"{where}; CHAIR needs at least one image")
+    prompt = run.chair_prompt()
+    items = []
+    for name in names:
+        image_id = chair_scorer.parse_image_id(Path(name).name)
+        image = resolve_image(settings.image_dir, name, entry=f"eval.chair.images: {source}: entry {name!r}",
+                              allow_outside=settings.allow_outside_image_dir)
+        items.append(GenerationItem(key=str(image_id), image=image, prompt=prompt, extra={"image_id": image_id}))
+    return items
+
+
+def planned_items(settings: EvalSettings,
+                  runs: Optional[dict[str, ProtocolRun]] = None) -> dict[str, list[GenerationItem]]:
+    """Answers file name -> its generation items, for every task and split `settings` asks for; with
+    on_bad_image=error a CHAIR image missing from eval.image_dir is an error here, before the model is built."""
+    runs = runs or {}
+    planned = {}
+    if "pope" in settings.tasks:
+        planned.update({pope_answers_name(split): pope_items(settings, split, runs.get("pope"))[2]
+                        for split in settings.pope.splits})
+    if "chair" in settings.tasks:
+        run = task_run(settings, "chair", runs.get("chair"))
+        planned[CHAIR_CAPTIONS] = chair_items(settings, run)
+        require_images(planned[CHAIR_CAPTIONS], settings, f"eval.chair.protocol = {run.label}")
+    return planned
+
+
+def model_template(model) -> str:
+    template = getattr(model, "template", None)
+    return getattr(template, "name", DEFAULT_TEMPLATE)
+
+
+def protocol_result(run: ProtocolRun) -> dict:
+    """The protocol fields of a task's result: label, name, source and the overridden keys."""
+    result = {"protocol": run.label, "protocol_name": run.named.name, "protocol_source": run.named.source}
+    if run.overrides:
+        result["protocol_overrides"] = run.overrides
+    return result
+
+
+def run_pope(model, settings: EvalSettings, out_dir: str, run: Optional[ProtocolRun] = None) -> dict:
     """With on_bad_image=skip, questions whose image could not be read get no answer; they are left out of
     the scores (a copy of the questions file without them is scored) and counted under "skipped"."""
+    run = task_run(settings, "pope", run, model_template(model))
     inputs = GenerationInputs(model, settings)
     question_files, answer_files, skipped = [], [], {}
     for split in settings.pope.splits:
-        q_path = pope_question_file(settings.pope, split)
-        questions = pope_scorer.load_questions(q_path, require_text=True)
-        items = [GenerationItem(
-            key=str(q["question_id"]), image=resolve_image(settings.image_dir, q["image"]),
-            prompt=format_eval_prompt(settings.prompt_format, system=settings.system,
-                                      question=q["text"] + settings.pope.question_suffix),
-            extra={"question_id": q["question_id"], "image": q["image"]}) for q in questions]
-        out_path = os.path.join(out_dir, f"pope_{split}_answers.jsonl")
+        q_path, questions, items = pope_items(settings, split, run)
+        out_path = os.path.join(out_dir, pope_answers_name(split))
         inputs.prepare(items)
         predictions = generate_all(
-            inputs.model, items, out_path=out_path, load_image=inputs.load_image, batch_size=settings.batch_size,
-            sort_by_length=settings.sort_by_length, desc=f"POPE {split}",
-            generate_kwargs=dict(max_new_tokens=settings.pope.max_new_tokens, num_beams=settings.num_beams))
+            ProtocolModel(inputs.model, run), items, out_path=out_path, load_image=inputs.load_image,
+            batch_size=settings.batch_size, sort_by_length=settings.sort_by_length, desc=f"POPE {split}",
+            generate_kwargs=run.generate_kwargs())
         unanswered = [q for q in questions if str(q["question_id"]) not in predictions]
         if unanswered and dist.get_rank() == 0:
             if len(unanswered) == len(questions):
@@ -224,9 +315,10 @@ def run_pope(model, settings: EvalSettings, out_dir: str) -> dict:
         answer_files.append(out_path)
     if dist.get_rank() != 0:
         return {}
-    result = pope_scorer.score_pope(question_files, answer_files, rule=settings.pope.rule,
+    result = pope_scorer.score_pope(question_files, answer_files, rule=run.used.answer_rule,
                                     end_string=model.end_sym, n_bootstrap=settings.bootstrap, seed=settings.seed)
     result["pope_version"] = settings.pope.version if settings.pope.dir is None else settings.pope.dir
+    result.update(protocol_result(run))
     if skipped:  # each split's warning was logged when its scored copy was written
         result["skipped"] = skipped
     print(pope_scorer.format_table(result))
@@ -250,43 +342,39 @@ def _write_answered_questions(questions: list[dict], unanswered: list[dict], sou
     return path
 
 
-def chair_image_list(settings: EvalSettings) -> list[str]:
-    """Image names for CHAIR: from a list file, a caption JSON, or a seeded sample of image_dir."""
-    source = settings.chair.images
+def chair_image_list(settings: EvalSettings, run: Optional[ProtocolRun] = None) -> list[str]:
+    """Image names for CHAIR under `run`: from a list file (the protocol's shipped one, or eval.chair.images), a
+    caption JSON, or a seeded sample of image_dir; at most the protocol's (or eval.chair.num_images) many."""
+    run = task_run(settings, "chair", run)
+    source, k = run.images, run.used.num_images
     if source is None:
         names = sorted(n for n in os.listdir(settings.image_dir) if n.lower().endswith((".jpg", ".jpeg", ".png")))
-        k = settings.chair.num_images
-        return names if k is None or k >= len(names) else sorted(random.Random(settings.chair.sample_seed).sample(names, k))
-    if source.endswith(".json"):
-        try:
-            with open(source, encoding="utf-8") as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"eval.chair.images: {source}:{err.lineno}:{err.colno}: malformed JSON: "
-                             f"{err.msg}") from None
+        return names if k is None or k >= len(names) else sorted(random.Random(run.used.sample_seed).sample(names, k))
+    is_json = source.endswith(".json")
+    try:
+        text = read_text(source)
+        rows = parse_json(text, source) if is_json else None
+    except DataFileError as err:
+        raise DataFileError(f"eval.chair.images: {err}") from None
+    if is_json:
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "image_id" in r for r in rows):
-            raise ValueError(f"eval.chair.images: {source} must be a JSON list of objects with an image_id")
+            raise DataFileError(f"eval.chair.images: {source} must be a JSON list of objects with an image_id")
         ids = list(dict.fromkeys(str(r["image_id"]) for r in rows))
     else:
-        with open(source, encoding="utf-8") as f:
-            ids = list(dict.fromkeys(line.strip() for line in f if line.strip()))
-    return ids if settings.chair.num_images is None else ids[: settings.chair.num_images]
+        ids = list(dict.fromkeys(line.strip() for line in text.split("\n") if line.strip()))
+    return ids if k is None else ids[:k]
 
 
-def run_chair(model, settings: EvalSettings, out_dir: str) -> dict:
+def run_chair(model, settings: EvalSettings, out_dir: str, run: Optional[ProtocolRun] = None) -> dict:
+    run = task_run(settings, "chair", run, model_template(model))
     inputs = GenerationInputs(model, settings)
-    prompt = format_eval_prompt(settings.prompt_format, system=settings.system, question=settings.chair.question)
-    items = []
-    for name in chair_image_list(settings):
-        image_id = chair_scorer.parse_image_id(Path(name).name)
-        items.append(GenerationItem(key=str(image_id), image=resolve_image(settings.image_dir, name), prompt=prompt,
-                                    extra={"image_id": image_id}))
-    out_path = os.path.join(out_dir, "chair_captions.jsonl")
+    items = chair_items(settings, run)
+    out_path = os.path.join(out_dir, CHAIR_CAPTIONS)
     inputs.prepare(items)
     predictions = generate_all(
-        inputs.model, items, out_path=out_path, load_image=inputs.load_image, batch_size=settings.batch_size,
-        sort_by_length=False, desc="CHAIR captions",
-        generate_kwargs=dict(max_new_tokens=settings.chair.max_new_tokens, num_beams=settings.num_beams))
+        ProtocolModel(inputs.model, run), items, out_path=out_path, load_image=inputs.load_image,
+        batch_size=settings.batch_size, sort_by_length=False, desc="CHAIR captions",
+        generate_kwargs=run.generate_kwargs())
     if dist.get_rank() != 0:
         return {}
     skipped = sorted(it.image for it in items if it.key not in predictions)  # on_bad_image: skip
@@ -296,9 +384,11 @@ def run_chair(model, settings: EvalSettings, out_dir: str) -> dict:
     gt = chair_scorer.build_ground_truth(settings.chair.coco_annotations,
                                          cache=chair_scorer.default_cache_path(settings.chair.coco_annotations),
                                          scorer=scorer)
-    rows = chair_scorer.load_captions(out_path, image_id_key="image_id", caption_key="answer")
+    rows = [dict(row, caption=run.caption_for_scoring(row["caption"]))  # the protocol's sentence handling
+            for row in chair_scorer.load_captions(out_path, image_id_key="image_id", caption_key="answer")]
     result = chair_scorer.score_captions(rows, gt, scorer=scorer, n_bootstrap=settings.bootstrap, seed=settings.seed)
-    result["protocol"] = settings.chair.protocol or f"chair-{len(items)}img-{settings.chair.max_new_tokens}tok"
+    result.update(protocol_result(run))
+    result["sentences"] = run.used.sentences
     result["captions_file"] = out_path
     if skipped:  # scored over the captions that exist; the protocol still names the images asked for
         result["skipped"] = {"images": len(skipped), "paths": skipped}

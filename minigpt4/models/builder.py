@@ -2,18 +2,23 @@
 from __future__ import annotations
 
 import logging
+import os
 from contextlib import nullcontext
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from minigpt4.common.config import ConfigError
+from minigpt4.common.config import PATH_KEYS, ConfigError
+from minigpt4.common.files import NotRegularFileError, require_regular_file, require_regular_files_in
+from minigpt4.common.jsonfiles import DataFileError, read_json
 from minigpt4.common.registry import Registry
 from minigpt4.conversation.conversation import get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
-from minigpt4.models.encoders import ImageEncoder
+from minigpt4.models.encoders import ImageEncoder, PatchConcatEncoder
 from minigpt4.models.minigpt4 import MiniGPT4
+from minigpt4.models.numerics import refuse_nonfinite_weights
+from minigpt4.models.precision import built_in, place_encoder, plan_precision
 from minigpt4.models.vib import build_projector
 
 log = logging.getLogger(__name__)
@@ -32,13 +37,8 @@ LLM_PRESETS: dict[str, dict] = {
                        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[name]
+# The JSON files of a tokenizer folder that transformers reads as objects (tokenizer.json is checked whole).
+_TOKENIZER_JSON_OBJECTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
 
 def build_model(cfg: DictConfig | dict, *, device: str | torch.device = "cpu"):
@@ -47,16 +47,78 @@ def build_model(cfg: DictConfig | dict, *, device: str | torch.device = "cpu"):
         from minigpt4.common.config import ModelConfig, merge
 
         cfg = merge(ModelConfig, cfg, where="model")
-    return ARCHITECTURES.get(cfg.arch)(cfg, torch.device(device))
+    device = torch.device(device)
+    if device.type == "meta":
+        return ARCHITECTURES.get(cfg.arch)(cfg, device)
+    check_weight_paths(cfg)
+    model = ARCHITECTURES.get(cfg.arch)(cfg, device)
+    # After every load and cast: a float64 1e300 is finite in its file and inf in the fp32 model.
+    refuse_nonfinite_weights(model, weight_sources(cfg))
+    return model
+
+
+def check_weight_paths(cfg: DictConfig) -> None:
+    """Every weight / tokenizer path is a regular file or a folder of regular files (a FIFO or a link to
+    /dev/zero among them would block transformers or the readers here forever)."""
+    for key in PATH_KEYS:
+        path = cfg.get(key)
+        try:
+            if path is not None and os.path.isdir(path):
+                require_regular_files_in(path, f"file in model.{key}")
+            elif path is not None:
+                require_regular_file(path, f"model.{key}")
+        except NotRegularFileError as err:
+            raise ConfigError(str(err)) from None
+
+
+def weight_sources(cfg: DictConfig) -> dict[str, str]:
+    """{top-level module: where its weights came from}, for messages about them (later sources win)."""
+    sources = {"encoder": ("encoder_path", "blip2_hf_path", "vit_path", "llava_path"), "llm": ("llm_path", "llava_path"),
+               "projector": ("projector_path", "ckpt", "llava_path")}
+    named = {}
+    for part, keys in sources.items():
+        given = [f"model.{k} = {cfg.get(k)}" for k in keys if cfg.get(k) is not None]
+        if cfg.get("full_ckpt") is not None:
+            given.insert(0, f"model.full_ckpt = {cfg.full_ckpt}")
+        named[part] = ", ".join(given) if given else "random initialisation"
+    return named
 
 
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    _check_tokenizer_file(path)
     try:
         return AutoTokenizer.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as err:
         raise ConfigError(f"model.tokenizer_path / llm_path: cannot load a tokenizer from {path}: {err}") from None
+
+
+def _check_tokenizer_file(path: str) -> None:
+    """A tokenizer folder whose JSON files are valid JSON but not what transformers expects (a tokenizer.json
+    that is not a tokenizer, a tokenizer_config.json that is a list) fails inside transformers with a bare
+    KeyError or AttributeError: read them first. The tokenizers library's own parser says what is wrong."""
+    from tokenizers import Tokenizer
+
+    where = "model.tokenizer_path / llm_path"
+    contents = {}
+    for name in _TOKENIZER_JSON_OBJECTS:
+        file = os.path.join(path, name)
+        if os.path.lexists(file):
+            try:
+                contents[name] = read_json(file)
+            except DataFileError as err:
+                raise ConfigError(f"{where}: {err}") from None
+            if not isinstance(contents[name], dict):
+                raise ConfigError(f"{where}: {file}: expected a JSON object, got {type(contents[name]).__name__}")
+    file = os.path.join(path, "tokenizer.json")
+    if "tokenizer.json" in contents:  # absent in a slow (sentencepiece) tokenizer folder
+        if "model" not in contents["tokenizer.json"]:
+            raise ConfigError(f"{where}: {file} is not a Hugging Face tokenizer file (no 'model' entry)")
+        try:
+            Tokenizer.from_file(file)
+        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
+            raise ConfigError(f"{where}: {file} is not a Hugging Face tokenizer file ({err})") from None
 
 
 def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dtype):
@@ -89,13 +151,40 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
     if device.type != "meta" and cfg.full_ckpt is None:  # with full_ckpt the weights arrive after building
         log.warning("model.llm_path is not set: the LLM is randomly initialised (%d layers, width %d)",
                     config.num_hidden_layers, config.hidden_size)
-    return LlamaForCausalLM(config).to(dtype)
+    return random_init(LlamaForCausalLM, config, dtype, device)
 
 
-def load_encoder(encoder: ImageEncoder, cfg: DictConfig) -> None:
-    """Encoder weights from the first of encoder_path / blip2_hf_path / vit_path+qformer_path that is set;
-    the encoder was built on the meta device, so the tensors are assigned (strictly), not copied."""
-    if cfg.encoder_path is not None:
+def random_init(model_class, config, dtype: torch.dtype, device: torch.device):
+    """A transformers model with random weights, materialised once, in `dtype`, on `device`: built on the meta
+    device, given storage there (`to_empty`) and initialised by transformers' own `init_weights` (buffers such as
+    RoPE's fp32 inv_freq included). Built directly, every weight would be drawn twice (the torch layers' own
+    resets, then transformers' init over them: twice the random-number work, most of a 7B build's time on a CPU)
+    and, built in fp32 and cast, held twice for a moment (27 GB for the 7B LLM)."""
+    with torch.device("meta"), built_in(dtype):
+        model = model_class(config)
+    if device.type != "meta":
+        model.to_empty(device=device)
+        model.init_weights()
+    return model
+
+
+def build_encoder(cfg: DictConfig) -> ImageEncoder | PatchConcatEncoder:
+    """`model.visual_tokens`: the Q-Former encoder, or MiniGPT-4's Llama-2 variant (4 patch tokens concatenated)."""
+    attn = {"attn_implementation": cfg.attn_implementation}
+    vision = {**attn, **OmegaConf.to_container(cfg.vision, resolve=True)}
+    if cfg.visual_tokens == "vit_patch4":
+        return PatchConcatEncoder(vision, group=4)
+    return ImageEncoder(vision, {**attn, **OmegaConf.to_container(cfg.qformer, resolve=True)},
+                        num_query_tokens=cfg.num_query_tokens)
+
+
+def load_encoder(encoder: ImageEncoder | PatchConcatEncoder, cfg: DictConfig) -> None:
+    """Encoder weights from the first of encoder_path / blip2_hf_path / vit_path+qformer_path that is set
+    (vit_patch4: vit_path alone); the encoder was built on the meta device, so the tensors are assigned
+    (strictly), not copied."""
+    if cfg.visual_tokens == "vit_patch4" and cfg.vit_path is not None:
+        released_weights.load_lavis_vit_without_qformer(encoder, cfg.vit_path, assign=True)
+    elif cfg.encoder_path is not None:
         released_weights.load_encoder_weights(encoder, cfg.encoder_path, assign=True)
     elif cfg.blip2_hf_path is not None:
         released_weights.load_hf_blip2_snapshot(encoder, cfg.blip2_hf_path, assign=True)
@@ -115,33 +204,32 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
         tokenizer = load_tokenizer(tok_path)
     elif not meta:
         raise ConfigError("model.tokenizer_path (or model.llm_path) is required to build a usable model")
-    llm_dtype = resolve_dtype(cfg.llm_dtype, device)
-    # encoder_device: cpu (low-resource runs) keeps the 1 B-parameter ViT off a small GPU; "auto" is fp32 there.
+    # encoder_device: cpu (low-resource runs) keeps the 1 B-parameter ViT off a small GPU (fp32 there).
     enc_device = torch.device("cpu") if cfg.encoder_device == "cpu" and not meta else device
-    enc_dtype = resolve_dtype(cfg.encoder_dtype, enc_device)
+    precision = plan_precision(cfg, device, enc_device)
     # With encoder weights on disk, build the ~1.1 B-parameter encoder on the meta device and let the strict
     # loader assign the checkpoint tensors: no random init that would be overwritten anyway.
     encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path"))
     with torch.device("meta") if meta or encoder_from_file else nullcontext():
-        attn = {"attn_implementation": cfg.attn_implementation}
-        encoder = ImageEncoder({**attn, **OmegaConf.to_container(cfg.vision, resolve=True)},
-                               {**attn, **OmegaConf.to_container(cfg.qformer, resolve=True)},
-                               num_query_tokens=cfg.num_query_tokens)
+        with built_in(precision.encoder):  # random init: materialised once, in the dtype it runs in
+            encoder = build_encoder(cfg)
     with torch.device("meta") if meta else nullcontext():
-        llm = build_llm(cfg, tokenizer, device, llm_dtype)
+        llm = build_llm(cfg, tokenizer, device, precision.llm)
         projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
                                     kl_on=cfg.vib.kl_on, reparameterize=cfg.vib.reparameterize)
     if meta:
-        return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym)
+        place_encoder(encoder, precision, device)  # dtypes only: a meta model reports the plan's dtypes
+        return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym,
+                        autocast_dtype=precision.autocast)
     load_encoder(encoder, cfg)
-    encoder.to(device=enc_device, dtype=enc_dtype)
+    place_encoder(encoder, precision, enc_device)
     if not cfg.low_resource:
         llm.to(device)
-    projector.to(device)  # trainable: fp32 master weights; autocast handles the matmul precision
+    projector.to(device=device, dtype=torch.float32)  # trainable: fp32 master weights; autocast does the matmuls
     model = MiniGPT4(
         encoder, projector, llm, tokenizer, get_template(cfg.prompt_template),
         end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, num_samples=cfg.vib.num_samples,
-        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive,
+        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive, autocast_dtype=precision.autocast,
     )
     load_model_weights(model, cfg)
     return model

@@ -22,6 +22,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minigpt4.common.files import NotRegularFileError, require_regular_file
+
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
@@ -40,11 +42,28 @@ def key_listing(items: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
-def check_finite(state: Mapping[str, torch.Tensor], source: PathLike) -> None:
-    """NaN/inf in a checkpoint means a diverged run or a corrupt file; refuse it instead of training on it."""
+def check_finite(
+    state: Mapping[str, torch.Tensor], source: PathLike, *, as_dtypes: Mapping[str, torch.dtype] | None = None
+) -> None:
+    """NaN/inf in a checkpoint means a diverged run or a corrupt file; refuse it instead of training on it.
+
+    `as_dtypes` ({key: dtype the model keeps that tensor in}) checks the values after the cast as well: a
+    float64 1e300 is finite in the file and inf in float32, and inf weights give NaN logits, whose greedy
+    answers are empty strings (which POPE scores as "yes").
+    """
     for key, tensor in state.items():
-        if tensor.is_floating_point() and tensor.device.type != "meta" and not torch.isfinite(tensor).all():
+        if not tensor.is_floating_point() or tensor.device.type == "meta":
+            continue
+        if not torch.isfinite(tensor).all():
             raise CheckpointError(f"{source}: tensor {key!r} contains NaN or inf values")
+        target = (as_dtypes or {}).get(key, tensor.dtype)
+        narrower = target.is_floating_point and torch.finfo(target).max < torch.finfo(tensor.dtype).max
+        if narrower and not torch.isfinite(tensor.to(target)).all():
+            raise CheckpointError(
+                f"{source}: tensor {key!r} ({tensor.dtype}) has values up to {tensor.abs().max().item():.3g}, "
+                f"beyond the range of {target} (largest {torch.finfo(target).max:.3g}) that the model keeps "
+                "it in: they would become inf. The file is damaged or from a diverged run"
+            )
 
 
 def load_state_file(path: PathLike, *, check_values: bool = True) -> dict[str, torch.Tensor]:
@@ -53,9 +72,10 @@ def load_state_file(path: PathLike, *, check_values: bool = True) -> dict[str, t
     Pickles are read with `weights_only=True`: a file whose pickle would construct arbitrary objects or call
     functions is refused, never executed. {"model": ...} / {"state_dict": ...} wrappers are unwrapped.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:  # a FIFO or a link to /dev/zero would block the reader forever
+        path = require_regular_file(path, "checkpoint file")
+    except NotRegularFileError as err:
+        raise CheckpointError(str(err)) from None
     suffix = path.suffix.lower()
     if suffix == ".safetensors":
         try:
@@ -148,7 +168,10 @@ def load_strict(
     assign=True hands the checkpoint tensors to the module instead of copying (keeping their dtype): use it
     for a module built on the meta device, which skips the random init and halves peak memory.
     """
-    check_state_dict(module.state_dict(), state_dict, what=what, source=source)
+    expected = module.state_dict()
+    check_state_dict(expected, state_dict, what=what, source=source)
+    if not assign:  # copying casts to the module's dtypes; assigned tensors keep their own (checked on reading)
+        check_finite(state_dict, source, as_dtypes={k: v.dtype for k, v in expected.items()})
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
@@ -204,6 +227,7 @@ def load_trainable(model: nn.Module, path: PathLike) -> list[str]:
             lines.append(f"  {len(mismatched)} shape mismatch(es): {key_listing(mismatched, limit=6)}")
         lines += _projector_type_hint(missing, unexpected)
         raise CheckpointError("\n".join(lines))
+    check_finite(state, path, as_dtypes={k: own[k].dtype for k in state})
     with torch.no_grad():
         for key, tensor in state.items():
             own[key].copy_(tensor)  # state_dict() tensors share storage with the parameters/buffers

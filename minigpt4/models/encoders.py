@@ -1,4 +1,6 @@
-"""The frozen image encoder of MiniGPT-4: EVA-CLIP ViT-g/14 -> ln_vision -> Q-Former -> 32 query vectors.
+"""The frozen image encoders of MiniGPT-4: EVA-CLIP ViT-g/14 -> ln_vision, then either the Q-Former's 32 query
+vectors (`ImageEncoder`, MiniGPT-4 with Vicuna) or, with no Q-Former, each 4 consecutive patch tokens concatenated
+(`PatchConcatEncoder`, MiniGPT-4's Llama-2 variant).
 
 Built from transformers' BLIP-2 modules (`Blip2VisionModel`, `Blip2QFormerModel`), which hold the same
 weights as LAVIS's `VisionTransformer` + `BertModel` once the keys are renamed (see
@@ -14,7 +16,8 @@ weights as LAVIS's `VisionTransformer` + `BertModel` once the keys are renamed (
 * transformers' Q-Former computes in its own parameter dtype and casts the image features to it. MiniGPT-4
   kept the Q-Former in fp32 and ran it under fp16 autocast; choose the dtype/autocast in the caller.
 * LAVIS converted only the ViT's Linear/Conv weights to fp16 (norms, q/v biases, position embeddings stayed
-  fp32); here the whole vision tower has one dtype, chosen by the caller.
+  fp32); `model.precision: reference` does the same (minigpt4/models/precision.py), and the embeddings are
+  computed as LAVIS computes them (`lavis_vision_embeddings`), so the residual stream is then fp32 as there.
 * The encoder is frozen in this project, so it never enters training mode (`train()` keeps it in eval):
   the Q-Former's BERT dropout (0.1) must not be active, exactly as LAVIS's `disabled_train` ensured.
 """
@@ -113,11 +116,54 @@ def build_qformer_config(overrides: dict[str, Any] | None = None, *, vision_widt
     return Blip2QFormerConfig(**merged)
 
 
-class ImageEncoder(nn.Module):
+def lavis_vision_embeddings(embeddings: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """CLS + patch embeddings + position embeddings, in the dtypes LAVIS's `VisionTransformer.forward_features`
+    gets: the patch conv in its weight dtype, the CLS token and position embeddings in theirs, combined with
+    torch's type promotion. With fp16 Linear/Conv weights and fp32 embeddings (LAVIS `convert_weights_to_fp16`)
+    the sum, and with it the whole residual stream, is fp32. transformers' `Blip2VisionEmbeddings` casts all to
+    the conv's dtype instead; with one dtype everywhere the two are the same computation."""
+    patch_embeds = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+    patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
+    class_embeds = embeddings.class_embedding.expand(patch_embeds.shape[0], 1, -1)
+    tokens = torch.cat([class_embeds, patch_embeds], dim=1)
+    return tokens + embeddings.position_embedding[:, : tokens.shape[1]]
+
+
+class VisionTrunk(nn.Module):
+    """pixels [B, 3, H, W] -> ln_vision(EVA ViT) [B, 1 + patches, vision width]: what both encoders start from.
+
+    Attribute names are part of the checkpoint format (`vision_model.*`, `ln_vision.*`), matching the HF BLIP-2
+    layout except that `ln_vision` is its own module. Frozen in this project: it never enters training mode.
+    """
+
+    def __init__(self, vision_config: dict[str, Any] | None = None):
+        super().__init__()
+        v_cfg = build_vision_config(vision_config)
+        self.vision_model = Blip2VisionModel(v_cfg)
+        # LAVIS's ViT ends without a norm; its ln_vision (eps 1e-5, fp32) is ours below.
+        self.vision_model.post_layernorm = nn.Identity()
+        self.ln_vision = FP32LayerNorm(v_cfg.hidden_size, eps=LN_VISION_EPS)
+
+    @property
+    def vision_config(self) -> Blip2VisionConfig:
+        return self.vision_model.config
+
+    def train(self, mode: bool = True):
+        # Frozen encoder: always eval, so no dropout ever fires even inside a model in train mode.
+        return super().train(False)
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
+            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
+        embeds = lavis_vision_embeddings(self.vision_model.embeddings, pixel_values)
+        hidden = self.vision_model.encoder(inputs_embeds=embeds).last_hidden_state
+        return self.ln_vision(hidden)
+
+
+class ImageEncoder(VisionTrunk):
     """pixels [B, 3, H, W] -> Q-Former query outputs [B, num_query_tokens, qformer hidden].
 
-    Attribute names are part of the checkpoint format (`vision_model.*`, `ln_vision.*`, `qformer.*`,
-    `query_tokens`), matching the HF BLIP-2 layout except that `ln_vision` is its own module.
+    Checkpoint keys: `vision_model.*`, `ln_vision.*`, `qformer.*`, `query_tokens`.
     """
 
     def __init__(
@@ -126,25 +172,15 @@ class ImageEncoder(nn.Module):
         qformer_config: dict[str, Any] | None = None,
         num_query_tokens: int = NUM_QUERY_TOKENS,
     ):
-        super().__init__()
         if num_query_tokens < 1:
             raise ValueError(f"num_query_tokens must be >= 1, got {num_query_tokens}")
-        v_cfg = build_vision_config(vision_config)
-        q_cfg = build_qformer_config(qformer_config, vision_width=v_cfg.hidden_size)
-
-        self.vision_model = Blip2VisionModel(v_cfg)
-        # LAVIS's ViT ends without a norm; its ln_vision (eps 1e-5, fp32) is ours below.
-        self.vision_model.post_layernorm = nn.Identity()
-        self.ln_vision = FP32LayerNorm(v_cfg.hidden_size, eps=LN_VISION_EPS)
+        super().__init__(vision_config)
+        q_cfg = build_qformer_config(qformer_config, vision_width=self.vision_config.hidden_size)
         self.qformer = Blip2QFormerModel(q_cfg)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, q_cfg.hidden_size))
         # Same init as LAVIS (only matters for random-weight tests; real runs load checkpoints).
         nn.init.normal_(self.query_tokens, mean=0.0, std=q_cfg.initializer_range)
         self.train(False)
-
-    @property
-    def vision_config(self) -> Blip2VisionConfig:
-        return self.vision_model.config
 
     @property
     def qformer_config(self) -> Blip2QFormerConfig:
@@ -159,15 +195,8 @@ class ImageEncoder(nn.Module):
         """Width of each output query vector (the projector's input width)."""
         return self.qformer.config.hidden_size
 
-    def train(self, mode: bool = True) -> "ImageEncoder":
-        # Frozen encoder: always eval, so Q-Former dropout never fires even inside a model in train mode.
-        return super().train(False)
-
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if pixel_values.dim() != 4 or pixel_values.shape[1] != 3:
-            raise ValueError(f"pixel_values must be [B, 3, H, W], got {tuple(pixel_values.shape)}")
-        image_embeds = self.vision_model(pixel_values=pixel_values).last_hidden_state
-        image_embeds = self.ln_vision(image_embeds)
+        image_embeds = self.vision_features(pixel_values)
         query_embeds = self.query_tokens.expand(image_embeds.shape[0], -1, -1)
         # Every image token is attended to. An all-ones encoder_attention_mask is the same as no mask
         # (transformers drops it after checking it on the device), so we pass none and skip that check.
@@ -177,3 +206,32 @@ class ImageEncoder(nn.Module):
             encoder_attention_mask=None,
         )
         return out.last_hidden_state
+
+
+class PatchConcatEncoder(VisionTrunk):
+    """MiniGPT-4's Llama-2 variant, which has no Q-Former: ln_vision(ViT) with the CLS token dropped, each
+    `group` consecutive patch tokens concatenated, [B, 256, 1408] -> [B, 64, 4 · 1408 = 5632] at 224 px
+    (Vision-CAIR/MiniGPT-4 minigpt4/models/minigpt4.py `encode_img`: `image_embeds[:, 1:, :]` then
+    `view(bs, pn / 4, hs * 4)`). Checkpoint keys: `vision_model.*`, `ln_vision.*`.
+    """
+
+    def __init__(self, vision_config: dict[str, Any] | None = None, group: int = 4):
+        super().__init__(vision_config)
+        cfg = self.vision_config
+        patches = (cfg.image_size // cfg.patch_size) ** 2
+        if group < 1 or patches % group:
+            raise ValueError(f"vision config: {patches} patch tokens ({cfg.image_size} px / patch {cfg.patch_size}) "
+                             f"cannot be concatenated in groups of {group}")
+        self.group = group
+        self.num_query_tokens = patches // group  # image slots in the prompt
+        self.train(False)
+
+    @property
+    def out_dim(self) -> int:
+        """Width of each visual token (the projector's input width): `group` patch tokens side by side."""
+        return self.vision_config.hidden_size * self.group
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        patches = self.vision_features(pixel_values)[:, 1:]
+        batch, count, width = patches.shape
+        return patches.reshape(batch, count // self.group, width * self.group)

@@ -34,7 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
-from minigpt4.common.files import sha256_file
+from minigpt4.common.files import NotRegularFileError, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,9 @@ class CachedFeatureSource:
 
     def digest(self, path: str) -> str:
         if path not in self._digests:
-            try:
-                self._digests[path] = sha256_file(path)
-            except OSError:
+            try:  # refuses a FIFO or a link to /dev/zero from its metadata: hashing one would never end
+                self._digests[path] = sha256_file(path, "image")
+            except (OSError, NotRegularFileError):
                 self._digests[path] = ""  # unreadable: let load_pixels report it (or skip it) as usual
         return self._digests[path]
 

@@ -39,7 +39,8 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.conversation import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
-from minigpt4.models.builder import ARCHITECTURES, load_model_weights, load_tokenizer, resolve_dtype
+from minigpt4.models.builder import ARCHITECTURES, load_model_weights, load_tokenizer, random_init
+from minigpt4.models.precision import place_encoder, plan_precision
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
 
@@ -222,7 +223,8 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     if not cfg.prompt_template.startswith("llava"):
         log.warning("model.prompt_template = %r with model.arch = llava15; LLaVA-1.5 was trained on 'llava15'",
                     cfg.prompt_template)
-    llm_dtype = resolve_dtype(cfg.llm_dtype, device)
+    precision = plan_precision(cfg, device)  # auto, fp32 or bf16 (reference is MiniGPT-4's; refused in config)
+    llm_dtype = precision.llm
     if cfg.llava_path is not None and not meta:
         hf = load_llava_folder(cfg.llava_path, dtype=llm_dtype, attn_implementation=cfg.attn_implementation)
         _check_against_folder(cfg, hf.config)
@@ -233,8 +235,7 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
             _check_against_folder(cfg, config)
         else:
             config = llava_config_from(cfg, tokenizer)
-        with torch.device("meta") if meta else nullcontext():
-            hf = LlavaForConditionalGeneration(config).to(llm_dtype)
+        hf = random_init(LlavaForConditionalGeneration, config, llm_dtype, device)
         if not meta:
             log.warning("model.llava_path is not set: LLaVA is randomly initialised (LLM width %d, %d layers)",
                         config.text_config.hidden_size, config.text_config.num_hidden_layers)
@@ -242,10 +243,12 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     with torch.device("meta") if meta else nullcontext():
         projector = build_llava_projector(cfg, mlp, hf.config)
     template = get_template(cfg.prompt_template)
-    if meta:
+    if meta:  # dtypes only, as the real build places them: a meta model reports the plan's dtypes
+        place_encoder(encoder, precision, device)
+        projector.to(dtype=torch.float32)
         return Llava15(encoder, projector, llm, None, template, end_sym=cfg.end_sym)
 
-    encoder.to(device=device, dtype=resolve_dtype(cfg.encoder_dtype, device))
+    place_encoder(encoder, precision, device)
     llm.to(device)
     projector.to(device=device, dtype=torch.float32)  # trainable: fp32 master weights, autocast does the rest
     model = Llava15(

@@ -6,13 +6,17 @@ from a config in `builder.py`.
 """
 from __future__ import annotations
 
+import functools
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, Template
+from minigpt4.conversation.conversation import Template
+from minigpt4.models.numerics import NonFiniteLogitsGuard
+from minigpt4.models.tokenization import SegmentTokenizer
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +42,28 @@ class TextBatch:
         return TextBatch(mv(self.input_ids), mv(self.image_mask), mv(self.attention_mask), mv(self.labels))
 
 
+def foldable_head_input(head: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook of the LM head. When generating, transformers hands it `hidden[:, -1:]`, a (B, 1, d) view
+    whose batch stride is the whole prompt's; torch.matmul cannot fold that into one (B, d) × (d, V) product, so it
+    expands the head to (B, d, V), copies it and runs a bmm: B × 262 MB copied per prefill at 7B (1-2 s on a
+    CPU, 80× the product itself). A fresh copy of the few hidden rows makes it one mm, with the same result."""
+    hidden = args[0]
+    if hidden.dim() == 3 and hidden.stride(0) != hidden.stride(1) * hidden.shape[1]:
+        hidden = hidden.clone(memory_format=torch.contiguous_format)
+    return (hidden, *args[1:])
+
+
+def under_model_autocast(method):
+    """Run `method` inside the model's own autocast (`MiniGPT4.autocast`; none unless model.precision asks)."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        with self.autocast():
+            return method(self, *args, **kwargs)
+
+    return wrapper
+
+
 class MiniGPT4(nn.Module):
     def __init__(
         self,
@@ -52,8 +78,10 @@ class MiniGPT4(nn.Module):
         num_samples: int = 1,
         beta: float = 0.0,
         adaptive: bool = True,
+        autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
+        self.autocast_dtype = autocast_dtype  # model.precision: reference -> fp16 (models/precision.py)
         self.encoder = encoder
         self.projector = projector
         self.llm = llm
@@ -71,6 +99,7 @@ class MiniGPT4(nn.Module):
         for module in frozen:
             module.requires_grad_(False)
             module.eval()
+        llm.get_output_embeddings().register_forward_pre_hook(foldable_head_input)
         if tokenizer is not None:
             if tokenizer.bos_token_id is None:
                 name = getattr(tokenizer, "name_or_path", "")
@@ -81,6 +110,8 @@ class MiniGPT4(nn.Module):
                 fallback = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
                 log.warning("tokenizer has no pad token; using %r for padding (masked out everywhere)", fallback)
                 tokenizer.pad_token = fallback
+        # Prompt ids as the sources' slow SentencePiece LlamaTokenizer gave them (models/tokenization.py).
+        self.prompt_tokenizer = SegmentTokenizer(tokenizer) if tokenizer is not None else None
 
     # ----------------------------------------------------------------------------------------- modes
     def train(self, mode: bool = True) -> "MiniGPT4":
@@ -101,13 +132,22 @@ class MiniGPT4(nn.Module):
     def embed_weight(self) -> torch.Tensor:
         return self.llm.get_input_embeddings().weight
 
+    def autocast(self):
+        """The sources' fp16 autocast around encoder, projector and LLM (MiniGPT-4 `maybe_autocast`, AdaVIB's
+        Lightning '16-mixed') when `autocast_dtype` is set; otherwise nothing (the caller's autocast, if any)."""
+        if self.autocast_dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
     # -------------------------------------------------------------------------------------- images
+    @under_model_autocast
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Frozen ViT + Q-Former: (B, 3, H, W) -> (B, N, D). Run once per image, never per noise sample."""
         param = next(self.encoder.parameters())
         with torch.no_grad():
             return self.encoder(images.to(device=param.device, dtype=param.dtype))
 
+    @under_model_autocast
     def project(self, features: torch.Tensor, num_samples: int = 1) -> tuple[torch.Tensor, dict]:
         """Q-Former features -> LLM-space visual tokens (+ VIB statistics)."""
         proj_param = next(self.projector.parameters())
@@ -126,13 +166,10 @@ class MiniGPT4(nn.Module):
 
     # ---------------------------------------------------------------------------------------- text
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False).input_ids if text else []
+        return self.prompt_tokenizer.encode(text)
 
     def _split_prompt(self, prompt: str) -> tuple[list[int], list[int]]:
-        if prompt.count(IMAGE_PLACEHOLDER) != 1:
-            raise ValueError(f"prompt must contain {IMAGE_PLACEHOLDER} exactly once: {prompt!r}")
-        before, after = prompt.split(IMAGE_PLACEHOLDER)
-        return [self.tokenizer.bos_token_id] + self._ids(before), self._ids(after)
+        return self.prompt_tokenizer.prompt_ids(prompt)  # [BOS] + segments before <ImageHere>, segments after
 
     def build_training_text(self, instructions: list[str | None], answers: list[str]) -> TextBatch:
         """[BOS] prompt-before <N image slots> prompt-after answer end_sym, right-padded; labels on the answer."""
@@ -180,9 +217,13 @@ class MiniGPT4(nn.Module):
         expected = text.image_mask.sum().item()
         if visual_tokens.shape[0] * visual_tokens.shape[1] != expected:
             raise ValueError(f"{visual_tokens.shape[0]}×{visual_tokens.shape[1]} visual tokens for {expected} slots")
-        return embeds.masked_scatter(text.image_mask.unsqueeze(-1), visual_tokens.to(embeds.dtype))
+        # Under the model's own autocast the sources concatenate the visual tokens with the text embeddings, and
+        # torch.cat promotes: AdaVIB's noisy z (μ + σ·ε, σ from an fp32 softplus) makes the LLM input fp32.
+        dtype = torch.promote_types(embeds.dtype, visual_tokens.dtype) if self.autocast_dtype else embeds.dtype
+        return embeds.to(dtype).masked_scatter(text.image_mask.unsqueeze(-1), visual_tokens.to(dtype))
 
     # ------------------------------------------------------------------------------------- forward
+    @under_model_autocast
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch: image (B,3,H,W) or image_features (B,N,D); answer list[str]; instruction list[str|None].
 
@@ -207,6 +248,7 @@ class MiniGPT4(nn.Module):
 
     # ---------------------------------------------------------------------------------- generation
     @torch.no_grad()
+    @under_model_autocast
     def generate(
         self,
         prompts: list[str],
@@ -219,11 +261,14 @@ class MiniGPT4(nn.Module):
         temperature: float = 1.0,
         top_p: float = 1.0,
         repetition_penalty: float = 1.0,
+        min_new_tokens: int = 0,
+        stop_strings: list[str] | None = None,
         streamer=None,
     ) -> list[str]:
         """Batched generation from inputs_embeds: left padding + attention mask, visual tokens = μ, each row
         stops on the template's end string (matched as text by transformers' StopStringCriteria, so no token
-        id is hard-coded) or EOS. Returns the answers cut at the first end string, special tokens removed."""
+        id is hard-coded) or EOS; `stop_strings=[]` runs to EOS or max_new_tokens, as OPERA's beam search does.
+        Returns the answers cut at the first end string, special tokens removed."""
         features = image_features if image_features is not None else self.encode_images(images)
         was_training = self.training
         self.eval()
@@ -240,11 +285,13 @@ class MiniGPT4(nn.Module):
             max_new_tokens=max_new_tokens,
             num_beams=num_beams,
             repetition_penalty=repetition_penalty,
-            stop_strings=[self.end_sym],
+            min_new_tokens=min_new_tokens,
+            stop_strings=[self.end_sym] if stop_strings is None else (list(stop_strings) or None),
             tokenizer=self.tokenizer,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             streamer=streamer,
+            logits_processor=[NonFiniteLogitsGuard(embeds.dtype)],  # NaN logits would decode to "" silently
             **sampling,
         )
         return [self.clean_answer(t) for t in self.tokenizer.batch_decode(out, skip_special_tokens=True)]

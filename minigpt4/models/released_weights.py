@@ -159,6 +159,20 @@ def load_lavis_encoder(
                 assign=assign)
 
 
+def load_lavis_vit_without_qformer(encoder: nn.Module, vit_path: PathLike, *, assign: bool = False) -> None:
+    """MiniGPT-4's Llama-2 variant (no Q-Former): eva_vit_g.pth into a PatchConcatEncoder, strictly.
+
+    Its ln_vision is LayerNorm's initial weight 1 / bias 0, never BLIP-2's: with `has_qformer: False` MiniGPT-4
+    reads no BLIP-2 file (Vision-CAIR/MiniGPT-4 minigpt4/models/minigpt4.py), keeps ln_vision frozen
+    (base_model.py `init_vision_encoder`) and saves only trainable tensors (runners/runner_base.py
+    `_save_checkpoint`), so no released file holds another ln_vision.
+    """
+    state = convert_lavis_vit(load_state_file(vit_path), num_blocks=encoder.vision_model.config.num_hidden_layers)
+    width = encoder.ln_vision.normalized_shape[0]
+    state.update({"ln_vision.weight": torch.ones(width), "ln_vision.bias": torch.zeros(width)})
+    load_strict(encoder, state, what="image encoder (EVA ViT-g, no Q-Former)", source=vit_path, assign=assign)
+
+
 # ------------------------------------------------------------------------------- Hugging Face BLIP-2 snapshot
 
 _HF_IGNORED = re.compile(
@@ -281,8 +295,20 @@ def _widths_table() -> str:
     return "\n".join(f"    {w}: {size} ({models})" for w, (size, models) in LLM_WIDTHS.items())
 
 
+# What a MiniGPT-4 projector's input width says about the visual tokens it was trained on.
+PROJECTOR_INPUTS = {
+    768: "BLIP-2 Q-Former queries (MiniGPT-4 with Vicuna; model.visual_tokens: qformer)",
+    5632: "4 concatenated EVA ViT-g patch tokens, 4 × 1408 (MiniGPT-4's Llama-2 variant, no Q-Former; "
+          "model.visual_tokens: vit_patch4)",
+}
+
+
+def _inputs_name(width: int) -> str:
+    return PROJECTOR_INPUTS.get(width, "visual tokens of no released MiniGPT-4 layout")
+
+
 def load_minigpt4_projector(projector_linear: nn.Linear, path: PathLike, *, llm_hidden: int) -> None:
-    """Copy MiniGPT-4's `llama_proj` (weight [llm_hidden, qformer_width], bias [llm_hidden]) into a Linear.
+    """Copy MiniGPT-4's `llama_proj` (weight [llm_hidden, visual-token width], bias [llm_hidden]) into a Linear.
 
     The Linear is the plain projector or the VIB projector's mean head; both are stored as `llama_proj`.
     """
@@ -316,9 +342,12 @@ def load_minigpt4_projector(projector_linear: nn.Linear, path: PathLike, *, llm_
         )
     if in_width != projector_linear.in_features:
         raise CheckpointError(
-            f"{path}: projector takes {in_width}-wide inputs but the Q-Former outputs "
-            f"{projector_linear.in_features}-wide queries; the checkpoint belongs to a different Q-Former"
+            f"{path}: projector takes {in_width}-wide inputs, {_inputs_name(in_width)}; this model's visual tokens "
+            f"are {projector_linear.in_features}-wide, {_inputs_name(projector_linear.in_features)}. Set "
+            "model.visual_tokens to the projector's variant, or use the projector released for this one"
         )
+    check_finite(state, path, as_dtypes={"llama_proj.weight": projector_linear.weight.dtype,
+                                         "llama_proj.bias": projector_linear.bias.dtype})
     with torch.no_grad():
         projector_linear.weight.copy_(weight)
         projector_linear.bias.copy_(bias)
@@ -435,6 +464,7 @@ def load_llava_projector(mlp: nn.Module, path: PathLike, *, llm_hidden: int) -> 
             f"{mlp.linear_1.in_features}-wide patches (CLIP ViT-L/14: 1024); the checkpoint belongs to a "
             "different vision encoder"
         )
+    check_finite(state, path, as_dtypes={key: mlp.get_parameter(key).dtype for key in state})
     with torch.no_grad():
         for key, tensor in state.items():
             mlp.get_parameter(key).copy_(tensor)

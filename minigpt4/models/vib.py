@@ -22,14 +22,23 @@ ENTROPY_EPS = 1e-8  # H = -Σ p log(p + 1e-8), as in the reference
 RATIO_FLOOR = 1e-6  # H/log V is clamped into [1e-6, 1] so α <= -log(1e-6) ≈ 13.8 and never inf
 
 
+def math_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """The dtype the VIB math runs in: at least fp32 (fp16/bf16 lose too much in squares, logs and sums of N
+    tokens), and never lower than what the caller gave (fp64 in, fp64 math)."""
+    dtype = torch.float32
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
 def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Σ_i h_i / √(Σ_i m_i) over the token axis (-2): "sum divided by the square root of the length".
 
-    h: (..., N, d); mask: (..., N) of 0/1 (all ones when None). Returns (..., d) in fp32: the pooled vectors
-    only feed the fp32 KL and entropy, and under fp16 the sum of N tokens overflows to inf (then α silently
-    becomes 0) long before the pooled value itself is out of range.
+    h: (..., N, d); mask: (..., N) of 0/1 (all ones when None). Returns (..., d) in at least fp32 (`math_dtype`):
+    the pooled vectors only feed the KL and entropy, and under fp16 the sum of N tokens overflows to inf (then α
+    silently becomes 0) long before the pooled value itself is out of range.
     """
-    h = h.float()
+    h = h.to(math_dtype(h))
     if mask is None:
         return h.sum(dim=-2) / math.sqrt(h.shape[-2])
     m = mask.to(h.dtype).unsqueeze(-1)
@@ -40,11 +49,12 @@ def pool_tokens(h: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tens
 def gaussian_kl(mu_q: torch.Tensor, std_q: torch.Tensor, mu_p: torch.Tensor, std_p: torch.Tensor) -> torch.Tensor:
     """KL(N(mu_q, std_q²) || N(mu_p, std_p²)) for diagonal Gaussians, summed over the last axis.
 
-    Computed in fp32 whatever the input dtype (under bf16 the squares and logs lose too much). Standard
-    deviations are floored at 1e-8 inside the logs *and* the ratios, so a collapsed σ gives a large finite
-    KL instead of inf/NaN.
+    Computed in at least fp32 (`math_dtype`: under bf16 the squares and logs lose too much; fp64 stays fp64).
+    Standard deviations are floored at 1e-8 inside the logs *and* the ratios, so a collapsed σ gives a large
+    finite KL instead of inf/NaN.
     """
-    mu_q, std_q, mu_p, std_p = (t.float() for t in (mu_q, std_q, mu_p, std_p))
+    dtype = math_dtype(mu_q, std_q, mu_p, std_p)
+    mu_q, std_q, mu_p, std_p = (t.to(dtype) for t in (mu_q, std_q, mu_p, std_p))
     var_q = std_q.clamp_min(STD_FLOOR).square()
     var_p = std_p.clamp_min(STD_FLOOR).square()
     kl = 0.5 * (var_q / var_p + (mu_p - mu_q).square() / var_p - 1.0 + var_p.log() - var_q.log())
@@ -52,20 +62,23 @@ def gaussian_kl(mu_q: torch.Tensor, std_q: torch.Tensor, mu_p: torch.Tensor, std
 
 
 @torch.no_grad()
-def similarity_entropy(u: torch.Tensor, embed_weight: torch.Tensor, chunk_size: int = 64) -> torch.Tensor:
-    """Entropy of softmax(u · Eᵀ) over the vocabulary, in fp32 and without gradient.
+def similarity_entropy(u: torch.Tensor, embed_weight: torch.Tensor, chunk_size: int = 64,
+                       vocab_chunk: int = 4096) -> torch.Tensor:
+    """Entropy of softmax(u · Eᵀ) over the vocabulary, in at least fp32 (`math_dtype`) and without gradient.
 
     u: (..., d) pooled visual tokens; embed_weight: (V, d) the LLM's input embeddings. Returns (...) in
     [0, log V]. The reference uses -Σ p log(p + 1e-8) (not the exact -Σ p log p); we keep that. Rows are
-    processed in chunks so a large batch never materialises more than chunk_size × V logits at once.
+    processed in chunks so a large batch never materialises more than chunk_size × V logits at once, and the
+    table is cast vocab_chunk rows at a time: a bf16 32,000 × 4096 table is never copied whole to fp32 (524 MB).
     """
     with torch.autocast(device_type=u.device.type, enabled=False):
         lead = u.shape[:-1]
-        flat = u.reshape(-1, u.shape[-1]).float()
-        weight = embed_weight.float()
+        dtype = math_dtype(u, embed_weight)
+        flat = u.reshape(-1, u.shape[-1]).to(dtype)
         out = []
         for rows in flat.split(chunk_size):
-            p = torch.softmax(rows @ weight.T, dim=-1)
+            logits = torch.cat([rows @ part.to(dtype).T for part in embed_weight.split(vocab_chunk)], dim=-1)
+            p = torch.softmax(logits, dim=-1)
             out.append(-(p * torch.log(p + ENTROPY_EPS)).sum(dim=-1))
         return torch.cat(out).reshape(lead)
 
@@ -78,7 +91,7 @@ def adaptive_weight(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """
     if vocab_size < 2:
         raise ValueError(f"vocab_size must be >= 2 for a normalised entropy, got {vocab_size}")
-    ratio = entropy.float() / math.log(vocab_size)
+    ratio = entropy.to(math_dtype(entropy)) / math.log(vocab_size)
     ratio = torch.nan_to_num(ratio, nan=1.0, posinf=1.0, neginf=RATIO_FLOOR).clamp(RATIO_FLOOR, 1.0)
     return -torch.log(ratio)
 
@@ -140,7 +153,9 @@ class VIBProjector(nn.Module):
         sampling = self.training and self.reparameterize
         samples = num_samples if sampling else 1
         if sampling:
-            eps = torch.randn((samples, *mu.shape), dtype=mu.dtype, device=mu.device)
+            # ε in z's own dtype: under fp16 autocast σ comes out of softplus in fp32, so ε is fp32 as AdaVIB's
+            # torch.randn (minigpt4/models/mini_gpt4.py `reparameterize`), not fp16-rounded noise.
+            eps = torch.randn((samples, *mu.shape), dtype=torch.promote_types(mu.dtype, std.dtype), device=mu.device)
             z = (mu.unsqueeze(0) + std.unsqueeze(0) * eps).reshape(samples * batch, *mu.shape[1:])
         else:
             z = mu
@@ -170,7 +185,7 @@ class VIBProjector(nn.Module):
             "kl": kl,
             "alpha": alpha,
             "entropy_ratio": ratio,
-            "sigma": std.detach().float().mean(),
+            "sigma": std.detach().to(math_dtype(std)).mean(),
             "kl_term": beta * weighted.mean(),
         }
         return z, info

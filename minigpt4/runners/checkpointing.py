@@ -13,22 +13,33 @@ renamed into place; `latest` is replaced (write temp file, os.replace) only afte
 write at any moment therefore leaves `latest` pointing at a complete checkpoint. On resume every rank reads the
 same files (a shared filesystem is assumed for multi-node runs) and takes its own entry of the RNG states.
 
+A checkpoint damaged afterwards (a truncated copy, a deleted folder, a `latest` naming nothing) is passed over
+on resume for the newest older one that `keep_last` kept and that reads completely (`newest_complete_checkpoint`,
+which says which one it passed over and why); only when none reads completely is the resume refused. A write
+that fails for lack of space or permission raises CheckpointWriteError, naming the path, the space it needs and
+the space free.
+
 `state.pt` contains only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from minigpt4.common.output_dir import free_bytes, human_bytes, is_space_problem, storage_reason
+from minigpt4.models.checkpoints import CheckpointError
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +49,12 @@ TRAINABLE_FILE = "trainable.safetensors"
 STATE_FILE = "state.pt"
 FINAL_DIR = "final"
 _STEP_DIR = re.compile(r"^step_(\d{8,})$")
+_HEADER_ALLOWANCE = 64 << 10  # zip/pickle/JSON headers on top of the tensors' bytes (a few KiB in practice)
 
 
-class CheckpointWriteError(OSError):
-    """Writing a checkpoint failed; the previous checkpoint (if any) is untouched and still `latest`."""
+class CheckpointWriteError(CheckpointError):
+    """The disk (space, quota, permissions) stopped a checkpoint write; the message names the path and the space
+    needed. The previous checkpoint (if any) is untouched and still `latest`."""
 
 
 def checkpoint_dir_name(step: int) -> str:
@@ -76,14 +89,14 @@ def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         if tensors[name].shape != expected[name].shape
     ]
     if missing or unexpected or wrong_shape:
-        lines = [f"{source} does not match the model's trainable tensors:"]
+        parts = []
         if missing:
-            lines.append(f"  missing from the checkpoint: {', '.join(missing)}")
+            parts.append(f"missing from the checkpoint: {', '.join(missing)}")
         if unexpected:
-            lines.append(f"  not trainable in the model: {', '.join(unexpected)}")
+            parts.append(f"not trainable in the model: {', '.join(unexpected)}")
         if wrong_shape:
-            lines.append("  shape mismatch: " + "; ".join(wrong_shape))
-        raise ValueError("\n".join(lines))
+            parts.append("shape mismatch: " + "; ".join(wrong_shape))
+        raise CheckpointError(f"{source} does not match the model's trainable tensors ({'; '.join(parts)})")
     targets = model.state_dict(keep_vars=True)
     not_in_state_dict = sorted(set(expected) - set(targets))
     if not_in_state_dict:
@@ -142,24 +155,70 @@ def _step_dirs(root: Path) -> list[tuple[int, Path]]:
 
 
 def remove_stale_temporaries(output_dir: str | os.PathLike) -> None:
-    """Delete half-written checkpoint directories left by a crash (never a complete `step_*` directory)."""
-    root = Path(output_dir) / CHECKPOINTS
-    if not root.is_dir():
-        return
-    for p in sorted(root.iterdir()):
-        if p.name.startswith(".tmp-"):
-            if p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                p.unlink(missing_ok=True)
-        elif p.name.startswith(".old-"):
-            # A checkpoint being replaced by a new copy of the same step. If the crash came between the two
-            # renames, the new copy never arrived: put the old one back.
-            original = root / p.name.split("-", 2)[2]
-            if original.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-            else:
-                os.rename(p, original)
+    """Delete half-written checkpoint and `final/` directories left by a crash (never a complete one)."""
+    out = Path(output_dir)
+    root = out / CHECKPOINTS
+    if root.is_dir():
+        for p in sorted(root.iterdir()):
+            if p.name.startswith(".tmp-"):
+                _remove(p)
+            elif p.name.startswith(".old-"):
+                # A checkpoint being replaced by a new copy of the same step. If the crash came between the two
+                # renames, the new copy never arrived: put the old one back.
+                _restore_or_remove(p, root / p.name.split("-", 2)[2])
+    if out.is_dir():
+        for p in sorted(out.iterdir()):
+            if p.name.startswith(f".tmp-{FINAL_DIR}-"):
+                _remove(p)
+            elif p.name.startswith(f".old-{FINAL_DIR}-"):
+                _restore_or_remove(p, out / FINAL_DIR)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _restore_or_remove(old: Path, original: Path) -> None:
+    if original.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(old, original)
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in a nested dict/list/tuple: what a checkpoint of it needs on disk, headers aside."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _check_space(folder: Path, needed: int) -> None:
+    """Refuse before writing when the files cannot fit: a half-written checkpoint helps nobody."""
+    free = free_bytes(folder)
+    if free is not None and free < needed:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(folder))
+
+
+def _storage_error(err: Exception, target: Path, needed: int, untouched: str,
+                   space_hint: str = "") -> CheckpointWriteError | None:
+    """A one-line CheckpointWriteError if the disk stopped the write (full, quota, read-only), else None."""
+    reason = storage_reason(err, target.parent, needed)
+    if reason is None:
+        return None
+    free = free_bytes(target.parent)
+    fix = f"free some space{space_hint}" if is_space_problem(reason) else f"make {target.parent} writable"
+    return CheckpointWriteError(
+        f"cannot write {target}: {reason}; it needs about {human_bytes(needed)} "
+        f"({human_bytes(free) + ' free' if free is not None else 'free space unknown'} there). {untouched}; "
+        f"{fix}, then continue with train.py --resume"
+    )
 
 
 def save_checkpoint(
@@ -171,15 +230,18 @@ def save_checkpoint(
 ) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep_last` (<= 0: keep all).
 
-    Raises CheckpointWriteError if anything fails; the previous checkpoint and `latest` are then untouched.
+    Raises CheckpointWriteError when the disk stops the write (full, quota, read-only); any other failure keeps
+    its own exception and traceback. Either way the previous checkpoint and `latest` are untouched.
     """
     root = Path(output_dir) / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
-    remove_stale_temporaries(output_dir)
     name = checkpoint_dir_name(step)
     final = root / name
     tmp = root / f".tmp-{name}-{os.getpid()}"
+    needed = tensor_bytes(trainable) + tensor_bytes(state) + _HEADER_ALLOWANCE
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(output_dir)
+        _check_space(root, needed)
         tmp.mkdir()
         _write_safetensors(trainable, tmp / TRAINABLE_FILE, {"step": str(step), "format": "pt"})
         _write_torch(state, tmp / STATE_FILE)
@@ -197,11 +259,13 @@ def save_checkpoint(
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         pointer = root / LATEST
-        previous = pointer.read_text().strip() if pointer.is_file() else None
-        raise CheckpointWriteError(
-            f"writing checkpoint {final} failed ({type(err).__name__}: {err}); "
-            f"the previous checkpoint ({previous if previous else 'none'}) is untouched"
-        ) from err
+        previous = pointer.read_text(errors="replace").strip() if pointer.is_file() else None
+        untouched = f"The previous checkpoint ({previous or 'none'}) is untouched"
+        storage = _storage_error(err, final, needed, untouched, " (a new checkpoint is written before the oldest "
+                                 "is deleted: run.keep_last + 1 of them must fit)")
+        if storage is None:
+            raise
+        raise storage from err
 
     if keep_last > 0:
         keep = {p for _, p in _step_dirs(root)[-keep_last:]} | {final}
@@ -212,13 +276,17 @@ def save_checkpoint(
 
 
 def save_final(output_dir: str | os.PathLike, trainable: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
-    """Write `final/trainable.safetensors` and `final/config.json` (replacing an older `final/` atomically)."""
+    """Write `final/trainable.safetensors` and `final/config.json` (replacing an older `final/` atomically).
+
+    Raises CheckpointWriteError when the disk stops the write, like save_checkpoint."""
     out = Path(output_dir)
     final = out / FINAL_DIR
     tmp = out / f".tmp-{FINAL_DIR}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    needed = tensor_bytes(trainable) + _HEADER_ALLOWANCE
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _check_space(out, needed)
         _write_safetensors(trainable, tmp / TRAINABLE_FILE, {"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         if final.exists():
@@ -228,13 +296,22 @@ def save_final(output_dir: str | os.PathLike, trainable: dict[str, torch.Tensor]
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.rename(tmp, final)
-    except Exception:
+    except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        storage = _storage_error(err, final, needed, "The last checkpoint is complete")
+        if storage is None:
+            raise
+        raise storage from err
     return final
 
 
 # ---- finding and loading ------------------------------------------------------------------------------------------
+
+
+def holds_checkpoints(output_dir: str | os.PathLike) -> bool:
+    """Whether `output_dir` holds a run's checkpoints (a `latest` file, valid or not, or any step directory)."""
+    root = Path(output_dir) / CHECKPOINTS
+    return (root / LATEST).exists() or bool(_step_dirs(root))
 
 
 def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -243,17 +320,17 @@ def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     pointer = root / LATEST
     if not pointer.is_file():
         return None
-    name = pointer.read_text().strip()
+    name = pointer.read_text(errors="replace").strip()
     path = root / name
     if not _STEP_DIR.match(name) or not path.is_dir():
-        raise FileNotFoundError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}")
+        raise CheckpointError(f"{pointer} names {name!r}, which is not a checkpoint directory in {root}")
     return path
 
 
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """Accept a checkpoint directory, its `checkpoints/` folder, or a run's output_dir; return the checkpoint dir."""
     p = Path(path)
-    if (p / TRAINABLE_FILE).is_file() or (p / STATE_FILE).is_file():
+    if (p / TRAINABLE_FILE).exists() or (p / STATE_FILE).exists():
         return p
     if (p / LATEST).is_file():
         found = latest_checkpoint(p.parent)
@@ -262,24 +339,84 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
     else:
         found = None
     if found is None:
-        raise FileNotFoundError(
+        raise CheckpointError(
             f"{p} is neither a checkpoint directory (with {TRAINABLE_FILE} and {STATE_FILE}) nor a run output_dir "
             f"with {CHECKPOINTS}/{LATEST}"
         )
     return found
 
 
+def _short(err: BaseException) -> str:
+    """`Type: first sentence` of an error (torch appends a paragraph about miniz to a damaged zip's message)."""
+    lines = str(err).strip().splitlines()
+    text = lines[0].split(". ")[0] if lines else ""
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
+def _read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or damaged ({_short(err)})") from err
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated file: OSError 22, RuntimeError (zip), EOFError, UnpicklingError
+        raise CheckpointError(f"{path} is truncated or damaged ({_short(err)})") from err
+    if not isinstance(state, dict) or "global_step" not in state:
+        raise CheckpointError(f"{path} is not a training state written by this runner")
+    return state
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read (trainable tensors on CPU, state dict) from a checkpoint directory."""
+    """Read (trainable tensors on CPU, state dict) from a checkpoint directory; CheckpointError names the file
+    that is missing, truncated or damaged."""
     ckpt = resolve_checkpoint(path)
     for name in (TRAINABLE_FILE, STATE_FILE):
         if not (ckpt / name).is_file():
-            raise FileNotFoundError(f"checkpoint {ckpt} lacks {name}; it is incomplete or not a checkpoint")
-    tensors: dict[str, torch.Tensor] = {}
-    with safe_open(str(ckpt / TRAINABLE_FILE), framework="pt", device="cpu") as f:
-        for key in f.keys():
-            tensors[key] = f.get_tensor(key)
-    state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or "global_step" not in state:
-        raise ValueError(f"{ckpt / STATE_FILE} is not a training state written by this runner")
-    return tensors, state
+            raise CheckpointError(f"checkpoint {ckpt} lacks {name}; it is incomplete or not a checkpoint")
+    return _read_trainable(ckpt / TRAINABLE_FILE), _read_state(ckpt / STATE_FILE)
+
+
+@dataclass
+class ResumePoint:
+    path: Path
+    tensors: dict[str, torch.Tensor]
+    state: dict[str, Any]
+    passed_over: list[str] = field(default_factory=list)  # newer checkpoints that could not be used, and why
+
+
+def _resume_candidates(root: Path) -> tuple[list[Path], list[str]]:
+    """The checkpoints to try, newest first: the one `latest` names, then the older ones keep_last kept. A newer
+    step directory than `latest` is never tried: it is from a branch that was abandoned by a resume."""
+    pointer = root / LATEST
+    steps = _step_dirs(root)
+    if not pointer.is_file():
+        return [p for _, p in reversed(steps)], ([f"{root} has no {LATEST} file"] if steps else [])
+    name = pointer.read_text(errors="replace").strip()
+    match = _STEP_DIR.match(name)
+    if match and (root / name).is_dir():
+        return [root / name] + [p for step, p in reversed(steps) if step < int(match.group(1))], []
+    return [p for _, p in reversed(steps)], [f"{pointer} names {name!r}, which is not a checkpoint directory"]
+
+
+def newest_complete_checkpoint(output_dir: str | os.PathLike) -> ResumePoint | None:
+    """The newest checkpoint of a run that reads completely: the one `latest` names, else the newest older one
+    that keep_last kept (ResumePoint.passed_over says which were passed over and why). None when the folder
+    holds no checkpoint at all; CheckpointError, naming every checkpoint tried and why, when none is complete."""
+    root = Path(output_dir) / CHECKPOINTS
+    candidates, passed_over = _resume_candidates(root)
+    if not candidates and not passed_over:
+        return None
+    for path in candidates:
+        try:
+            return ResumePoint(path, *load_checkpoint(path), passed_over=passed_over)
+        except CheckpointError as err:
+            passed_over.append(str(err))
+    raise CheckpointError(
+        f"no complete checkpoint to resume from in {root}: {'; '.join(passed_over)}. Start afresh in another "
+        f"run.output_dir, or delete {root} to start afresh in this one"
+    )

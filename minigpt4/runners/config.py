@@ -2,10 +2,46 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
 from minigpt4.runners.schedules import SCHEDULE_NAMES
+
+
+def _as_float(value: Any) -> float | None:
+    if isinstance(value, bool):  # float(True) == 1.0: a typo, not a learning rate
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+# run.<key>: (lowest value, whether the lowest value itself is allowed, highest value or None, may be null)
+_FLOAT_RANGES: dict[str, tuple[float, bool, float | None, bool]] = {
+    "init_lr": (0.0, False, None, False),
+    "min_lr": (0.0, True, None, False),
+    "warmup_lr": (0.0, True, None, False),
+    "weight_decay": (0.0, True, None, False),
+    "adam_eps": (0.0, False, None, False),
+    "warmup_ratio": (0.0, True, 1.0, True),
+    "max_grad_norm": (0.0, False, None, True),
+}
+
+
+def _check_float(key: str, value: Any) -> float | None:
+    """run.<key> as a float in its range (see _FLOAT_RANGES); ValueError naming the key otherwise."""
+    low, low_allowed, high, optional = _FLOAT_RANGES[key]
+    if value is None and optional:
+        return None
+    number = _as_float(value)
+    if (number is not None and math.isfinite(number) and (number >= low if low_allowed else number > low)
+            and (high is None or number <= high)):
+        return number
+    rule = f"a finite number {'>=' if low_allowed else '>'} {low:g}"
+    rule += f" and <= {high:g}" if high is not None else ""
+    raise ValueError(f"run.{key} must be {rule}{' or null' if optional else ''}, got {value!r}")
 
 
 @dataclass
@@ -60,17 +96,13 @@ class RunConfig:
     resume_ckpt_path: str | None = None  # or from this checkpoint directory
 
     def __post_init__(self) -> None:
-        # PyYAML reads "1e-4" (no dot) as a string; accept it rather than fail deep inside the optimizer.
-        for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay", "adam_eps", "warmup_ratio", "max_grad_norm"):
-            value = getattr(self, key)
-            if value is None:
-                continue
-            try:
-                setattr(self, key, float(value))
-            except (TypeError, ValueError):
-                raise ValueError(f"run.{key} must be a number, got {value!r}") from None
-        betas = tuple(float(b) for b in self.betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        # PyYAML reads "1e-4" (no dot) as a string; it is accepted rather than fail deep inside the optimizer.
+        # NaN passes every `x <= 0` test, and an lr of 0 or below trains nothing or climbs the loss, each with
+        # exit 0: every float setting is checked for a finite value in its range.
+        for key in _FLOAT_RANGES:
+            setattr(self, key, _check_float(key, getattr(self, key)))
+        betas = tuple(_as_float(b) for b in self.betas) if isinstance(self.betas, (list, tuple)) else ()
+        if len(betas) != 2 or not all(b is not None and 0.0 <= b < 1.0 for b in betas):
             raise ValueError(f"run.betas must be two numbers in [0, 1), got {self.betas!r}")
         self.betas = betas  # YAML gives a list
         positive = ("batch_size", "grad_accum_steps", "max_epoch", "log_every", "max_nonfinite_steps")
@@ -91,8 +123,6 @@ class RunConfig:
             raise ValueError(f"run.distributed must be 'ddp' or 'fsdp', got {self.distributed!r}")
         if self.device not in ("cuda", "cpu", "auto"):
             raise ValueError(f"run.device must be 'cuda', 'cpu' or 'auto', got {self.device!r}")
-        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
-            raise ValueError(f"run.max_grad_norm must be positive or null, got {self.max_grad_norm!r}")
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "RunConfig":

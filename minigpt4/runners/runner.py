@@ -32,10 +32,12 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
 
 from minigpt4.common import dist
+from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.runners import checkpointing as ckpt
 from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data import batches_per_pass, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, MetricsWriter
+from minigpt4.runners.nonfinite import GENERIC_ADVICE, explain_nonfinite_loss
 from minigpt4.runners.optim import build_optimizer, optimizer_param_names
 from minigpt4.runners.placement import TrainableView, fsdp_wrap, is_fsdp_wrapped, place_model, trainable_tensors
 from minigpt4.runners.rng import capture_rng_state, restore_rng_state, seed_everything
@@ -46,6 +48,8 @@ log = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 # Settings that decide which samples each micro-step reads: a checkpoint can only be continued with the same ones.
 DATA_ORDER_KEYS = ("world_size", "seed", "batch_size", "grad_accum_steps", "iters_per_epoch", "shuffle")
+STATE_KEYS = ("global_step", "epoch", "iter_in_epoch", "skipped_nonfinite", "consecutive_nonfinite", "optimizer",
+              "rng_states", "run_facts")
 STATE_FORMAT = 1
 
 
@@ -137,7 +141,9 @@ class Runner:
         self.consecutive_nonfinite = 0
         self.last_saved_step: int | None = None
         self._resume_rng: dict[str, Any] | None = None
+        self._prepared = False  # prepare() ran: the start point (fresh or a checkpoint) is decided and loaded
         self._preempt_requested = False
+        self._step_batches: list[Any] = []  # this step's micro-batches, kept to diagnose a non-finite loss
 
     # ---- set-up -----------------------------------------------------------------------------------------------
 
@@ -158,20 +164,26 @@ class Runner:
             )
         return per_pass // cfg.grad_accum_steps
 
-    def _find_resume_checkpoint(self) -> Path | None:
+    def _find_resume_checkpoint(self) -> ckpt.ResumePoint | None:
+        """run.resume_ckpt_path: that checkpoint, read strictly. run.resume: the newest complete checkpoint in
+        output_dir (a damaged newer one is passed over with a warning). Neither: output_dir must hold no run."""
         if self.cfg.resume_ckpt_path:
-            return ckpt.resolve_checkpoint(self.cfg.resume_ckpt_path)
-        latest = ckpt.latest_checkpoint(self.output_dir)
-        if self.cfg.resume:
-            if latest is None:
-                log.warning("run.resume is set but %s holds no checkpoint; starting from scratch", self.output_dir)
-            return latest
-        if latest is not None:
-            raise FileExistsError(
-                f"{self.output_dir} already holds checkpoints (latest: {latest.name}); set run.resume: true "
-                "(train.py --resume) to continue that run, or choose another run.output_dir"
-            )
-        return None
+            path = ckpt.resolve_checkpoint(self.cfg.resume_ckpt_path)
+            return ckpt.ResumePoint(path, *ckpt.load_checkpoint(path))
+        if not self.cfg.resume:
+            if ckpt.holds_checkpoints(self.output_dir):
+                raise CheckpointError(
+                    f"{self.output_dir} already holds checkpoints ({self.output_dir / ckpt.CHECKPOINTS}); set "
+                    "run.resume: true (train.py --resume) to continue that run, or choose another run.output_dir"
+                )
+            return None
+        found = ckpt.newest_complete_checkpoint(self.output_dir)
+        if found is None:
+            log.warning("run.resume is set but %s holds no checkpoint; starting from scratch", self.output_dir)
+        elif found.passed_over and dist.is_main():
+            log.warning("%s; resuming from %s instead, the newest complete checkpoint that run.keep_last kept",
+                        "; ".join(found.passed_over), found.path)
+        return found
 
     def _run_facts(self) -> dict[str, Any]:
         return {
@@ -180,13 +192,16 @@ class Runner:
             "shuffle": self.cfg.shuffle, "total_steps": self.total_steps,
         }
 
-    def _load(self, path: Path) -> None:
-        tensors, state = ckpt.load_checkpoint(path)
+    def _load(self, point: ckpt.ResumePoint) -> None:
+        path, tensors, state = point.path, point.tensors, point.state
+        missing = [k for k in STATE_KEYS if k not in state]
+        if missing:
+            raise CheckpointError(f"{path / ckpt.STATE_FILE} lacks {missing}: it was not written by this runner")
         saved, current = state["run_facts"], self._run_facts()
         differ = [f"{k}: checkpoint {saved.get(k)!r}, now {current[k]!r}" for k in DATA_ORDER_KEYS
                   if saved.get(k) != current[k]]
         if differ:
-            raise ValueError(
+            raise CheckpointError(
                 f"cannot continue {path} exactly: the data order differs ({'; '.join(differ)}). Use the same "
                 "settings, or start a new run initialised from its trainable.safetensors"
             )
@@ -197,7 +212,7 @@ class Runner:
         ckpt.load_trainable_state(target, tensors, source=str(path / ckpt.TRAINABLE_FILE))
         saved_names = [list(g.get("param_names", [])) for g in state["optimizer"]["param_groups"]]
         if saved_names != optimizer_param_names(self.optimizer):
-            raise ValueError(
+            raise CheckpointError(
                 f"{path / ckpt.STATE_FILE}: the optimizer state is for parameter groups {saved_names}, "
                 f"but this model's are {optimizer_param_names(self.optimizer)}"
             )
@@ -212,6 +227,16 @@ class Runner:
         self.last_saved_step = self.global_step
         log.info("resumed from %s at step %d (epoch %d, step %d of it)", path, self.global_step, self.epoch,
                  self.iter_in_epoch)
+
+    def prepare(self) -> None:
+        """Decide where training starts and load that checkpoint; raises CheckpointError when this run may not
+        start (an old run in output_dir without run.resume, another data order, no complete checkpoint). train()
+        calls it; call it first to act only on an accepted run (train.py writes provenance.json after it)."""
+        if not self._prepared:
+            found = self._find_resume_checkpoint()
+            if found is not None:
+                self._load(found)
+            self._prepared = True
 
     # ---- checkpoints ------------------------------------------------------------------------------------------
 
@@ -262,11 +287,13 @@ class Runner:
         keys: list[str] | None = None
         sums: torch.Tensor | None = None
         tokens = 0.0
+        self._step_batches = []
         for micro in range(accum):
             try:
                 batch = next(batches)
             except StopIteration:
                 raise RuntimeError("the data loader ended inside an epoch; this is a bug in the sampler") from None
+            self._step_batches.append(batch)
             if isinstance(batch, dict) and "num_tokens" in batch:
                 tokens += float(torch.as_tensor(batch["num_tokens"]).sum())  # read on the CPU: no device sync
             batch = move_to_device(batch, self.device, non_blocking=self.pin_memory)
@@ -303,6 +330,11 @@ class Runner:
             group["lr"] = lr
         grad_norm: float | None = None
         skipped = nonfinite_loss
+        diagnosis = None  # a config value or the weights to blame: raises here, naming them
+        if nonfinite_loss:
+            diagnosis = explain_nonfinite_loss(
+                self.model, self._step_batches, self.cfg, lr=lr, step=self.global_step + 1,
+                steps_applied=self.global_step - self.skipped_nonfinite, amp_dtype=self.amp_dtype)
         if not skipped:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
@@ -330,8 +362,8 @@ class Runner:
         if self.consecutive_nonfinite >= self.cfg.max_nonfinite_steps:
             raise RuntimeError(
                 f"the loss or gradient was non-finite for {self.consecutive_nonfinite} optimizer steps in a row "
-                f"(steps {self.global_step + 2 - self.consecutive_nonfinite}-{self.global_step + 1}); stopping. "
-                "Lower run.init_lr, set run.max_grad_norm, use run.amp: bf16 instead of fp16, or check the data "
+                f"(steps {self.global_step + 2 - self.consecutive_nonfinite}-{self.global_step + 1}); stopping: "
+                f"{diagnosis.explain() if diagnosis is not None else GENERIC_ADVICE} "
                 f"(limit: run.max_nonfinite_steps={self.cfg.max_nonfinite_steps})"
             )
         return grad_norm, True
@@ -341,9 +373,7 @@ class Runner:
     def train(self) -> dict[str, Any]:
         cfg = self.cfg
         started = time.perf_counter()
-        resume_from = self._find_resume_checkpoint()
-        if resume_from is not None:
-            self._load(resume_from)
+        self.prepare()
         stop_at = self.total_steps if cfg.max_steps is None else min(self.total_steps, cfg.max_steps)
 
         writer, bar = None, None

@@ -1,0 +1,199 @@
+"""Evaluate a model on POPE and CHAIR.
+
+`python evaluate.py` in a checkout and `adavib-eval` once installed both run this module (the top-level evaluate.py
+only hands over to it).
+
+    python evaluate.py --cfg-path eval_configs/adavib_minigpt4_7b.yaml \
+        --options model.ckpt=out/adavib/final/trainable.safetensors eval.image_dir=/data/coco/val2014
+    torchrun --nproc_per_node=8 evaluate.py --cfg-path ...      # questions/images sharded over GPUs
+
+Answers and captions are appended to JSONL files in eval.output_dir as they are produced; rerunning the same
+command resumes where a killed run stopped. Results: {output_dir}/metrics.json (read by
+scripts/results_table.py), plus pope.json / chair.json with per-split / per-caption detail.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from minigpt4.common.config import ConfigError, ModelConfig, check_paths, merge, validate_model_config
+from minigpt4.eval.eval_logging import check_backends, log_evaluation
+from minigpt4.eval.protocol_runs import protocol_runs
+from minigpt4.eval.tasks import EvalSettings, validate_eval_settings
+
+
+ROOT = Path(__file__).resolve().parents[2]  # the checkout: eval_configs/, assets/, data/
+# With no --cfg-path: the committed shapes-world base model on the shapes-world val split, so a newcomer
+# sees real CHAIR/POPE numbers without downloading anything (the world is generated in seconds if missing).
+DEFAULT_CFG = ROOT / "eval_configs" / "shapes_base.yaml"
+DEFAULT_WORLD = ROOT / "data" / "shapes_world"
+
+
+def default_config_path() -> str:
+    """The embedded default's config, building its evaluation world first if it is not there yet."""
+    if not (DEFAULT_WORLD / "meta.json").is_file():
+        from minigpt4.datasets.shapes_world import build_shapes_world
+
+        logging.info("building the shapes world in %s (seconds)", DEFAULT_WORLD)
+        build_shapes_world(DEFAULT_WORLD)
+    return str(DEFAULT_CFG)
+
+
+@dataclass
+class EvalConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+def load_eval_config(cfg_path: str | None, options: list[str] | None = None):
+    layers = [cfg_path] if cfg_path else []
+    cfg = merge(EvalConfig, *layers, options=options, where=cfg_path or "evaluate.py")
+    validate_model_config(cfg.model)
+    ev = cfg.eval
+    unknown = sorted(set(ev.tasks) - {"pope", "chair"})
+    if unknown or not ev.tasks:
+        raise ConfigError(f"eval.tasks = {list(ev.tasks)}; expected a non-empty list of: pope, chair")
+    if ev.image_dir is None:
+        raise ConfigError("eval.image_dir must name the folder of evaluation images (e.g. COCO val2014)")
+    check_paths(ev, ("image_dir",), prefix="eval")
+    if ev.on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"eval.on_bad_image = {ev.on_bad_image!r}; expected error or skip")
+    if "chair" in ev.tasks:
+        if ev.chair.coco_annotations is None:
+            raise ConfigError("eval.chair.coco_annotations must name the folder with the COCO 2014 "
+                              "instances_*/captions_* files (CHAIR ground truth)")
+        check_paths(ev.chair, ("coco_annotations", "images", "synonyms"), prefix="eval.chair")
+    if "pope" in ev.tasks:
+        check_paths(ev.pope, ("dir",), prefix="eval.pope")
+    validate_eval_settings(ev)
+    protocol_runs(ev, cfg.model.prompt_template)  # a bad protocol name or key on top of one: named here
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cfg-path", help="eval YAML (eval_configs/*.yaml); default: the embedded shapes-world "
+                                       "base model, eval_configs/shapes_base.yaml (paths from the repository root)")
+    ap.add_argument("--options", nargs="*", default=[], help="overrides, e.g. eval.batch_size=32 model.ckpt=...")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.cfg_path is None:
+        if not DEFAULT_CFG.is_file():  # an installed package has no eval_configs/ or assets/
+            print(f"config error: no --cfg-path given, and the embedded shapes-world default ({DEFAULT_CFG}) is "
+                  "part of a checkout of the repository, not of the installed package; give --cfg-path",
+                  file=sys.stderr)
+            return 2
+        os.chdir(ROOT)  # the default config's paths are relative to the repository root
+        args.cfg_path = default_config_path()
+        logging.info("no --cfg-path: evaluating the embedded shapes-world base model (%s)", args.cfg_path)
+    try:
+        cfg = load_eval_config(args.cfg_path, args.options)
+        settings: EvalSettings = OmegaConf.to_object(cfg.eval)
+        runs = protocol_runs(settings, cfg.model.prompt_template)  # task -> its protocol as this run applies it
+        planned = read_benchmark_items(settings, runs)
+        check_backends(settings.tensorboard, settings.wandb)  # a missing package stops here, not after the run
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+
+    from minigpt4.common import dist
+    from minigpt4.common.output_dir import claim_output_dir
+    from minigpt4.common.provenance import write_provenance
+    from minigpt4.eval.fingerprint import guard_resume, write_fingerprints
+    from minigpt4.eval.tasks import run_chair, run_pope
+    from minigpt4.common.errors import USER_FACING_ERRORS
+    from minigpt4.models.builder import build_model
+
+    rank, _, _, device = dist.init_distributed(settings.device)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    lock = None
+    try:
+        lock = claim_output_dir(settings.output_dir, "eval.output_dir")  # one evaluation at a time in a folder
+        # answers already in the folder must come from these weights and settings: refused here, before the model
+        fingerprints = guard_resume(OmegaConf.to_container(cfg.model, resolve=True), settings, planned, device.type)
+        model = build_model(cfg.model, device=device).eval()
+        out_dir = settings.output_dir
+        os.makedirs(out_dir, exist_ok=True)
+        if rank == 0:  # commit, versions and SHA-256 of the weights and benchmark files
+            write_provenance(OmegaConf.to_container(cfg, resolve=True), out_dir, device=device)
+            write_fingerprints(out_dir, fingerprints)
+        results = {"model": settings.name, "projector": projector_label(cfg.model)}
+        if "pope" in settings.tasks:
+            results["pope"] = run_pope(model, settings, out_dir, runs["pope"])
+        if "chair" in settings.tasks:
+            results["chair"] = run_chair(model, settings, out_dir, runs["chair"])
+    except USER_FACING_ERRORS as err:  # a bad file: its message names it; a torch traceback would bury that
+        print(f"error: {err}", file=sys.stderr)
+        if lock is not None:
+            lock.release()
+        return 2
+    if rank == 0:
+        results["protocol"] = protocol_label(runs, settings)
+        results["protocols"] = {task: run.summary() for task, run in runs.items()}
+        results["config"] = OmegaConf.to_container(cfg, resolve=True)
+        for task in ("pope", "chair"):
+            if task in results:
+                _write_json(os.path.join(out_dir, f"{task}.json"), results[task])
+        summary = {k: v for k, v in results.items() if k != "config"}
+        if "chair" in summary:  # per-caption detail stays in chair.json
+            summary["chair"] = {k: v for k, v in summary["chair"].items() if k != "per_caption"}
+        _write_json(os.path.join(out_dir, "metrics.json"), summary)
+        logging.info("results in %s", os.path.abspath(os.path.join(out_dir, "metrics.json")))
+        if settings.tensorboard or settings.wandb:  # views of the files just written (eval/eval_logging.py)
+            log_evaluation(out_dir, results, tensorboard=settings.tensorboard, wandb=settings.wandb,
+                           wandb_project=settings.wandb_project, config=results["config"])
+    lock.release()
+    dist.cleanup()
+    return 0
+
+
+def read_benchmark_items(settings: EvalSettings, runs: dict) -> dict:
+    """Every answers file's generation items, read now from the POPE question files and the CHAIR image list:
+    a malformed or empty file, an image name outside eval.image_dir or (on_bad_image=error) a CHAIR image missing
+    from it stops the run before the model is built."""
+    from minigpt4.eval.tasks import planned_items
+
+    try:
+        return planned_items(settings, runs)
+    except ConfigError:
+        raise
+    except ValueError as err:  # the readers' errors name the file and line
+        raise ConfigError(str(err)) from None
+
+
+def protocol_label(runs: dict, settings: EvalSettings) -> str:
+    """The results table's protocol column: each task's protocol label, POPE with its question files."""
+    labels = []
+    if "pope" in runs:
+        data = settings.pope.version if settings.pope.dir is None else f"dir {settings.pope.dir}"
+        labels.append(f"{runs['pope'].label} ({data})")
+    if "chair" in runs:
+        labels.append(runs["chair"].label)
+    return " + ".join(labels)
+
+
+def projector_label(model_cfg) -> str:
+    """linear | vib-fixed-beta (β=…) | adavib (β=…): what the results table's projector column shows."""
+    if model_cfg.mm_projector_type == "linear":
+        return "linear"
+    kind = "adavib" if model_cfg.vib.adaptive else "vib-fixed-beta"
+    return f"{kind} (β={model_cfg.vib.beta:g}, S={model_cfg.vib.num_samples})"
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
