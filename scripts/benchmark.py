@@ -176,7 +176,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     amp = device.type == "cuda"
     image_size = model.encoder.vision_config.image_size
     n_llm = llm_matmul_params(model)
-    meta.update(llm_matmul_params=n_llm, num_samples=model.num_samples, amp="bf16" if amp else "none (fp32)")
+    meta.update(llm_matmul_params=n_llm, num_samples=model.vib.num_samples, amp="bf16" if amp else "none (fp32)")
     extrapolated: dict[str, Any] = {}
 
     if "train" not in args.skip:
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pad_to = model.build_training_text([None], [""]).input_ids.shape[1] + model.max_txt_len
         check_reference(model, batches, device, pad_to)
         common = dict(warmup=preset["warmup"], accum=preset["accum"], device=device, amp=amp)
-        s = model.num_samples
+        s = model.vib.num_samples
 
         def train_run(loss_fn, steps, attention="sdpa"):
             def run_once():

@@ -15,7 +15,10 @@
 #   2. gpu tests   pytest -m gpu tests/test_gpu.py: bf16/fp16 vs fp32 numerics, fp16 GradScaler step,
 #                  8-bit LLM + CPU ViT through builder and Runner, the benchmark's CUDA path on the tiny model
 #   3. benchmark   scripts/benchmark.py --device cuda --size 7b    -> OUT_DIR/benchmark_7b.{json,md}, *_profile.txt
-#   4. low memory  scripts/benchmark.py ... --low-resource          -> OUT_DIR/benchmark_7b_lowres.json (bitsandbytes)
+#   4. full size   scripts/fullsize_check.py --device cuda          -> OUT_DIR/fullsize_7b.{json,md}, *_profile.txt:
+#                  one training micro-step, one POPE batch, one CHAIR caption against the card's measured matmul
+#                  rate and copy bandwidth, peak memory against the memory model
+#   5. low memory  scripts/benchmark.py ... --low-resource          -> OUT_DIR/benchmark_7b_lowres.json (bitsandbytes)
 # OUT_DIR/gpu_check_summary.json records each step's exit status and duration.
 # --dry-run checks the plan without a GPU: arguments, files, imports; runs nothing on a GPU.
 set -uo pipefail
@@ -45,7 +48,8 @@ OPTIONAL="bitsandbytes"
 PLAN=(
   "gpu_tests|90|$PY -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider"
   "benchmark_7b|210|$PY scripts/benchmark.py --device cuda --size 7b --out $OUT_DIR/benchmark_7b.json"
-  "benchmark_7b_lowres|150|$PY scripts/benchmark.py --device cuda --size 7b --low-resource --out $OUT_DIR/benchmark_7b_lowres.json"
+  "fullsize_7b|60|$PY scripts/fullsize_check.py --device cuda --size 7b --out $OUT_DIR/fullsize_7b.json"
+  "benchmark_7b_lowres|120|$PY scripts/benchmark.py --device cuda --size 7b --low-resource --out $OUT_DIR/benchmark_7b_lowres.json"
 )
 
 echo "gpu_check: output in $OUT_DIR, overall budget ${BUDGET_S}s, python: $PY"
@@ -93,7 +97,7 @@ EOF
 [ -f "$OUT_DIR/imports.json" ] || { echo "cannot run $PY" >&2; exit 2; }
 
 if [ $DRY_RUN -eq 1 ]; then
-  for f in tests/test_gpu.py scripts/benchmark.py; do [ -f "$f" ] || { echo "missing $f" >&2; exit 1; }; done
+  for f in tests/test_gpu.py scripts/benchmark.py scripts/fullsize_check.py; do [ -f "$f" ] || { echo "missing $f" >&2; exit 1; }; done
   echo "dry run: plan checked, nothing run on a GPU"
   printf '{"dry_run": true, "steps": [' > "$OUT_DIR/gpu_check_summary.json"
   sep=""

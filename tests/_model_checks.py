@@ -22,7 +22,7 @@ def assert_sample_major_pairing(model) -> None:
     model(batch)
     handle.remove()
     embeds, labels = captured["inputs_embeds"], captured["labels"]
-    s, b = model.num_samples, 2
+    s, b = model.vib.num_samples, 2
     assert embeds.shape[0] == s * b
     mu = model.projector.llama_proj(model.encode_images(batch["image"]))
     single = model.build_training_text([None, None], batch["answer"])

@@ -27,7 +27,7 @@ from torch.utils.data import Dataset, IterableDataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.common import dist  # noqa: E402
-from minigpt4.runners.checkpointing import trainable_state_dict  # noqa: E402
+from minigpt4.models.checkpoints import trainable_tensors  # noqa: E402
 from minigpt4.runners.config import RunConfig  # noqa: E402
 from minigpt4.runners.runner import Runner  # noqa: E402
 
@@ -153,7 +153,7 @@ def main(argv: list[str]) -> tuple[dict, Runner]:
     if args.dump_dir:
         Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
         torch.save(
-            {"trainable": {k: v.detach().clone() for k, v in trainable_state_dict(model).items()},
+            {"trainable": {k: v.detach().clone() for k, v in trainable_tensors(model).items()},
              "optimizer": runner.optimizer.state_dict(), "rank": runner.rank, "world_size": runner.world_size},
             Path(args.dump_dir) / f"rank{runner.rank}.pt",
         )

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from minigpt4.common.tiny import tiny_model_config
-from minigpt4.models.checkpoints import save_trainable, trainable_state
+from minigpt4.models.checkpoints import save_trainable, trainable_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -33,7 +33,7 @@ def setup(tmp_path, tiny_tokenizer_dir, tiny_model_factory):
     OmegaConf.save({"model": tiny_model_config(tiny_tokenizer_dir, "vib")}, cfg_path)
     compare = tmp_path / "adavib.safetensors"
     other = tiny_model_factory("vib", seed=3)
-    save_trainable(compare, {k: v.detach() for k, v in trainable_state(other).items()})
+    save_trainable(compare, trainable_tensors(other))
     images = tmp_path / "images"
     (images / "sub").mkdir(parents=True)
     rng = np.random.default_rng(0)

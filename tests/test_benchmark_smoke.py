@@ -74,7 +74,7 @@ def test_gpu_check_dry_run_checks_the_plan(tmp_path):
     assert result.returncode == 0, result.stderr
     summary = json.loads((tmp_path / "out" / "gpu_check_summary.json").read_text())
     assert summary["dry_run"] is True
-    assert [s["name"] for s in summary["steps"]] == ["gpu_tests", "benchmark_7b", "benchmark_7b_lowres"]
+    assert [s["name"] for s in summary["steps"]] == ["gpu_tests", "benchmark_7b", "fullsize_7b", "benchmark_7b_lowres"]
     assert sum(s["limit_s"] for s in summary["steps"]) <= 480  # the check must fit in 8 minutes
     imports = json.loads((tmp_path / "out" / "imports.json").read_text())
     assert imports["missing_required"] == [] and "torch" in imports["found"]

@@ -381,7 +381,7 @@ class _Model(torch.nn.Module):
 def test_trainable_round_trip_and_checks(tmp_path):
     source, target = _Model(), _Model()
     path = tmp_path / "sub" / "step_10.safetensors"
-    ckpt.save_trainable(path, ckpt.trainable_state(source))
+    ckpt.save_trainable(path, ckpt.trainable_tensors(source))
     assert sorted(p.name for p in path.parent.iterdir()) == ["step_10.safetensors"]
     frozen_before = target.frozen.weight.clone()
     loaded = ckpt.load_trainable(target, path)
@@ -392,11 +392,11 @@ def test_trainable_round_trip_and_checks(tmp_path):
     ckpt.save_trainable(tmp_path / "partial.safetensors", {"head.weight": source.head.weight})
     with pytest.raises(CheckpointError, match=r"2 trainable parameter\(s\) not in the file: prior, head.bias"):
         ckpt.load_trainable(target, tmp_path / "partial.safetensors")
-    extra = {**ckpt.trainable_state(source), "llama_proj_std.w": torch.ones(1)}
+    extra = {**ckpt.trainable_tensors(source), "llama_proj_std.w": torch.ones(1)}
     ckpt.save_trainable(tmp_path / "extra.safetensors", extra)
     with pytest.raises(CheckpointError, match="does not have: llama_proj_std.w"):
         ckpt.load_trainable(target, tmp_path / "extra.safetensors")
-    ckpt.save_trainable(tmp_path / "shape.safetensors", {**ckpt.trainable_state(source), "prior": torch.ones(5)})
+    ckpt.save_trainable(tmp_path / "shape.safetensors", {**ckpt.trainable_tensors(source), "prior": torch.ones(5)})
     with pytest.raises(CheckpointError, match=r"prior: checkpoint \(5,\) vs model \(2,\)"):
         ckpt.load_trainable(target, tmp_path / "shape.safetensors")
 
@@ -421,7 +421,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _float64_projector_with_1e300(model) -> dict[str, torch.Tensor]:
     """The model's trainable tensors as float64, one entry 1e300: finite in the file, inf once cast to fp32."""
-    tensors = {k: v.detach().double().clone() for k, v in model.trainable_state_dict().items()}
+    tensors = {k: v.detach().double().clone() for k, v in ckpt.trainable_tensors(model).items()}
     tensors["projector.llama_proj.weight"][0, 0] = 1e300
     return tensors
 

@@ -18,7 +18,7 @@ from minigpt4.demo.diagnostics import (
 )
 from minigpt4.demo.highlight import highlight_html, highlight_pair, object_mentions
 from minigpt4.eval.chair import CHAIRScorer
-from minigpt4.models.checkpoints import CheckpointError, save_trainable, trainable_state
+from minigpt4.models.checkpoints import CheckpointError, save_trainable, trainable_tensors
 from minigpt4.models.vib import pool_tokens
 
 
@@ -48,7 +48,7 @@ def image_path(tmp_path):
 def _compare_ckpt(tiny_model_factory, tmp_path, projector="vib", seed=1) -> str:
     other = tiny_model_factory(projector, seed=seed)
     path = tmp_path / f"{projector}_{seed}.safetensors"
-    save_trainable(path, {k: v.detach() for k, v in trainable_state(other).items()})
+    save_trainable(path, trainable_tensors(other))
     return str(path)
 
 

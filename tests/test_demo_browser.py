@@ -43,11 +43,11 @@ def _compare_checkpoint(cache, path) -> str:
 
     from minigpt4.demo.loading import default_model_config
     from minigpt4.models.builder import build_model
-    from minigpt4.models.checkpoints import save_trainable, trainable_state
+    from minigpt4.models.checkpoints import save_trainable, trainable_tensors
 
     torch.manual_seed(1)
     model = build_model(default_model_config(cache=cache))
-    save_trainable(path, {k: v.detach() for k, v in trainable_state(model).items()})
+    save_trainable(path, trainable_tensors(model))
     return str(path)
 
 

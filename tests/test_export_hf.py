@@ -103,14 +103,14 @@ def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
     """A 'trained' VIB run on the shapes base model: run/final/{trainable.safetensors, config.json}."""
     from minigpt4.demo.loading import load_model_config
     from minigpt4.models.builder import build_model
-    from minigpt4.models.checkpoints import save_trainable
+    from minigpt4.models.checkpoints import save_trainable, trainable_tensors
 
     torch.manual_seed(0)
     model = build_model(load_model_config(SHAPES_YAML, ["model.mm_projector_type=vib"])).eval()
     with torch.no_grad():  # μ moves away from the base projector: the export must carry the checkpoint's μ
         model.projector.llama_proj.weight.add_(0.02 * torch.randn_like(model.projector.llama_proj.weight))
     run = tmp_path_factory.mktemp("shapes_vib_run")
-    save_trainable(run / "final" / "trainable.safetensors", model.trainable_state_dict())
+    save_trainable(run / "final" / "trainable.safetensors", trainable_tensors(model))
     train_config = {"model": {"arch": "minigpt4", "mm_projector_type": "vib",
                               "vib": {"num_samples": 3, "beta": 1e-3, "adaptive": True, "kl_on": "pooled",
                                       "reparameterize": True, "std_head": "same"}},
@@ -238,7 +238,7 @@ def llava_run(tmp_path_factory, tiny_tokenizer_dir):
     from minigpt4.common.config import ModelConfig, merge
     from minigpt4.common.tiny import TINY_LLM
     from minigpt4.models.builder import build_model
-    from minigpt4.models.checkpoints import save_trainable
+    from minigpt4.models.checkpoints import save_trainable, trainable_tensors
     from minigpt4.models.llava import llava_config_from
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
@@ -257,7 +257,7 @@ def llava_run(tmp_path_factory, tiny_tokenizer_dir):
     with torch.no_grad():
         model.projector.llama_proj.linear_2.weight.mul_(3.0)  # sharper logits; and μ differs from the folder's
     run = tmp_path_factory.mktemp("llava_vib_run")
-    save_trainable(run / "trainable.safetensors", model.trainable_state_dict())
+    save_trainable(run / "trainable.safetensors", trainable_tensors(model))
     config = run / "model.yaml"
     config.write_text(json.dumps({"model": model_cfg}))  # JSON is YAML
     return config, run / "trainable.safetensors", model

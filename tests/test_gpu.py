@@ -77,7 +77,9 @@ def _trained(model, out: Path, **overrides) -> dict:
 
     from minigpt4.runners.runner import Runner
 
-    before = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    from minigpt4.models.checkpoints import trainable_tensors
+
+    before = {k: v.detach().clone() for k, v in trainable_tensors(model).items()}
     # 8 optimizer steps: under fp16 the GradScaler may skip the first ones (inf gradients at its initial scale)
     summary = Runner(model, Captions(32), collate, _runner_cfg(out, **overrides)).train()
     assert summary["completed"] and summary["global_step"] == 8 and summary["skipped_nonfinite"] == 0

@@ -959,7 +959,7 @@ def lavis_file_as_projector(env: Env) -> None:
 
 def trainable_file(source: str, target: str, edit: Callable[[dict], None], env: Env) -> list[str]:
     """A trainable.safetensors from a `source` projector model, edited, loaded into a `target` one."""
-    tensors = {k: v.detach().clone().contiguous() for k, v in env.shared.model(source).trainable_state_dict().items()}
+    tensors = {k: v.clone().contiguous() for k, v in ckpt.trainable_tensors(env.shared.model(source)).items()}
     edit(tensors)
     path = env.tmp / "final" / "trainable.safetensors"
     ckpt.save_state_file(path, tensors)
@@ -1004,7 +1004,7 @@ def unknown_suffix(env: Env) -> None:
 
 
 def full_ckpt_with_foreign_keys(env: Env) -> None:
-    from minigpt4.models.builder import load_full_checkpoint
+    from minigpt4.models.loading import load_full_checkpoint
 
     save_file({"vision_tower.weight": torch.zeros(2)}, str(env.tmp / "full.safetensors"))
     load_full_checkpoint(env.shared.model("linear"), str(env.tmp / "full.safetensors"))
@@ -1188,15 +1188,15 @@ def _raise(err: BaseException) -> Callable[..., None]:
 
 
 def checkpoint_write_fails(writer: str, err: BaseException, at_step: int, env: Env) -> None:
-    """The `writer` (checkpointing._write_torch / _write_safetensors) fails as a full or read-only disk does."""
+    """The `writer` (checkpointing._write_torch / save_trainable) fails as a full or read-only disk does."""
     from minigpt4.runners import checkpointing
 
     real = getattr(checkpointing, writer)
 
-    def write(obj: Any, path: Path, *rest: Any) -> None:
-        if f"step_{at_step:08d}" in str(path):
+    def write(*args: Any) -> None:  # (obj, path) or (path, tensors, metadata): fail for the step's files
+        if any(isinstance(a, (str, os.PathLike)) and f"step_{at_step:08d}" in str(a) for a in args):
             raise err
-        real(obj, path, *rest)
+        real(*args)
 
     with _replaced(checkpointing, writer, write):
         _toy_run(env)
@@ -1336,7 +1336,7 @@ OUTPUT_CASES = [
                                        "previous checkpoint (none) is untouched", "run.keep_last"),
                 after=_no_half_written_checkpoint)),
     Case("output/disk-full/while-writing-safetensors",
-         partial(checkpoint_write_fails, "_write_safetensors",
+         partial(checkpoint_write_fails, "save_trainable",
                  SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"), 2),
          Raises(CheckpointWriteError, ("cannot write {tmp}/run/checkpoints/step_00000002: No space left on device",
                                        "needs about", "free there", "previous checkpoint (step_00000001) is untouched"),

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from _model_checks import assert_sample_major_pairing, toy_batch
 from minigpt4.common.tiny import TINY_LLM
-from minigpt4.models.checkpoints import CheckpointError, load_trainable, save_trainable
+from minigpt4.models.checkpoints import CheckpointError, load_trainable, save_trainable, trainable_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CLIP = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
@@ -82,7 +82,7 @@ def test_vib_forward_backward_trains_only_the_projector(make_llava):
         else:
             assert p.grad is None, name
     assert torch.allclose(out["loss"], out["ce"] + out["kl_term"]) and out["kl_term"] > 0
-    assert set(model.trainable_state_dict()) == trainable
+    assert set(trainable_tensors(model)) == trainable
     std_linear = make_llava("vib", vib=dict(std_head="linear")).projector.llama_proj_std
     assert isinstance(std_linear, torch.nn.Linear) and std_linear.weight.shape == (64, 32)
 
@@ -301,7 +301,7 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
     trained = build_model(model_cfg)
     with torch.no_grad():
         trained.projector.llama_proj.linear_2.bias.add_(0.5)
-    save_trainable(tmp_path / "trainable.safetensors", trained.trainable_state_dict())
+    save_trainable(tmp_path / "trainable.safetensors", trainable_tensors(trained))
     cfg = {"model": {**model_cfg, "ckpt": str(tmp_path / "trainable.safetensors")},
            "eval": {"tasks": ["pope", "chair"], "output_dir": str(tmp_path / "out"), "name": "tiny-llava",
                     "image_dir": str(tmp_path / "val2014"), "batch_size": 3, "device": "cpu", "bootstrap": 20,
@@ -353,7 +353,7 @@ def test_two_process_training_run_saves_only_the_projector(tmp_path, llava_dir):
     assert done.returncode == 0, done.stderr[-3000:]
     final = load_file(tmp_path / "out" / "final" / "trainable.safetensors")
     fresh = build_model(recipe["model"])
-    assert set(final) == set(fresh.trainable_state_dict())
+    assert set(final) == set(trainable_tensors(fresh))
     assert not torch.equal(final["projector.llama_proj.linear_1.weight"],
                            fresh.projector.llama_proj.linear_1.weight)  # the μ head did train
     load_trainable(fresh, tmp_path / "out" / "final" / "trainable.safetensors")  # and loads back strictly

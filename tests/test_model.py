@@ -4,6 +4,7 @@ import torch
 
 from _model_checks import assert_sample_major_pairing, toy_batch
 from minigpt4.conversation.conversation import get_template
+from minigpt4.models.checkpoints import trainable_tensors
 
 
 def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
@@ -24,7 +25,7 @@ def test_only_projector_trains_and_frozen_parts_stay_eval(tiny_model_factory):
     for n, p in model.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, frozen_before[n]), n
-    assert set(model.trainable_state_dict()) == trainable
+    assert set(trainable_tensors(model)) == trainable
     assert {"loss", "ce", "kl_term", "alpha", "entropy_ratio", "sigma"} <= set(out)
     assert torch.allclose(out["loss"], out["ce"] + out["kl_term"])
 
@@ -33,6 +34,19 @@ def test_linear_projector_loss_is_ce_only(tiny_model_factory):
     model = tiny_model_factory("linear").train()
     out = model(toy_batch())
     assert out["kl_term"].item() == 0.0 and torch.allclose(out["loss"], out["ce"])
+    assert model.vib is None  # the linear projector has no VIB settings
+
+
+def test_model_vib_settings_are_the_projectors_own(tiny_model_factory):
+    """`model.vib` from the config goes whole to the VIB projector, which owns it: the model keeps no copy."""
+    from minigpt4.common.config import VIBConfig
+
+    model = tiny_model_factory("vib", vib=dict(num_samples=2, beta=0.5, adaptive=False, kl_on="token")).train()
+    assert model.vib is model.projector.config
+    assert model.vib == VIBConfig(num_samples=2, beta=0.5, adaptive=False, kl_on="token")
+    assert not any(hasattr(model, name) for name in ("beta", "adaptive", "num_samples"))
+    out = model(toy_batch())
+    assert torch.allclose(out["kl_term"], 0.5 * out["kl"])  # β·mean(KL): not adaptive
 
 
 def test_sample_s_of_image_b_meets_text_of_image_b(tiny_model_factory):

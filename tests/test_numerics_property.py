@@ -14,6 +14,7 @@ import torch
 from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
+from minigpt4.common.config import VIBConfig
 from minigpt4.models.vib import (
     RATIO_FLOOR,
     STD_FLOOR,
@@ -115,7 +116,7 @@ def test_adaptive_weight_refuses_a_vocabulary_below_two():
 def test_vib_projector_info_is_finite_and_in_range(seed, batch, tokens, in_dim, out_dim, vocab, samples, scale_q,
                                                    scale_w, dtype, kl_on, training, masked, beta):
     torch.manual_seed(seed)
-    proj = VIBProjector(in_dim, out_dim, kl_on=kl_on)
+    proj = VIBProjector(in_dim, out_dim, VIBConfig(num_samples=samples, beta=beta, adaptive=True, kl_on=kl_on))
     with torch.no_grad():  # scale_w = 0 collapses σ to softplus(0) and μ to the bias; 30 makes heads extreme
         for param in proj.parameters():
             param.mul_(scale_w)
@@ -130,7 +131,7 @@ def test_vib_projector_info_is_finite_and_in_range(seed, batch, tokens, in_dim, 
         # A linear layer can overflow fp16 by itself (30 x 16000 x 12 > 65504); vib.py only promises that what
         # it computes *from* finite head outputs is finite.
         assume(torch.isfinite(proj.llama_proj(q)).all() and torch.isfinite(proj.llama_proj_std(q)).all())
-    z, info = proj(q, embed_weight=embed, num_samples=samples, beta=beta, adaptive=True, token_mask=mask)
+    z, info = proj(q, embed_weight=embed, token_mask=mask)
     rows = samples * batch if training else batch
     assert z.shape == (rows, tokens, out_dim)
     for key in ("kl", "alpha", "entropy_ratio", "sigma", "kl_term"):

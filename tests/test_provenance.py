@@ -91,18 +91,42 @@ def test_eval_config_names_the_benchmark_files(tmp_path):
     ann.mkdir()
     for name in ("instances_val2014.json", "captions_val2014.json", "person_keypoints_val2014.json"):
         (ann / name).write_text("{}")
-    cfg = {"model": {"llm_path": "/w/vicuna", "ckpt": "/w/final/trainable.safetensors", "projector_path": None},
-           "eval": {"tasks": ["pope", "chair"], "image_dir": "/data/val2014",
-                    "pope": {"version": "coco-2023-08", "dir": None, "splits": ["random", "adversarial"]},
-                    "chair": {"images": None, "coco_annotations": str(ann), "synonyms": None}}}
-    assert prov.weight_paths_of(cfg) == {"model.llm_path": "/w/vicuna", "model.ckpt": "/w/final/trainable.safetensors"}
-    data = prov.data_paths_of(cfg)
+    from minigpt4.eval.tasks import ChairSettings, EvalSettings, PopeSettings
+    from minigpt4.eval.tasks import files_to_record as benchmark_files
+    from minigpt4.models.loading import files_to_record as weight_files
+
+    model = {"llm_path": "/w/vicuna", "ckpt": "/w/final/trainable.safetensors", "projector_path": None}
+    settings = EvalSettings(tasks=["pope", "chair"], image_dir="/data/val2014",
+                            pope=PopeSettings(version="coco-2023-08", dir=None, splits=["random", "adversarial"]),
+                            chair=ChairSettings(images=None, coco_annotations=str(ann), synonyms=None))
+    assert weight_files(model) == {"model.llm_path": "/w/vicuna", "model.ckpt": "/w/final/trainable.safetensors"}
+    data = benchmark_files(settings)
     assert data["eval.image_dir"] == "/data/val2014"
     assert data["eval.pope.random"].endswith("pope/coco-2023-08/random.jsonl") and "eval.pope.popular" not in data
     assert Path(data["eval.chair.synonyms"]).name == "chair_synonyms.txt"
     # only the files CHAIR reads, not the rest of the annotations folder
     assert sorted(k for k in data if k.startswith("eval.chair.coco")) == [
         "eval.chair.coco_annotations/captions_val2014.json", "eval.chair.coco_annotations/instances_val2014.json"]
+
+
+def test_train_config_names_the_dataset_files(tmp_path):
+    from minigpt4.datasets.builders import files_to_record as dataset_files
+
+    shards = [tmp_path / f"{i:05d}.tar" for i in range(3)]
+    for shard in shards:
+        shard.write_bytes(b"tar")
+    datasets = {"caption_json": {"ann_path": "/d/caps.json", "image_dir": "/d/images", "on_bad_image": "skip"},
+                "cc_sbu_align": {"storage": "/d/cc_sbu_align", "prompt_path": "/d/prompts.txt"},
+                "laion": {"shards": str(tmp_path / "{00000..00002}.tar")}}
+    assert dataset_files(datasets) == {
+        "datasets.caption_json.ann_path": "/d/caps.json", "datasets.caption_json.image_dir": "/d/images",
+        "datasets.cc_sbu_align.prompt_path": "/d/prompts.txt",
+        "datasets.cc_sbu_align.storage/filter_cap.json": "/d/cc_sbu_align/filter_cap.json",
+        "datasets.cc_sbu_align.storage/image": "/d/cc_sbu_align/image",
+        "datasets.laion.shards": [str(s) for s in shards]}
+    listed = {"shards": dataset_files(datasets)["datasets.laion.shards"]}
+    record = prov.run_provenance({}, weight_paths={}, data_paths=listed, cache_path=tmp_path / "c.json")
+    assert record["data"]["shards"]["method"] == "listing" and record["data"]["shards"]["num_files"] == 3
 
 
 def test_git_state_without_git_or_outside_a_repository(tmp_path, monkeypatch):
@@ -115,10 +139,13 @@ def test_git_state_without_git_or_outside_a_repository(tmp_path, monkeypatch):
 def test_rewriting_keeps_earlier_records(tmp_path):
     data = tmp_path / "captions.json"
     data.write_text("[]")
+    from minigpt4.datasets.builders import files_to_record as dataset_files
+
     cfg = {"datasets": {"caption_json": {"ann_path": str(data)}}}
-    prov.write_provenance(cfg, tmp_path / "run")
+    files = {"weight_paths": {}, "data_paths": dataset_files(cfg["datasets"])}
+    prov.write_provenance(cfg, tmp_path / "run", **files)
     first = json.loads((tmp_path / "run" / "provenance.json").read_text())
-    prov.write_provenance(cfg, tmp_path / "run")  # e.g. train.py --resume
+    prov.write_provenance(cfg, tmp_path / "run", **files)  # e.g. train.py --resume
     second = json.loads((tmp_path / "run" / "provenance.json").read_text())
     assert second["earlier"] == [first] and "earlier" not in first
     assert second["data"]["datasets.caption_json.ann_path"]["sha256"] == _sha(data)

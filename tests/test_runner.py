@@ -25,13 +25,12 @@ from minigpt4.runners.checkpointing import (
     CheckpointWriteError,
     latest_checkpoint,
     load_checkpoint,
-    load_trainable_state,
     save_checkpoint,
 )
 from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data import EpochBatchSampler, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
-from minigpt4.models.checkpoints import CheckpointError
+from minigpt4.models.checkpoints import CheckpointError, load_trainable_tensors
 from minigpt4.runners.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -332,14 +331,17 @@ def test_keep_last_and_strict_loading(tmp_path):
                                                                            "step_00000004"]
     model = nn.Linear(2, 3)
     good = {"weight": torch.ones(3, 2), "bias": torch.ones(3)}
-    load_trainable_state(model, good, "ckpt")
+    load_trainable_tensors(model, good, "ckpt")  # the resume's check is the loaders' (models/checkpoints.py)
     assert torch.equal(model.weight, torch.ones(3, 2))
-    with pytest.raises(ValueError, match="missing from the checkpoint: bias"):
-        load_trainable_state(model, {"weight": torch.ones(3, 2)}, "ckpt")
-    with pytest.raises(ValueError, match="not trainable in the model: extra"):
-        load_trainable_state(model, {**good, "extra": torch.ones(1)}, "ckpt")
-    with pytest.raises(ValueError, match=r"weight: checkpoint \(2, 3\) vs model \(3, 2\)"):
-        load_trainable_state(model, {**good, "weight": torch.ones(2, 3)}, "ckpt")
+    with pytest.raises(CheckpointError, match=r"from ckpt: 1 trainable parameter\(s\) not in the file: bias"):
+        load_trainable_tensors(model, {"weight": torch.ones(3, 2)}, "ckpt")
+    with pytest.raises(CheckpointError, match=r"1 key\(s\) the model does not have: extra"):
+        load_trainable_tensors(model, {**good, "extra": torch.ones(1)}, "ckpt")
+    with pytest.raises(CheckpointError, match=r"weight: checkpoint \(2, 3\) vs model \(3, 2\)"):
+        load_trainable_tensors(model, {**good, "weight": torch.ones(2, 3)}, "ckpt")
+    model.bias.requires_grad_(False)
+    with pytest.raises(CheckpointError, match=r"1 key\(s\) the model keeps frozen .*: bias"):
+        load_trainable_tensors(model, good, "ckpt")
     with pytest.raises(CheckpointError, match="neither a checkpoint"):
         load_checkpoint(tmp_path / "nowhere")
 
@@ -395,15 +397,18 @@ def test_nonfinite_steps_in_a_row_abort(tmp_path):
 
 
 class _BetaToy(toy.ToyModel):
-    """The toy with a KL-like term weighted by `beta`, as MiniGPT4 weights its KL by model.vib.beta."""
+    """The toy with a KL-like term weighted by `vib.beta`, as MiniGPT4's VIB projector weights its KL by
+    model.vib.beta (MiniGPT4.vib)."""
 
     def __init__(self, beta: float):
+        from minigpt4.common.config import VIBConfig
+
         super().__init__(noise=False)
-        self.beta = beta
+        self.vib = VIBConfig(beta=beta)
 
     def forward(self, batch):
         out = super().forward(batch)
-        return {**out, "loss": out["loss"] + self.beta * out["sigma"]}
+        return {**out, "loss": out["loss"] + self.vib.beta * out["sigma"]}
 
 
 def test_nonfinite_loss_from_a_nan_config_value_stops_at_once_naming_it(tmp_path):

@@ -24,7 +24,7 @@ def _prepare(tmp_path):
 
 
 @pytest.mark.parametrize("option, named", [
-    ("run.bogus=1", "unknown run.* key(s): bogus"),
+    ("run.bogus=1", "unknown key 'run.bogus'"),  # the valid keys are listed, as for model.*
     ("model.bogus=1", "model.bogus"),
     ("model.vib.bogus=1", "model.vib.bogus"),
     ("datasets.caption_json.bogus=1", "bogus"),
@@ -107,6 +107,19 @@ def test_bad_weight_file_is_one_line_error_not_traceback(tmp_path, capsys):
     assert train.main(["--cfg-path", TINY, "--options", *_prepare(tmp_path), f"model.projector_path={bad}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "5120" in err and "Traceback" not in err
+
+
+def test_resume_into_another_projector_type_is_one_line_error(tmp_path, capsys):
+    """The resume checks its trainable.safetensors as every loader does (models/checkpoints.py): a VIB
+    checkpoint resumed as a linear model ends in one line naming the file and the fix, exit 2."""
+    options = _prepare(tmp_path) + ["run.max_steps=2", "run.save_every_steps=1"]
+    assert train.main(["--cfg-path", TINY, "--options", *options]) == 0
+    capsys.readouterr()
+    assert train.main(["--cfg-path", TINY, "--resume", "--options", *options, "model.mm_projector_type=linear"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot load trainable weights from ") and err.count("\n") == 1, err
+    assert "step_00000002/trainable.safetensors" in err and "key(s) the model does not have" in err
+    assert "the file holds a VIB projector" in err and "model.mm_projector_type: vib" in err
 
 
 def test_two_runs_started_into_one_folder_at_once_exactly_one_runs(tmp_path):

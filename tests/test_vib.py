@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch.distributions import Normal, kl_divergence
 
+from minigpt4.common.config import ConfigError, VIBConfig
 from minigpt4.models.vib import (
     LinearProjector,
     VIBProjector,
@@ -82,16 +83,16 @@ def test_adaptive_weight_ends_and_middle():
     assert bf.dtype == torch.float32 and bf.item() == pytest.approx(math.log(4), rel=1e-2)
 
 
-def _projector(**kw):
+def _projector(**settings):
     torch.manual_seed(0)
-    return VIBProjector(6, 8, **kw)
+    return VIBProjector(6, 8, VIBConfig(**settings))
 
 
 def test_vib_training_samples_are_sample_major():
-    proj = _projector().train()
+    proj = _projector(num_samples=3, beta=0.5).train()
     q, emb = torch.randn(2, 3, 6), torch.randn(20, 8)
     torch.manual_seed(123)
-    z, info = proj(q, num_samples=3, beta=0.5, embed_weight=emb)
+    z, info = proj(q, embed_weight=emb)
     assert z.shape == (6, 3, 8)
     mu = proj.llama_proj(q)
     std = torch.nn.functional.softplus(proj.llama_proj_std(q))
@@ -104,10 +105,10 @@ def test_vib_training_samples_are_sample_major():
 
 
 def test_vib_loss_terms_match_equations():
-    proj = _projector().train()
+    proj = _projector(num_samples=2, beta=0.5, adaptive=True).train()
     q, emb = torch.randn(2, 3, 6), torch.randn(20, 8)
     torch.manual_seed(5)
-    z, info = proj(q, num_samples=2, beta=0.5, adaptive=True, embed_weight=emb)
+    z, info = proj(q, embed_weight=emb)
     mu, std = proj.llama_proj(q), torch.nn.functional.softplus(proj.llama_proj_std(q))
     kl_ref = gaussian_kl(pool_tokens(mu), pool_tokens(std), proj.mu_p, torch.nn.functional.softplus(proj.std_p))
     assert torch.allclose(info["kl"], kl_ref)
@@ -115,22 +116,22 @@ def test_vib_loss_terms_match_equations():
     alpha_ref = (-torch.log(h / math.log(20))).mean(0)
     assert torch.allclose(info["alpha"], alpha_ref, atol=1e-6)
     assert torch.allclose(info["kl_term"], 0.5 * (alpha_ref * kl_ref).mean(), rtol=1e-5)
-    _, fixed = proj(q, num_samples=2, beta=0.5, adaptive=False, embed_weight=emb)
-    assert torch.allclose(fixed["kl_term"], 0.5 * fixed["kl"].mean())
+    _, fixed = _projector(num_samples=2, beta=0.5, adaptive=False).train()(q, embed_weight=emb)  # same weights
+    assert torch.equal(fixed["kl"], info["kl"]) and torch.allclose(fixed["kl_term"], 0.5 * fixed["kl"].mean())
     assert info["kl_term"].requires_grad
 
 
 def test_vib_inference_is_the_mean_head():
-    proj = _projector().eval()
+    proj = _projector(num_samples=3).eval()
     q = torch.randn(2, 3, 6)
-    z, _ = proj(q, num_samples=3)
+    z, _ = proj(q)
     assert torch.equal(z, proj.llama_proj(q))
 
 
 def test_vib_without_reparameterization_uses_mean_in_training():
-    proj = _projector(reparameterize=False).train()
+    proj = _projector(reparameterize=False, num_samples=3, beta=1.0).train()
     q = torch.randn(2, 3, 6)
-    z, info = proj(q, num_samples=3, beta=1.0)
+    z, info = proj(q)
     assert torch.equal(z, proj.llama_proj(q))
     assert info["kl_term"] > 0
 
@@ -185,13 +186,30 @@ def test_vib_functions_keep_fp64_and_equal_a_float64_computation():
 
 def test_vib_projector_in_fp64_reports_fp64_statistics():
     torch.manual_seed(0)
-    proj = VIBProjector(8, 6).double().train()
+    proj = VIBProjector(8, 6, VIBConfig(num_samples=2, beta=0.5, adaptive=True)).double().train()
     q = torch.randn(2, 5, 8, dtype=torch.float64)
     emb = torch.randn(40, 6, dtype=torch.float64)
-    z, info = proj(q, embed_weight=emb, num_samples=2, beta=0.5, adaptive=True)
+    z, info = proj(q, embed_weight=emb)
     mu, std = proj.llama_proj(q), F.softplus(proj.llama_proj_std(q))
     expected_kl = gaussian_kl(pool_tokens(mu), pool_tokens(std), proj.mu_p, proj.prior_std())
     assert z.dtype == info["kl"].dtype == info["alpha"].dtype == info["kl_term"].dtype == torch.float64
     assert (info["kl"] - expected_kl).abs().max() < 1e-12
     alpha = adaptive_weight(similarity_entropy(pool_tokens(z.detach()), emb), 40).reshape(2, 2).mean(0)
     assert abs(info["kl_term"].item() - 0.5 * (alpha * expected_kl).mean().item()) < 1e-12
+
+
+def test_vib_projector_owns_its_settings_and_refuses_bad_ones_naming_the_key():
+    assert VIBProjector(6, 8).config == VIBConfig()  # no settings given: the reference recipe (β 1e-7, S 3)
+    for settings, message in [(dict(kl_on="joint"), "model.vib.kl_on = 'joint'; expected one of pooled, token"),
+                              (dict(num_samples=0), "model.vib.num_samples must be >= 1, got 0"),
+                              (dict(beta=-1.0), "model.vib.beta must be >= 0 and finite, got -1.0")]:
+        with pytest.raises(ConfigError, match=message):
+            VIBProjector(6, 8, VIBConfig(**settings))
+
+
+def test_a_call_may_ask_for_another_number_of_samples():
+    """S comes from the config; `num_samples` in a call overrides it (the benchmark's one-sample passes)."""
+    proj = _projector(num_samples=3).train()
+    q = torch.randn(2, 3, 6)
+    assert proj(q)[0].shape[0] == 6 and proj(q, num_samples=1)[0].shape[0] == 2
+    assert proj.eval()(q, num_samples=3)[0].shape[0] == 2  # inference never samples

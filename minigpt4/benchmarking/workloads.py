@@ -49,7 +49,7 @@ def training_batches(model, count: int, batch_size: int, image_size: int, device
         answers = [caption(rng, 20, 50) for _ in range(batch_size)]
         text = model.build_training_text([None] * batch_size, answers)
         batches.append({"image": torch.randn(batch_size, 3, image_size, image_size, generator=gen).to(device),
-                        "answer": answers, "llm_tokens": int(text.attention_mask.sum()) * model.num_samples})
+                        "answer": answers, "llm_tokens": int(text.attention_mask.sum()) * model.vib.num_samples})
     return batches
 
 
@@ -65,7 +65,7 @@ def pad_right(text: TextBatch, width: int, pad_id: int) -> TextBatch:
 def reference_forward(model, batch: dict, *, encoder_passes: int = 1, pad_to: int | None = None) -> torch.Tensor:
     """MiniGPT4.forward spelt out from its public pieces, with the straightforward choices the model avoids:
     the encoder run once per noise sample (encoder_passes = S) and every batch padded to a fixed width."""
-    images, samples = batch["image"], model.num_samples
+    images, samples = batch["image"], model.vib.num_samples
     if encoder_passes == 1:
         tokens, info = model.project(model.encode_images(images), num_samples=samples)
         kl_terms = [info.get("kl_term")]

@@ -23,37 +23,40 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, training_run_settings, validate_model_config
+from minigpt4.runners.config import RunConfig
 
 
 @dataclass
 class TrainConfig:
+    """A training recipe: every section typed (the datasets' per builder, minigpt4/datasets/options.py)."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
-    datasets: dict[str, Any] = field(default_factory=dict)
-    run: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)  # builder name -> its options
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# Under the schema defaults: run.amp left out of the recipe follows model.precision (resolve_training_amp).
+_RUN_AMP_FOLLOWS_PRECISION = {"run": {"amp": None}}
 
 
 def load_train_config(cfg_path: str, options: list[str] | None = None, *, resume: bool = False):
-    """-> (resolved DictConfig, RunConfig). Raises ConfigError naming the offending key."""
-    from minigpt4.datasets.builders import validate_dataset_cfg
-    from minigpt4.runners.config import RunConfig
+    """-> (resolved DictConfig, RunConfig): each section merged into its schema and checked by its one
+    validate (model, datasets, run), before any model is built. Raises ConfigError naming the offending key."""
+    from minigpt4.datasets.builders import validate_datasets
 
     options = list(options or [])
     if resume:
         options.append("run.resume=true")
-    cfg = merge(TrainConfig, cfg_path, options=options, where=cfg_path)
+    cfg = merge(TrainConfig, _RUN_AMP_FOLLOWS_PRECISION, cfg_path, options=options, where=cfg_path)
     validate_model_config(cfg.model)
     if not cfg.datasets:
         raise ConfigError(f"{cfg_path}: `datasets:` is empty; name at least one dataset builder")
-    for name, options_ in cfg.datasets.items():
-        try:
-            validate_dataset_cfg(name, OmegaConf.to_container(options_, resolve=True))
-        except (KeyError, ValueError, FileNotFoundError) as err:
-            raise ConfigError(f"{cfg_path}: {err}") from None
-    run_values = training_run_settings(cfg.model.precision, OmegaConf.to_container(cfg.run, resolve=True))
     try:
-        run = RunConfig.from_dict(run_values)
-    except (TypeError, ValueError) as err:
+        validate_datasets(cfg.datasets)
+        run = RunConfig(**training_run_settings(cfg.model.precision, OmegaConf.to_container(cfg.run, resolve=True)))
+    except ConfigError as err:
         raise ConfigError(f"{cfg_path}: {err}") from None
+    OmegaConf.update(cfg, "run.amp", run.amp)  # recorded as trained: the amp model.precision chose
     return cfg, run
 
 
@@ -78,7 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.common.output_dir import claim_output_dir, storage_reason
     from minigpt4.common.provenance import write_provenance
     from minigpt4.datasets.builders import build_train_dataset
+    from minigpt4.datasets.builders import files_to_record as dataset_files
     from minigpt4.models.builder import build_model
+    from minigpt4.models.loading import files_to_record as weight_files
     from minigpt4.runners.runner import Runner
 
     rank, world, _, device = dist.init_distributed(run.device)
@@ -93,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
         runner = Runner(model, dataset, collate, run, config_to_save=OmegaConf.to_container(cfg, resolve=True))
         runner.prepare()  # refuses an old run without --resume, another data order, no complete checkpoint
         if rank == 0:  # commit, versions and SHA-256 of every weight/data file, only for a run that goes ahead
-            write_provenance(OmegaConf.to_container(cfg, resolve=True), run.output_dir, device=device)
+            config = OmegaConf.to_container(cfg, resolve=True)
+            write_provenance(config, run.output_dir, weight_paths=weight_files(config["model"]),
+                             data_paths=dataset_files(config["datasets"]), device=device)
         summary = runner.train()
     except USER_FACING_ERRORS as err:  # a bad file: its message names it; a torch traceback would bury that
         print(f"error: {err}", file=sys.stderr)

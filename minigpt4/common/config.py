@@ -7,6 +7,7 @@ is built.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import os
@@ -26,12 +27,25 @@ class ConfigError(ValueError):
 
 @dataclass
 class VIBConfig:
+    """`model.vib`: every setting of the VIB method, in one place. The builders hand it whole to
+    `models.vib.VIBProjector`, which owns it: YAML -> this object -> the projector's sampling and KL term."""
+
     num_samples: int = 3  # S noise samples per image in training (reference 3)
     beta: float = 1e-7  # KL weight (reference 1e-7)
     adaptive: bool = True  # AdaVIB: weight each image's KL by α = -log(H / log V)
     kl_on: str = "pooled"  # pooled (reference) | token
     reparameterize: bool = True  # false: z = μ in training, KL kept (ablation)
     std_head: str = "same"  # LLaVA only: same (MLP like the mean head) | linear
+
+    def validate(self, prefix: str = "model.vib") -> None:
+        """What the types cannot say; ConfigError naming `prefix.key`."""
+        for key, valid in (("kl_on", ("pooled", "token")), ("std_head", ("same", "linear"))):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"{prefix}.{key} = {getattr(self, key)!r}; expected one of {', '.join(valid)}")
+        if self.num_samples < 1:
+            raise ConfigError(f"{prefix}.num_samples must be >= 1, got {self.num_samples}")
+        if not (math.isfinite(self.beta) and self.beta >= 0):
+            raise ConfigError(f"{prefix}.beta must be >= 0 and finite, got {self.beta}")
 
 
 @dataclass
@@ -116,8 +130,20 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
         raise ConfigError(f"{where}: these keys must be set (e.g. --options {missing[0]}=...): {', '.join(missing)}")
     for key in missing:  # allow_missing: shape-only use, the value does not matter
         OmegaConf.update(cfg, key, None, force_add=True)
-    refuse_non_finite(OmegaConf.to_container(cfg, resolve=False), where)
+    _refuse_non_finite_settings(cfg, plain, where)
     return cfg
+
+
+def _refuse_non_finite_settings(cfg: DictConfig, plain: DictConfig, where: str) -> None:
+    """First as written (YAML .nan / .inf), then as typed: a string such as 'nan' that a float field converted,
+    reported with the schema's own wording for that key (`bad_value`) and the value as the user wrote it."""
+    refuse_non_finite(OmegaConf.to_container(plain, resolve=False), where)
+    found = first_non_finite(OmegaConf.to_container(cfg, resolve=False))
+    if found is not None:
+        key, value = found
+        written = OmegaConf.select(plain, key, default=value) if "[" not in key else value
+        explained = schema_bad_value(cfg, key, written)
+        raise ConfigError(f"{where}: {explained or f'{key} = {value}; expected a finite number'}")
 
 
 def load_yaml(path: str | os.PathLike) -> DictConfig:
@@ -186,14 +212,23 @@ def parse_options(options: list[str]) -> DictConfig:
 def refuse_non_finite(values: Any, where: str, prefix: str = "") -> None:
     """No setting means NaN or inf, and NaN passes every `x < 0` / `x <= 0` check (all comparisons with it are
     false) to surface later as a NaN loss or score: refuse it here, naming the key."""
+    found = first_non_finite(values, prefix)
+    if found is not None:
+        raise ConfigError(f"{where}: {found[0]} = {found[1]}; expected a finite number")
+
+
+def first_non_finite(values: Any, prefix: str = "") -> tuple[str, float] | None:
+    """(dotted key, value) of the first NaN or inf float in nested dicts/lists, or None."""
     if isinstance(values, dict):
-        for key, value in values.items():
-            refuse_non_finite(value, where, f"{prefix}.{key}" if prefix else str(key))
+        items = ((f"{prefix}.{key}" if prefix else str(key), value) for key, value in values.items())
     elif isinstance(values, (list, tuple)):
-        for index, value in enumerate(values):
-            refuse_non_finite(value, where, f"{prefix}[{index}]")
-    elif isinstance(values, float) and not math.isfinite(values):
-        raise ConfigError(f"{where}: {prefix} = {values}; expected a finite number")
+        items = ((f"{prefix}[{index}]", value) for index, value in enumerate(values))
+    else:
+        return (prefix, values) if isinstance(values, float) and not math.isfinite(values) else None
+    for key, value in items:
+        if (found := first_non_finite(value, key)) is not None:
+            return found
+    return None
 
 
 def _explain(err: OmegaConfBaseException, cfg: DictConfig, where: str) -> str:
@@ -204,15 +239,44 @@ def _explain(err: OmegaConfBaseException, cfg: DictConfig, where: str) -> str:
         node = OmegaConf.select(cfg, parent) if parent else cfg
         valid = sorted(node.keys()) if isinstance(node, DictConfig) else []
         return f"{where}: unknown key '{key}'" + (f"; valid keys here: {', '.join(map(str, valid))}" if valid else "")
-    return f"{where}: bad value for '{key}': {msg}"
+    explained = schema_bad_value(cfg, key, getattr(err, "value", None)) if key != "?" else None
+    return f"{where}: {explained}" if explained else f"{where}: bad value for '{key}': {msg}"
+
+
+def schema_bad_value(cfg: DictConfig, key: str, value: Any) -> str | None:
+    """The message a section's schema gives for a bad `value` at dotted `key` (its classmethod
+    `bad_value(key, value)`, e.g. RunConfig's ranges), or None where the schema has no wording for it."""
+    parent = key.rpartition(".")[0]
+    try:
+        node = OmegaConf.select(cfg, parent) if parent else cfg
+    except OmegaConfBaseException:
+        return None
+    schema = OmegaConf.get_type(node) if isinstance(node, DictConfig) else None
+    bad_value = getattr(schema, "bad_value", None)
+    return bad_value(key, value) if callable(bad_value) else None
+
+
+def typed_section(schema: Any, values: Any, *, prefix: str) -> Any:
+    """`values` (a mapping) merged into the dataclass `schema` and returned as an instance of it: the typed form
+    of a section whose schema is chosen at run time (each `datasets.<builder>` entry). An unknown key or a value
+    of the wrong type raises ConfigError naming `prefix.key` (wording from the schema's `bad_value` if it has it)."""
+    valid = sorted(f.name for f in dataclasses.fields(schema))
+    for key in values:
+        if key not in valid:
+            raise ConfigError(f"{prefix}.{key}: unknown option; valid: {', '.join(valid)}")
+    try:
+        node = OmegaConf.merge(OmegaConf.structured(schema), values)
+    except OmegaConfBaseException as err:
+        key = f"{prefix}.{getattr(err, 'full_key', None) or '?'}"
+        explained = schema.bad_value(key, err.value) if hasattr(schema, "bad_value") else None
+        raise ConfigError(explained or f"{key}: {str(err).splitlines()[0]}") from None
+    return OmegaConf.to_object(node)
 
 
 def validate_model_config(model: DictConfig, *, check_files: bool = True) -> None:
     """Semantic checks that types alone cannot express; raises ConfigError naming the key."""
     choices = {
         "mm_projector_type": ("linear", "vib"),
-        "vib.kl_on": ("pooled", "token"),
-        "vib.std_head": ("same", "linear"),
         "precision": PRECISION_CHOICES,
         "llm_dtype": DTYPE_CHOICES,
         "encoder_dtype": DTYPE_CHOICES,
@@ -230,10 +294,7 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
             raise ConfigError(f"model.{key} must be >= 1, got {model[key]}")
     if model.encoder_device not in (None, "cpu"):
         raise ConfigError(f"model.encoder_device = {model.encoder_device!r}; expected null (with the LLM) or cpu")
-    if model.vib.num_samples < 1:
-        raise ConfigError(f"model.vib.num_samples must be >= 1, got {model.vib.num_samples}")
-    if not (math.isfinite(model.vib.beta) and model.vib.beta >= 0):
-        raise ConfigError(f"model.vib.beta must be >= 0 and finite, got {model.vib.beta}")
+    OmegaConf.to_object(model.vib).validate()
     if model.visual_tokens == "qformer" and (model.vit_path is None) != (model.qformer_path is None):
         raise ConfigError("model.vit_path and model.qformer_path come together (LAVIS ViT + BLIP-2 Q-Former); "
                           "set both, or use model.encoder_path / model.blip2_hf_path")

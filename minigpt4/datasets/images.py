@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch.utils.data import get_worker_info
 
+from minigpt4.common.errors import BadImageError  # defined low, raised here; importable from here
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 
 logger = logging.getLogger(__name__)
@@ -39,15 +40,6 @@ DEFAULT_MAX_PIXELS = 89_478_485  # PIL's own default warning threshold (1 GiB / 
 _ALPHA_MODES = {"RGBA", "LA", "PA", "RGBa", "La"}
 # Exceptions PIL raises for damaged data (truncated streams, bad chunks, broken zlib data, ...).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, IndexError, zlib.error, struct.error)
-
-
-class BadImageError(Exception):
-    """An image that cannot be used; `path` names it (a file path, or a shard/key for in-memory bytes)."""
-
-    def __init__(self, path: str | os.PathLike, reason: str):
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
 
 
 class SkipCounter:

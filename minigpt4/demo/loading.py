@@ -211,8 +211,7 @@ def with_projector_checkpoint(model: MiniGPT4, path: str | os.PathLike) -> MiniG
         raise ConfigError(f"--compare-ckpt: file not found: {path}")
     view = MiniGPT4(
         model.encoder, _projector_like(model.projector, path), model.llm, model.tokenizer, model.template,
-        end_sym=model.end_sym, max_txt_len=model.max_txt_len, num_samples=model.num_samples,
-        beta=model.beta, adaptive=model.adaptive,
+        end_sym=model.end_sym, max_txt_len=model.max_txt_len,
     )
     load_trainable(view, path)
     return view.eval()
@@ -227,6 +226,8 @@ def _projector_like(projector: torch.nn.Module, path: str | os.PathLike) -> torc
         return copy.deepcopy(projector)  # same kind, or LLaVA's MLP head: nothing to switch
     mean_head = copy.deepcopy(projector.llama_proj)
     weight = mean_head.weight
+    # A new VIB projector takes the reference model.vib settings: the view only runs in eval mode (z = μ, never
+    # a loss), where S, β and α's weighting change nothing the demo shows.
     new = build_projector("vib" if wants_vib else "linear", projector.in_dim, projector.out_dim, mean_head=mean_head)
     return new.to(device=weight.device, dtype=weight.dtype)
 

@@ -41,10 +41,11 @@ from typing import Any, Mapping
 from minigpt4.common import dist
 from minigpt4.common.config import PATH_KEYS
 from minigpt4.common.errors import USER_FACING_ERRORS
-from minigpt4.common.provenance import HashCache, file_record, weight_paths_of
+from minigpt4.common.provenance import HashCache, file_record
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
 from minigpt4.eval.protocol_runs import protocol_runs
 from minigpt4.eval.tasks import CHAIR_CAPTIONS, DEFAULT_TEMPLATE, EvalSettings, pope_answers_name
+from minigpt4.models.loading import files_to_record as weight_files_of
 
 FORMAT = 1
 SUFFIX = ".fingerprint.json"
@@ -96,7 +97,7 @@ def _flatten(node: Mapping[str, Any], prefix: str) -> dict[str, Any]:
 
 def weight_fields(model_cfg: Mapping[str, Any], cache: HashCache) -> dict[str, str]:
     """`model.<weight key>` -> content digest, and `tokenizer` -> a digest over the tokenizer's files."""
-    records = {key: file_record(path, cache) for key, path in weight_paths_of({"model": model_cfg}).items()}
+    records = {key: file_record(path, cache) for key, path in weight_files_of(model_cfg).items()}
     fields = {key: _digest(record) for key, record in records.items() if key != "model.tokenizer_path"}
     if "model.tokenizer_path" in records:
         source = "model.tokenizer_path"

@@ -292,7 +292,7 @@ def get_protocol(name: str, task: Optional[str] = None) -> Protocol:
 # ------------------------------------------------------------------------------------------- command line
 def describe_ids(protocol: Protocol, family: str, tokenizer_dir: str, question: Optional[str]) -> dict:
     """What `protocol` feeds a `family` model for one question: text, segments and the exact token ids."""
-    from minigpt4.models.builder import load_tokenizer
+    from minigpt4.models.loading import load_tokenizer
     from minigpt4.models.tokenization import SegmentTokenizer
 
     prompt = protocol.prompt_for(family)

@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common import dist
-from minigpt4.common.config import ConfigError
+from minigpt4.common.config import ConfigError, check_paths
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.common.jsonfiles import DataFileError, parse_json, read_text
 from minigpt4.common.paths import join_inside
@@ -23,7 +23,7 @@ from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.generate import GenerationItem, generate_all
-from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
+from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, protocol_runs, resolve_run
 from minigpt4.models.feature_cache import FeatureInputModel, build_feature_source
 from minigpt4.processors.image import build_image_processor
 
@@ -95,11 +95,12 @@ class EvalSettings:
     chair: ChairSettings = field(default_factory=ChairSettings)
 
 
-def validate_eval_settings(ev) -> None:
-    """Value checks the types cannot express, run before the model is built (a bad batch size or prompt would
+def validate_eval_settings(ev, template: str = DEFAULT_TEMPLATE) -> None:
+    """The `eval:` section's one validation, run before the model is built (a bad batch size or prompt would
     otherwise fail only after loading 7B weights, or, for a prompt without {question}, not fail at all).
-    `ev` is the `eval:` section (a DictConfig or an EvalSettings); raises ConfigError naming the key. The protocol
-    keys (prompt, beams, new tokens, rule, images) are checked by protocol_runs.protocol_runs."""
+    `ev` is the section (a DictConfig or an EvalSettings), `template` the model's prompt template (the protocols'
+    prompt family); raises ConfigError naming the key."""
+    _check_tasks_and_sources(ev)
     for key, value, low in [("batch_size", ev.batch_size, 1), ("bootstrap", ev.bootstrap, 0)]:
         if value < low:
             raise ConfigError(f"eval.{key} = {value}; expected an integer >= {low}")
@@ -109,25 +110,49 @@ def validate_eval_settings(ev) -> None:
     except ValueError as err:
         raise ConfigError(f"eval.vis_processor.{err}") from None
     if "pope" in ev.tasks:
-        splits = list(ev.pope.splits)
-        if not splits or len(set(splits)) != len(splits):
-            raise ConfigError(f"eval.pope.splits = {splits}; expected a non-empty list without repeats "
-                              f"(of {', '.join(POPE_SPLITS)} for the shipped files)")
-        for split in splits:
-            if ev.pope.dir is None and split not in POPE_SPLITS:
-                raise ConfigError(f"eval.pope.splits: unknown split {split!r}; the shipped question files are "
-                                  f"{', '.join(POPE_SPLITS)} (or set eval.pope.dir)")
-            try:
-                path = pope_question_file(ev.pope, split)
-            except ValueError as err:
-                raise ConfigError(str(err)) from None
-            if not os.path.exists(path):
-                where = "eval.pope.dir" if ev.pope.dir is not None else f"eval.pope.version = {ev.pope.version!r}"
-                raise ConfigError(f"eval.pope.splits: no questions file {path} for split {split!r} ({where})")
-            try:  # a FIFO or a link to /dev/zero: say what it is (reading it would block)
-                require_regular_file(path, f"POPE questions file for split {split!r}")
-            except NotRegularFileError as err:
-                raise ConfigError(f"eval.pope.splits: {err}") from None
+        _check_pope_splits(ev)
+    protocol_runs(ev, template)  # the protocol keys (prompt, beams, new tokens, rule, images) on top of each named one
+
+
+def _check_tasks_and_sources(ev) -> None:
+    """eval.tasks, eval.on_bad_image, and the folders each task reads must exist."""
+    unknown = sorted(set(ev.tasks) - {"pope", "chair"})
+    if unknown or not ev.tasks:
+        raise ConfigError(f"eval.tasks = {list(ev.tasks)}; expected a non-empty list of: pope, chair")
+    if ev.image_dir is None:
+        raise ConfigError("eval.image_dir must name the folder of evaluation images (e.g. COCO val2014)")
+    check_paths(ev, ("image_dir",), prefix="eval")
+    if ev.on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"eval.on_bad_image = {ev.on_bad_image!r}; expected error or skip")
+    if "chair" in ev.tasks:
+        if ev.chair.coco_annotations is None:
+            raise ConfigError("eval.chair.coco_annotations must name the folder with the COCO 2014 "
+                              "instances_*/captions_* files (CHAIR ground truth)")
+        check_paths(ev.chair, ("coco_annotations", "images", "synonyms"), prefix="eval.chair")
+    if "pope" in ev.tasks:
+        check_paths(ev.pope, ("dir",), prefix="eval.pope")
+
+
+def _check_pope_splits(ev) -> None:
+    splits = list(ev.pope.splits)
+    if not splits or len(set(splits)) != len(splits):
+        raise ConfigError(f"eval.pope.splits = {splits}; expected a non-empty list without repeats "
+                          f"(of {', '.join(POPE_SPLITS)} for the shipped files)")
+    for split in splits:
+        if ev.pope.dir is None and split not in POPE_SPLITS:
+            raise ConfigError(f"eval.pope.splits: unknown split {split!r}; the shipped question files are "
+                              f"{', '.join(POPE_SPLITS)} (or set eval.pope.dir)")
+        try:
+            path = pope_question_file(ev.pope, split)
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        if not os.path.exists(path):
+            where = "eval.pope.dir" if ev.pope.dir is not None else f"eval.pope.version = {ev.pope.version!r}"
+            raise ConfigError(f"eval.pope.splits: no questions file {path} for split {split!r} ({where})")
+        try:  # a FIFO or a link to /dev/zero: say what it is (reading it would block)
+            require_regular_file(path, f"POPE questions file for split {split!r}")
+        except NotRegularFileError as err:
+            raise ConfigError(f"eval.pope.splits: {err}") from None
 
 
 def pope_question_file(settings: PopeSettings, split: str) -> str:
@@ -138,6 +163,35 @@ def pope_question_file(settings: PopeSettings, split: str) -> str:
         raise ValueError(f"eval.pope.version = {settings.version!r}: no shipped file {shipped}; "
                          "expected coco-2023-08 or coco-2023-10, or set eval.pope.dir")
     return str(shipped)
+
+
+def files_to_record(settings: EvalSettings) -> dict[str, str]:
+    """`eval.<key>` -> path of every benchmark file the `eval:` section reads, for provenance.json: image_dir,
+    the POPE question files of the splits run, CHAIR's image list, annotation files and synonyms."""
+    found: dict[str, str] = {}
+    if settings.image_dir:
+        found["eval.image_dir"] = str(settings.image_dir)
+    if "pope" in settings.tasks:
+        for split in settings.pope.splits or POPE_SPLITS:
+            found[f"eval.pope.{split}"] = pope_question_file(settings.pope, split)
+    if "chair" in settings.tasks:
+        chair = settings.chair
+        if chair.images:
+            found["eval.chair.images"] = str(chair.images)
+        if chair.coco_annotations:
+            found.update(_coco_annotation_files(str(chair.coco_annotations)))
+        found["eval.chair.synonyms"] = str(chair.synonyms or
+                                           resources.files("minigpt4.eval") / "data" / "chair_synonyms.txt")
+    return found
+
+
+def _coco_annotation_files(folder: str) -> dict[str, str]:
+    """The instances/captions files CHAIR reads (hashed), not the whole annotations folder (GBs of others)."""
+    try:
+        files = chair_scorer.find_annotation_files(folder)
+    except FileNotFoundError:
+        return {"eval.chair.coco_annotations": folder}
+    return {f"eval.chair.coco_annotations/{p.name}": str(p) for kind in ("instances", "captions") for p in files[kind]}
 
 
 def resolve_image(image_dir: str, name: str | int, *, entry: str = "an entry", allow_outside: bool = False) -> str:

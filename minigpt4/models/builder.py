@@ -4,26 +4,24 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.config import PATH_KEYS, ConfigError
 from minigpt4.common.files import NotRegularFileError, require_regular_file, require_regular_files_in
-from minigpt4.common.jsonfiles import DataFileError, read_json
-from minigpt4.common.registry import Registry
 from minigpt4.conversation.conversation import get_template
-from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.encoders import ImageEncoder, PatchConcatEncoder
+from minigpt4.models.llava import build_llava15
+from minigpt4.models.loading import load_model_weights, load_tokenizer, random_init
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.numerics import refuse_nonfinite_weights
 from minigpt4.models.precision import built_in, place_encoder, plan_precision
 from minigpt4.models.vib import build_projector
 
 log = logging.getLogger(__name__)
-
-ARCHITECTURES: Registry = Registry("model arch")
 
 # Random-init sizes of the LLMs MiniGPT-4 was released with (the real weights come from llm_path).
 LLM_PRESETS: dict[str, dict] = {
@@ -37,9 +35,6 @@ LLM_PRESETS: dict[str, dict] = {
                        vocab_size=32000, max_position_embeddings=4096, rms_norm_eps=1e-5),
 }
 
-# The JSON files of a tokenizer folder that transformers reads as objects (tokenizer.json is checked whole).
-_TOKENIZER_JSON_OBJECTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
-
 
 def build_model(cfg: DictConfig | dict, *, device: str | torch.device = "cpu"):
     """Build the model named by `cfg.arch` on `device` ("meta" builds shapes only, no memory, no weights)."""
@@ -49,9 +44,9 @@ def build_model(cfg: DictConfig | dict, *, device: str | torch.device = "cpu"):
         cfg = merge(ModelConfig, cfg, where="model")
     device = torch.device(device)
     if device.type == "meta":
-        return ARCHITECTURES.get(cfg.arch)(cfg, device)
+        return architecture_builder(cfg.arch)(cfg, device)
     check_weight_paths(cfg)
-    model = ARCHITECTURES.get(cfg.arch)(cfg, device)
+    model = architecture_builder(cfg.arch)(cfg, device)
     # After every load and cast: a float64 1e300 is finite in its file and inf in the fp32 model.
     refuse_nonfinite_weights(model, weight_sources(cfg))
     return model
@@ -82,43 +77,6 @@ def weight_sources(cfg: DictConfig) -> dict[str, str]:
             given.insert(0, f"model.full_ckpt = {cfg.full_ckpt}")
         named[part] = ", ".join(given) if given else "random initialisation"
     return named
-
-
-def load_tokenizer(path: str):
-    from transformers import AutoTokenizer
-
-    _check_tokenizer_file(path)
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError) as err:
-        raise ConfigError(f"model.tokenizer_path / llm_path: cannot load a tokenizer from {path}: {err}") from None
-
-
-def _check_tokenizer_file(path: str) -> None:
-    """A tokenizer folder whose JSON files are valid JSON but not what transformers expects (a tokenizer.json
-    that is not a tokenizer, a tokenizer_config.json that is a list) fails inside transformers with a bare
-    KeyError or AttributeError: read them first. The tokenizers library's own parser says what is wrong."""
-    from tokenizers import Tokenizer
-
-    where = "model.tokenizer_path / llm_path"
-    contents = {}
-    for name in _TOKENIZER_JSON_OBJECTS:
-        file = os.path.join(path, name)
-        if os.path.lexists(file):
-            try:
-                contents[name] = read_json(file)
-            except DataFileError as err:
-                raise ConfigError(f"{where}: {err}") from None
-            if not isinstance(contents[name], dict):
-                raise ConfigError(f"{where}: {file}: expected a JSON object, got {type(contents[name]).__name__}")
-    file = os.path.join(path, "tokenizer.json")
-    if "tokenizer.json" in contents:  # absent in a slow (sentencepiece) tokenizer folder
-        if "model" not in contents["tokenizer.json"]:
-            raise ConfigError(f"{where}: {file} is not a Hugging Face tokenizer file (no 'model' entry)")
-        try:
-            Tokenizer.from_file(file)
-        except Exception as err:  # noqa: BLE001 - tokenizers raises a bare Exception for every parse error
-            raise ConfigError(f"{where}: {file} is not a Hugging Face tokenizer file ({err})") from None
 
 
 def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dtype):
@@ -154,20 +112,6 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
     return random_init(LlamaForCausalLM, config, dtype, device)
 
 
-def random_init(model_class, config, dtype: torch.dtype, device: torch.device):
-    """A transformers model with random weights, materialised once, in `dtype`, on `device`: built on the meta
-    device, given storage there (`to_empty`) and initialised by transformers' own `init_weights` (buffers such as
-    RoPE's fp32 inv_freq included). Built directly, every weight would be drawn twice (the torch layers' own
-    resets, then transformers' init over them: twice the random-number work, most of a 7B build's time on a CPU)
-    and, built in fp32 and cast, held twice for a moment (27 GB for the 7B LLM)."""
-    with torch.device("meta"), built_in(dtype):
-        model = model_class(config)
-    if device.type != "meta":
-        model.to_empty(device=device)
-        model.init_weights()
-    return model
-
-
 def build_encoder(cfg: DictConfig) -> ImageEncoder | PatchConcatEncoder:
     """`model.visual_tokens`: the Q-Former encoder, or MiniGPT-4's Llama-2 variant (4 patch tokens concatenated)."""
     attn = {"attn_implementation": cfg.attn_implementation}
@@ -195,7 +139,6 @@ def load_encoder(encoder: ImageEncoder | PatchConcatEncoder, cfg: DictConfig) ->
                     "the ViT and Q-Former are randomly initialised")
 
 
-@ARCHITECTURES.register("minigpt4")
 def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     meta = device.type == "meta"
     tokenizer = None
@@ -216,7 +159,7 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     with torch.device("meta") if meta else nullcontext():
         llm = build_llm(cfg, tokenizer, device, precision.llm)
         projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
-                                    kl_on=cfg.vib.kl_on, reparameterize=cfg.vib.reparameterize)
+                                    OmegaConf.to_object(cfg.vib))
     if meta:
         place_encoder(encoder, precision, device)  # dtypes only: a meta model reports the plan's dtypes
         return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym,
@@ -228,43 +171,20 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     projector.to(device=device, dtype=torch.float32)  # trainable: fp32 master weights; autocast does the matmuls
     model = MiniGPT4(
         encoder, projector, llm, tokenizer, get_template(cfg.prompt_template),
-        end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, num_samples=cfg.vib.num_samples,
-        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive, autocast_dtype=precision.autocast,
+        end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, autocast_dtype=precision.autocast,
     )
-    load_model_weights(model, cfg)
+    load_model_weights(model, cfg, load_projector=released_weights.load_minigpt4_projector)
     return model
 
 
-def load_model_weights(model, cfg: DictConfig,
-                       load_projector=released_weights.load_minigpt4_projector) -> None:
-    """Whole-model file, then the released projector (read by `load_projector` into the μ head), then our own
-    fine-tuned projector; later ones win."""
-    if cfg.full_ckpt is not None:
-        load_full_checkpoint(model, cfg.full_ckpt)
-    if cfg.projector_path is not None:
-        load_projector(model.projector.llama_proj, cfg.projector_path, llm_hidden=model.llm.config.hidden_size)
-    if cfg.ckpt is not None:
-        ckpt.load_trainable(model, cfg.ckpt)
+# `model.arch` -> the builder of that architecture.
+ARCHITECTURES: dict[str, Callable[[DictConfig, torch.device], MiniGPT4]] = {
+    "minigpt4": build_minigpt4,
+    "llava15": build_llava15,
+}
 
 
-def load_full_checkpoint(model, path: str) -> None:
-    """A whole-model safetensors (encoder.*, llm.*, projector.*), loaded strictly part by part.
-
-    A linear model's file may seed a VIB model: its `projector.llama_proj.*` becomes the VIB mean head and
-    only the VIB's new tensors (std head, prior) keep their fresh initialisation.
-    """
-    state = ckpt.load_state_file(path)
-    parts = {"encoder": model.encoder, "llm": model.llm, "projector": model.projector}
-    unknown = sorted(k for k in state if k.split(".", 1)[0] not in parts)
-    if unknown:
-        raise ckpt.CheckpointError(f"{path}: unexpected keys outside encoder/llm/projector: {unknown[:5]}")
-    for prefix, module in parts.items():
-        sub = {k[len(prefix) + 1:]: v for k, v in state.items() if k.startswith(prefix + ".")}
-        mean_only = {k for k in sub} == {"llama_proj.weight", "llama_proj.bias"}
-        if prefix == "projector" and mean_only and hasattr(module, "llama_proj_std"):
-            log.info("%s: linear projector loaded as the VIB mean head; std head and prior start fresh", path)
-            module, sub = module.llama_proj, {k.split(".", 1)[1]: v for k, v in sub.items()}
-        ckpt.load_strict(module, sub, what=f"{prefix} (whole-model checkpoint)", source=path)
-
-
-from minigpt4.models import llava  # noqa: E402,F401  registers "llava15"
+def architecture_builder(arch: str) -> Callable[[DictConfig, torch.device], MiniGPT4]:
+    if arch not in ARCHITECTURES:
+        raise KeyError(f"unknown model arch {arch!r}; valid: {', '.join(sorted(ARCHITECTURES))}")
+    return ARCHITECTURES[arch]

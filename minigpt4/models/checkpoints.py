@@ -5,7 +5,8 @@ Here every load compares keys and shapes first and fails with a message naming t
 was expected; keys we knowingly do not use are listed explicitly, anything else unknown is an error.
 
 Here: reading and writing state files (safetensors, weights-only .pth), strict key/shape checks, and this
-project's own checkpoints (trainable tensors only: `save_trainable`, `load_trainable`). The readers of other
+project's own checkpoint format (trainable tensors only: `trainable_tensors`, `save_trainable`,
+`load_trainable` / `load_trainable_tensors`), which the runner's checkpoints use too. The readers of other
 projects' released files (LAVIS, Hugging Face BLIP-2, MiniGPT-4 and LLaVA projectors) are in
 released_weights.py.
 """
@@ -22,15 +23,14 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from minigpt4.common.errors import CheckpointError  # defined low, raised here; importable from here
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 
 logger = logging.getLogger(__name__)
 
 PathLike = str | os.PathLike
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file is missing, unreadable, unsafe, or does not fit the module it is loaded into."""
+# The name prefix of the modules FSDP wraps in place (torch.distributed.fsdp._common_utils.FSDP_WRAPPED_MODULE).
+FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 # --------------------------------------------------------------------------------------------- reading files
@@ -128,6 +128,8 @@ def save_state_file(
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(plain, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        with open(tmp, "rb+") as f:  # on disk before the rename: a power cut leaves the old file or the new one
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -175,20 +177,35 @@ def load_strict(
     module.load_state_dict(state_dict, strict=True, assign=assign)
 
 
-
 # ------------------------------------------------------------------------------ this project's checkpoints
+#
+# The trainable-checkpoint format, with one owner: a safetensors file of the model's trainable tensors (the
+# projector) under their model.state_dict() names. The runner's checkpoints and final/, the evaluation's and
+# demo's model.ckpt and the exporter all list, write, read and check it with the four functions below.
+
+
+def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The parameters with requires_grad=True, under their model.state_dict() names, detached (sharing storage
+    with the parameters, so copying into them loads the model).
+
+    Also for a model FSDP wrapped in place: its parameter names then run through the wrapper modules, whose
+    prefix is dropped, and its own state_dict() would be a collective gathering the whole frozen LLM. The
+    trainable parameters are whole on every rank there (NO_SHARD units, runners/placement.py)."""
+    return {name.replace(FSDP_PREFIX, ""): p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def save_trainable(path: PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    """Save trainable tensors (keys as in model.state_dict()) to safetensors, atomically."""
+    """Save trainable tensors (keys as in model.state_dict()) to safetensors, atomically and flushed to disk."""
     if not tensors:
         raise ValueError("save_trainable: no tensors to save")
     save_state_file(path, tensors, metadata)
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The requires_grad parameters of `model`, keyed as in model.state_dict()."""
-    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+def load_trainable(model: nn.Module, path: PathLike) -> list[str]:
+    """Load a save_trainable file into `model` (load_trainable_tensors); returns the loaded keys."""
+    state = load_state_file(path)
+    load_trainable_tensors(model, state, path)
+    return list(state)
 
 
 _VIB_ONLY = re.compile(r"(^|\.)(llama_proj_std\.|mu_p$|std_p$)")
@@ -197,38 +214,42 @@ _VIB_ONLY = re.compile(r"(^|\.)(llama_proj_std\.|mu_p$|std_p$)")
 def _projector_type_hint(missing: list[str], unexpected: list[str]) -> list[str]:
     """The usual cause of a trainable-file mismatch, said plainly: a linear file for a VIB model or back."""
     if missing and all(_VIB_ONLY.search(k) for k in missing) and not unexpected:
-        return ["  the file holds a linear projector (no VIB std head llama_proj_std / prior mu_p, std_p): "
+        return ["the file holds a linear projector (no VIB std head llama_proj_std / prior mu_p, std_p): "
                 "load it with model.mm_projector_type: linear"]
     if unexpected and all(_VIB_ONLY.search(k) for k in unexpected) and not missing:
-        return ["  the file holds a VIB projector (std head and prior): load it with model.mm_projector_type: vib"]
+        return ["the file holds a VIB projector (std head and prior): load it with model.mm_projector_type: vib"]
     return []
 
 
-def load_trainable(model: nn.Module, path: PathLike) -> list[str]:
-    """Load a save_trainable file into `model`; returns the loaded keys.
+def load_trainable_tensors(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: PathLike) -> None:
+    """Copy `tensors` (read from `source`) into the model's trainable tensors, strictly.
 
-    Every key must exist in model.state_dict() with the same shape, and every trainable parameter must be in
-    the file: a checkpoint from another projector type or LLM size fails here instead of half-loading.
+    The names must be exactly the model's trainable ones with the same shapes: a file from another projector
+    type or LLM size, or one holding frozen weights, fails here, naming every difference in one line, instead
+    of half-loading. Values must stay finite in the dtypes the model keeps them in.
     """
-    state = load_state_file(path)
-    own = model.state_dict()
-    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
-    missing = [k for k in trainable if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-                  for k in state if k in own and state[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        lines = [f"cannot load trainable weights from {path}:"]
+    own = trainable_tensors(model)
+    every = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    names = {name.replace(FSDP_PREFIX, "") for name, _ in every}
+    missing = [k for k in own if k not in tensors]
+    absent = [k for k in tensors if k not in names]
+    frozen = [k for k in tensors if k in names and k not in own]
+    mismatched = [f"{k}: checkpoint {tuple(tensors[k].shape)} vs model {tuple(own[k].shape)}"
+                  for k in tensors if k in own and tensors[k].shape != own[k].shape]
+    if missing or absent or frozen or mismatched:
+        problems = []
         if missing:
-            lines.append(f"  {len(missing)} trainable parameter(s) not in the file: {key_listing(missing)}")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} key(s) the model does not have: {key_listing(unexpected)}")
+            problems.append(f"{len(missing)} trainable parameter(s) not in the file: {key_listing(missing)}")
+        if absent:
+            problems.append(f"{len(absent)} key(s) the model does not have: {key_listing(absent)}")
+        if frozen:
+            problems.append(f"{len(frozen)} key(s) the model keeps frozen (a trainable file holds only what "
+                            f"trains): {key_listing(frozen)}")
         if mismatched:
-            lines.append(f"  {len(mismatched)} shape mismatch(es): {key_listing(mismatched, limit=6)}")
-        lines += _projector_type_hint(missing, unexpected)
-        raise CheckpointError("\n".join(lines))
-    check_finite(state, path, as_dtypes={k: own[k].dtype for k in state})
+            problems.append(f"{len(mismatched)} shape mismatch(es): {key_listing(mismatched, limit=6)}")
+        problems += _projector_type_hint(missing, absent)
+        raise CheckpointError(f"cannot load trainable weights from {source}: {'; '.join(problems)}")
+    check_finite(tensors, source, as_dtypes={k: own[k].dtype for k in tensors})
     with torch.no_grad():
-        for key, tensor in state.items():
-            own[key].copy_(tensor)  # state_dict() tensors share storage with the parameters/buffers
-    return list(state)
+        for key, tensor in tensors.items():
+            own[key].copy_(tensor)  # casts to the parameter's device and dtype

@@ -121,7 +121,12 @@ def lavis_vision_embeddings(embeddings: nn.Module, pixel_values: torch.Tensor) -
     gets: the patch conv in its weight dtype, the CLS token and position embeddings in theirs, combined with
     torch's type promotion. With fp16 Linear/Conv weights and fp32 embeddings (LAVIS `convert_weights_to_fp16`)
     the sum, and with it the whole residual stream, is fp32. transformers' `Blip2VisionEmbeddings` casts all to
-    the conv's dtype instead; with one dtype everywhere the two are the same computation."""
+    the conv's dtype instead; with one dtype everywhere the two are the same computation, and then the module's
+    own forward runs: FSDP makes `Blip2VisionEmbeddings` a unit of its own (transformers' `_no_split_modules`),
+    and only a call through its forward gathers its sharded weights."""
+    weight_dtype = embeddings.patch_embedding.weight.dtype
+    if embeddings.class_embedding.dtype == weight_dtype and embeddings.position_embedding.dtype == weight_dtype:
+        return embeddings(pixel_values)
     patch_embeds = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
     patch_embeds = patch_embeds.flatten(2).transpose(1, 2)
     class_embeds = embeddings.class_embedding.expand(patch_embeds.shape[0], 1, -1)

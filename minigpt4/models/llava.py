@@ -39,7 +39,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.conversation import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
-from minigpt4.models.builder import ARCHITECTURES, load_model_weights, load_tokenizer, random_init
+from minigpt4.models.loading import load_model_weights, load_tokenizer, random_init
 from minigpt4.models.precision import place_encoder, plan_precision
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
@@ -207,11 +207,10 @@ def build_llava_projector(cfg: DictConfig, mean_head: nn.Module, config: LlavaCo
         std_head = LlavaMultiModalProjector(config)
     elif cfg.mm_projector_type == "vib":
         std_head = nn.Linear(vision_width, llm_width)
-    return build_projector(cfg.mm_projector_type, vision_width, llm_width, kl_on=cfg.vib.kl_on,
-                           reparameterize=cfg.vib.reparameterize, mean_head=mean_head, std_head=std_head)
+    return build_projector(cfg.mm_projector_type, vision_width, llm_width, OmegaConf.to_object(cfg.vib),
+                           mean_head=mean_head, std_head=std_head)
 
 
-@ARCHITECTURES.register("llava15")
 def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     meta = device.type == "meta"
     tokenizer = None
@@ -253,8 +252,7 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     projector.to(device=device, dtype=torch.float32)  # trainable: fp32 master weights, autocast does the rest
     model = Llava15(
         encoder, projector, llm, tokenizer, template, entropy_vocab_size=tokenizer.vocab_size,
-        end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len, num_samples=cfg.vib.num_samples,
-        beta=cfg.vib.beta, adaptive=cfg.vib.adaptive,
+        end_sym=cfg.end_sym, max_txt_len=cfg.max_txt_len,
     )
     if model.entropy_vocab_size != model.llm.get_input_embeddings().weight.shape[0]:
         log.info("VIB similarity entropy over the tokenizer's %d base tokens (of %d embedding rows)",

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
+from minigpt4.common.config import VIBConfig
 from minigpt4.conversation.conversation import Template
 from minigpt4.models.numerics import NonFiniteLogitsGuard
 from minigpt4.models.tokenization import SegmentTokenizer
@@ -75,9 +76,6 @@ class MiniGPT4(nn.Module):
         *,
         end_sym: str | None = None,
         max_txt_len: int = 512,
-        num_samples: int = 1,
-        beta: float = 0.0,
-        adaptive: bool = True,
         autocast_dtype: torch.dtype | None = None,
     ):
         super().__init__()
@@ -89,9 +87,6 @@ class MiniGPT4(nn.Module):
         self.template = template
         self.end_sym = template.end_sym if end_sym is None else end_sym
         self.max_txt_len = max_txt_len
-        self.num_samples = num_samples
-        self.beta = beta
-        self.adaptive = adaptive
         self.num_query_tokens = encoder.num_query_tokens  # image slots in the prompt
         # Only the projector trains (SPEC §1). A plain list, not a child module: remembered for train().
         self._frozen = [self.llm, self.encoder]
@@ -120,10 +115,6 @@ class MiniGPT4(nn.Module):
             module.eval()
         return self
 
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        trainable = {n for n, p in self.named_parameters() if p.requires_grad}
-        return {k: v for k, v in self.state_dict().items() if k in trainable}
-
     @property
     def device(self) -> torch.device:
         return self.llm.get_input_embeddings().weight.device
@@ -131,6 +122,11 @@ class MiniGPT4(nn.Module):
     @property
     def embed_weight(self) -> torch.Tensor:
         return self.llm.get_input_embeddings().weight
+
+    @property
+    def vib(self) -> VIBConfig | None:
+        """`model.vib` (β, S, ...), read from its one owner, the VIB projector; None for the linear projector."""
+        return getattr(self.projector, "config", None)
 
     def autocast(self):
         """The sources' fp16 autocast around encoder, projector and LLM (MiniGPT-4 `maybe_autocast`, AdaVIB's
@@ -148,16 +144,12 @@ class MiniGPT4(nn.Module):
             return self.encoder(images.to(device=param.device, dtype=param.dtype))
 
     @under_model_autocast
-    def project(self, features: torch.Tensor, num_samples: int = 1) -> tuple[torch.Tensor, dict]:
-        """Q-Former features -> LLM-space visual tokens (+ VIB statistics)."""
+    def project(self, features: torch.Tensor, num_samples: int | None = None) -> tuple[torch.Tensor, dict]:
+        """Q-Former features -> LLM-space visual tokens (+ VIB statistics and the weighted KL term). A VIB
+        projector in training draws model.vib.num_samples noise samples unless `num_samples` says otherwise."""
         proj_param = next(self.projector.parameters())
-        return self.projector(
-            features.to(device=proj_param.device, dtype=proj_param.dtype),
-            embed_weight=self.embed_weight,
-            num_samples=num_samples,
-            beta=self.beta,
-            adaptive=self.adaptive,
-        )
+        return self.projector(features.to(device=proj_param.device, dtype=proj_param.dtype),
+                              embed_weight=self.embed_weight, num_samples=num_samples)
 
     def _features(self, batch: dict) -> torch.Tensor:
         if batch.get("image_features") is not None:  # cached Q-Former outputs (feature cache)
@@ -227,12 +219,12 @@ class MiniGPT4(nn.Module):
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         """batch: image (B,3,H,W) or image_features (B,N,D); answer list[str]; instruction list[str|None].
 
-        Returns loss = ce + β·mean(α·KL) (or β·mean(KL) when not adaptive) and its parts, all scalars.
+        Returns loss = ce + the projector's kl_term, β·mean(α·KL) (or β·mean(KL) when not adaptive), and its
+        parts, all scalars.
         """
         features = self._features(batch)
-        samples = self.num_samples if self.training else 1
-        tokens, info = self.project(features, num_samples=samples)
-        samples = tokens.shape[0] // features.shape[0]  # 1 when the projector does not sample
+        tokens, info = self.project(features)
+        samples = tokens.shape[0] // features.shape[0]  # S in training, 1 when the projector does not sample
         instructions = batch.get("instruction") or [None] * features.shape[0]
         text = self.build_training_text(instructions, batch["answer"]).to(self.device).repeat(samples)
         embeds = self.embed(text, tokens)
@@ -273,7 +265,7 @@ class MiniGPT4(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            tokens, _ = self.project(features, num_samples=1)
+            tokens, _ = self.project(features)  # eval mode: μ, no sample
         finally:
             self.train(was_training)
         text = self.build_generation_text(prompts).to(self.device)

@@ -14,9 +14,7 @@ import torch
 from torch import nn
 from transformers import LogitsProcessor
 
-from minigpt4.models.checkpoints import CheckpointError, key_listing
-
-FSDP_PREFIX = "_fsdp_wrapped_module."
+from minigpt4.models.checkpoints import FSDP_PREFIX, CheckpointError, key_listing
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

@@ -3,7 +3,9 @@
 Bai et al., "Mitigating Hallucinations in Large Vision-Language Models by Adaptively Constraining Information
 Flow" (AAAI 2025). See SPEC §2 for the equations; this file follows them one to one. Everything here is
 model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768, LLaVA-1.5 576 CLIP patches of width 1024;
-the projector only needs `in_dim`, `out_dim` and (optionally) a custom mean head.
+the projector only needs `in_dim`, `out_dim`, its settings and (optionally) custom heads. The settings are
+`model.vib` of the YAML as a `VIBConfig`, held by the projector alone: YAML -> VIBConfig -> VIBProjector,
+whose `kl_term` the model adds to its cross-entropy.
 
 Shapes: q is B×N×D (visual features), tokens are (S·B)×N×d, flattened *sample-major* (row s·B + b) so the
 caller can repeat its text batch S times with `tensor.repeat(S, 1)`.
@@ -11,11 +13,12 @@ caller can repeat its text batch S times with `tensor.repeat(S, 1)`.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from minigpt4.common.config import VIBConfig
 
 STD_FLOOR = 1e-8  # logs of σ are taken of max(σ, 1e-8), as in the reference
 ENTROPY_EPS = 1e-8  # H = -Σ p log(p + 1e-8), as in the reference
@@ -99,27 +102,26 @@ def adaptive_weight(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
 class VIBProjector(nn.Module):
     """Stochastic projector q -> z ~ N(μ(q), σ(q)²) with a learned Gaussian prior (SPEC §2).
 
-    The mean head is the original projector and keeps its name, `llama_proj`, so released MiniGPT-4
-    projector checkpoints (and LLaVA's `mm_projector`, via `mean_head`) load into it unchanged. The std head
-    `llama_proj_std` is new; by default it has the same form as the mean head.
+    `config` is `model.vib` from the YAML, and this module is its one owner: S and `reparameterize` decide the
+    sampling, `kl_on` the KL, β and `adaptive` the weighted KL term it returns for the loss (defaults: the
+    reference recipe). The mean head is the original projector and keeps its name, `llama_proj`, so released
+    MiniGPT-4 projector checkpoints (and LLaVA's `mm_projector`, via `mean_head`) load into it unchanged. The
+    std head `llama_proj_std` is new; by default it has the same form as the mean head.
     """
 
     def __init__(
         self,
         in_dim: int,
         out_dim: int,
+        config: VIBConfig | None = None,
         *,
-        kl_on: Literal["pooled", "token"] = "pooled",
-        reparameterize: bool = True,
         mean_head: nn.Module | None = None,
         std_head: nn.Module | None = None,
     ):
         super().__init__()
-        if kl_on not in ("pooled", "token"):
-            raise ValueError(f"vib.kl_on must be 'pooled' or 'token', got {kl_on!r}")
+        self.config = VIBConfig() if config is None else config
+        self.config.validate()
         self.in_dim, self.out_dim = in_dim, out_dim
-        self.kl_on = kl_on
-        self.reparameterize = reparameterize
         self.llama_proj = mean_head if mean_head is not None else nn.Linear(in_dim, out_dim)
         self.llama_proj_std = std_head if std_head is not None else nn.Linear(in_dim, out_dim)
         # Reference init of the prior: standard normal for both the mean and the pre-softplus scale.
@@ -134,24 +136,24 @@ class VIBProjector(nn.Module):
         q: torch.Tensor,
         *,
         embed_weight: torch.Tensor | None = None,
-        num_samples: int = 1,
-        beta: float = 0.0,
-        adaptive: bool = True,
         token_mask: torch.Tensor | None = None,
+        num_samples: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Returns (tokens, info).
 
-        Training (self.training and reparameterize): tokens = μ + σ ⊙ ε for S samples, (S·B)×N×d sample-major.
+        Training (self.training and config.reparameterize): tokens = μ + σ ⊙ ε for S samples, (S·B)×N×d
+        sample-major; S is config.num_samples unless `num_samples` asks for another count in this call.
         Otherwise tokens = μ (B×N×d): inference costs exactly what the linear projector costs.
         info: `kl` (B,), `alpha` (B,), `entropy_ratio` (B,) — H/log V averaged over samples, `sigma` (scalar
-        mean σ), `kl_term` (scalar, β·mean(α·KL) or β·mean(KL)). Entropy/α need `embed_weight`; without it
-        α is 1 and adaptive weighting is off.
+        mean σ), `kl_term` (scalar, β·mean(α·KL), or β·mean(KL) when not config.adaptive). Entropy/α need
+        `embed_weight`; without it α is 1 and adaptive weighting is off.
         """
+        cfg = self.config
         mu = self.llama_proj(q)
         std = F.softplus(self.llama_proj_std(q))
         batch = q.shape[0]
-        sampling = self.training and self.reparameterize
-        samples = num_samples if sampling else 1
+        sampling = self.training and cfg.reparameterize
+        samples = (cfg.num_samples if num_samples is None else num_samples) if sampling else 1
         if sampling:
             # ε in z's own dtype: under fp16 autocast σ comes out of softplus in fp32, so ε is fp32 as AdaVIB's
             # torch.randn (minigpt4/models/mini_gpt4.py `reparameterize`), not fp16-rounded noise.
@@ -161,7 +163,7 @@ class VIBProjector(nn.Module):
             z = mu
 
         prior_mu, prior_std = self.mu_p, self.prior_std()
-        if self.kl_on == "pooled":
+        if cfg.kl_on == "pooled":
             # The reference pools μ and σ separately and linearly (σ̄ is not the std of pool(z)).
             kl = gaussian_kl(pool_tokens(mu, token_mask), pool_tokens(std, token_mask), prior_mu, prior_std)
         else:
@@ -180,13 +182,13 @@ class VIBProjector(nn.Module):
             alpha = torch.ones(batch, device=q.device)
             ratio = torch.full((batch,), float("nan"), device=q.device)
 
-        weighted = alpha * kl if adaptive and embed_weight is not None else kl
+        weighted = alpha * kl if cfg.adaptive and embed_weight is not None else kl
         info = {
             "kl": kl,
             "alpha": alpha,
             "entropy_ratio": ratio,
             "sigma": std.detach().to(math_dtype(std)).mean(),
-            "kl_term": beta * weighted.mean(),
+            "kl_term": cfg.beta * weighted.mean(),
         }
         return z, info
 
@@ -210,12 +212,11 @@ class LinearProjector(nn.Module):
         return z, info
 
 
-def build_projector(kind: str, in_dim: int, out_dim: int, *, kl_on: str = "pooled", reparameterize: bool = True,
+def build_projector(kind: str, in_dim: int, out_dim: int, vib: VIBConfig | None = None, *,
                     mean_head: nn.Module | None = None, std_head: nn.Module | None = None) -> nn.Module:
-    """`mm_projector_type` from YAML -> projector module."""
+    """`model.mm_projector_type` and `model.vib` from YAML -> projector module (the linear one has no VIB settings)."""
     if kind == "linear":
         return LinearProjector(in_dim, out_dim, mean_head=mean_head)
     if kind == "vib":
-        return VIBProjector(in_dim, out_dim, kl_on=kl_on, reparameterize=reparameterize,
-                            mean_head=mean_head, std_head=std_head)
+        return VIBProjector(in_dim, out_dim, vib, mean_head=mean_head, std_head=std_head)
     raise ValueError(f"model.mm_projector_type must be one of 'linear', 'vib'; got {kind!r}")

@@ -20,6 +20,9 @@ that fails for lack of space or permission raises CheckpointWriteError, naming t
 the space free.
 
 `state.pt` contains only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
+`trainable.safetensors` is this project's trainable-checkpoint format, owned by models/checkpoints.py: listed
+by `trainable_tensors`, written by `save_trainable`, read by `load_state_file` and checked against the model by
+`load_trainable_tensors`, exactly as model.ckpt is for evaluation and the demo.
 """
 from __future__ import annotations
 
@@ -34,12 +37,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
-from torch import nn
 
+from minigpt4.common.errors import CheckpointError
 from minigpt4.common.output_dir import free_bytes, human_bytes, is_space_problem, storage_reason
-from minigpt4.models.checkpoints import CheckpointError
+from minigpt4.models.checkpoints import load_state_file, save_trainable
 
 log = logging.getLogger(__name__)
 
@@ -61,55 +62,7 @@ def checkpoint_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-# ---- what a model's trainable state is -------------------------------------------------------------------------
-
-
-def trainable_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's own `trainable_state_dict()` if it has one, else every parameter with requires_grad=True.
-
-    Names are those of `model.state_dict()` (pass the bare model, not its DDP wrapper).
-    """
-    if hasattr(model, "trainable_state_dict"):
-        tensors = dict(model.trainable_state_dict())
-    else:
-        tensors = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    if not tensors:
-        raise ValueError(f"{type(model).__name__} has no trainable tensors (no parameter has requires_grad=True)")
-    return tensors
-
-
-def load_trainable_state(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Copy `tensors` into the model's trainable tensors; names and shapes must match exactly, both ways."""
-    expected = trainable_state_dict(model)
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    wrong_shape = [
-        f"{name}: checkpoint {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
-        for name in sorted(set(expected) & set(tensors))
-        if tensors[name].shape != expected[name].shape
-    ]
-    if missing or unexpected or wrong_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing from the checkpoint: {', '.join(missing)}")
-        if unexpected:
-            parts.append(f"not trainable in the model: {', '.join(unexpected)}")
-        if wrong_shape:
-            parts.append("shape mismatch: " + "; ".join(wrong_shape))
-        raise CheckpointError(f"{source} does not match the model's trainable tensors ({'; '.join(parts)})")
-    targets = model.state_dict(keep_vars=True)
-    not_in_state_dict = sorted(set(expected) - set(targets))
-    if not_in_state_dict:
-        raise ValueError(
-            f"{type(model).__name__}.trainable_state_dict() names tensors that are not in its state_dict(): "
-            f"{', '.join(not_in_state_dict)}"
-        )
-    with torch.no_grad():
-        for name, tensor in tensors.items():
-            targets[name].copy_(tensor.to(device=targets[name].device, dtype=targets[name].dtype))
-
-
-# ---- low-level writers (tests replace these to simulate a full disk) ------------------------------------------
+# ---- low-level writers (tests replace these, and save_trainable, to simulate a full disk) --------------------------
 
 
 def _fsync_dir(path: Path) -> None:
@@ -118,13 +71,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _write_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
-    cpu = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-    save_file(cpu, str(path), metadata=metadata)
-    with open(path, "rb+") as f:
-        os.fsync(f.fileno())
 
 
 def _write_torch(obj: Any, path: Path) -> None:
@@ -243,7 +189,7 @@ def save_checkpoint(
         remove_stale_temporaries(output_dir)
         _check_space(root, needed)
         tmp.mkdir()
-        _write_safetensors(trainable, tmp / TRAINABLE_FILE, {"step": str(step), "format": "pt"})
+        save_trainable(tmp / TRAINABLE_FILE, trainable, {"step": str(step)})
         _write_torch(state, tmp / STATE_FILE)
         _fsync_dir(tmp)
         if final.exists():
@@ -287,7 +233,7 @@ def save_final(output_dir: str | os.PathLike, trainable: dict[str, torch.Tensor]
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _check_space(out, needed)
-        _write_safetensors(trainable, tmp / TRAINABLE_FILE, {"format": "pt"})
+        save_trainable(tmp / TRAINABLE_FILE, trainable)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
         if final.exists():
             old = out / f".old-{FINAL_DIR}-{os.getpid()}"
@@ -354,11 +300,12 @@ def _short(err: BaseException) -> str:
 
 
 def _read_trainable(path: Path) -> dict[str, torch.Tensor]:
+    """The trainable file, read as every one is (models/checkpoints.load_state_file); the values are checked
+    when they are loaded into the model, in the dtypes it keeps them in (load_trainable_tensors)."""
     try:
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            return {key: f.get_tensor(key) for key in f.keys()}
-    except (SafetensorError, OSError) as err:
-        raise CheckpointError(f"{path} is truncated or damaged ({_short(err)})") from err
+        return load_state_file(path, check_values=False)
+    except CheckpointError as err:  # the runner wrote it whole: unreadable now means damaged since
+        raise CheckpointError(f"{path} is truncated or damaged ({_short(err.__cause__ or err)})") from err
 
 
 def _read_state(path: Path) -> dict[str, Any]:

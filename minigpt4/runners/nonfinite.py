@@ -22,8 +22,8 @@ from torch import nn
 
 from minigpt4.common import dist
 from minigpt4.common.config import ConfigError
-from minigpt4.models.checkpoints import key_listing
-from minigpt4.models.numerics import FSDP_PREFIX, nonfinite_tensors
+from minigpt4.models.checkpoints import key_listing, trainable_tensors
+from minigpt4.models.numerics import nonfinite_tensors
 from minigpt4.runners.placement import is_fsdp_wrapped
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def weight_problems(model: nn.Module, steps_applied: int) -> list[str]:
     bad = nonfinite_tensors(model)
     if not bad:
         return []
-    trainable = {n.replace(FSDP_PREFIX, "") for n, p in model.named_parameters() if p.requires_grad}
+    trainable = set(trainable_tensors(model))
     grown = [n for n, _ in bad if n in trainable]
     frozen = [n for n, _ in bad if n not in trainable]
     found = []
@@ -156,7 +156,8 @@ def diagnose(model: nn.Module, batches: Sequence[Any], config_values: Mapping[st
 
 def training_config_values(model: nn.Module, cfg: Any, lr: float) -> dict[str, Any]:
     """The numbers a training step's loss and update are made from, under the config keys that set them."""
-    values = {"model.vib.beta": getattr(model, "beta", None)}
+    vib = getattr(model, "vib", None)  # MiniGPT4.vib: the VIB projector's settings (None for the linear one)
+    values = {"model.vib.beta": getattr(vib, "beta", None)}
     for key in ("init_lr", "min_lr", "warmup_lr", "weight_decay", "adam_eps", "max_grad_norm"):
         values[f"run.{key}"] = getattr(cfg, key, None)
     values["the learning rate of this step"] = lr

@@ -15,11 +15,9 @@ from torch import nn
 from torch.distributed.fsdp import FullyShardedDataParallel, ShardingStrategy
 from torch.distributed.fsdp.wrap import CustomPolicy
 
-from minigpt4.runners import checkpointing as ckpt
+from minigpt4.models.checkpoints import FSDP_PREFIX
 
 log = logging.getLogger(__name__)
-
-FSDP_PREFIX = "_fsdp_wrapped_module."
 
 
 def has_fixed_placement(model: nn.Module) -> bool:
@@ -74,28 +72,6 @@ def fsdp_wrap(model: nn.Module, device: torch.device) -> FullyShardedDataParalle
     )
 
 
-class TrainableView:
-    """The trainable parameters under their plain state_dict names, shaped like a model for the checkpoint
-    helpers (`trainable_state_dict`, `state_dict`). Calling the FSDP-wrapped model's own state_dict() would be
-    a collective that gathers the whole frozen LLM; these parameters are whole on every rank (NO_SHARD)."""
-
-    def __init__(self, model: nn.Module):
-        self.params = {n.replace(FSDP_PREFIX, ""): p for n, p in model.named_parameters() if p.requires_grad}
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return dict(self.params)
-
-    def state_dict(self, keep_vars: bool = False) -> dict[str, torch.Tensor]:
-        return dict(self.params)
-
-
 def is_fsdp_wrapped(model: nn.Module) -> bool:
     """FSDP wraps in place: the model's own parameter names then run through its wrapper modules."""
     return any(FSDP_PREFIX in name for name, _ in model.named_parameters())
-
-
-def trainable_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable tensors by state_dict name; for an FSDP-wrapped model without its collective state_dict()."""
-    if is_fsdp_wrapped(model):
-        return {n: p.detach() for n, p in TrainableView(model).params.items()}
-    return ckpt.trainable_state_dict(model)

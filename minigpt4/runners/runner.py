@@ -32,14 +32,15 @@ from torch.utils.data import Dataset, IterableDataset
 from tqdm import tqdm
 
 from minigpt4.common import dist
-from minigpt4.models.checkpoints import CheckpointError
+from minigpt4.common.errors import CheckpointError
+from minigpt4.models.checkpoints import load_trainable_tensors, trainable_tensors
 from minigpt4.runners import checkpointing as ckpt
 from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data import batches_per_pass, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, MetricsWriter
 from minigpt4.runners.nonfinite import GENERIC_ADVICE, explain_nonfinite_loss
 from minigpt4.runners.optim import build_optimizer, optimizer_param_names
-from minigpt4.runners.placement import TrainableView, fsdp_wrap, is_fsdp_wrapped, place_model, trainable_tensors
+from minigpt4.runners.placement import fsdp_wrap, place_model
 from minigpt4.runners.rng import capture_rng_state, restore_rng_state, seed_everything
 from minigpt4.runners.schedules import make_lr_schedule
 
@@ -208,8 +209,7 @@ class Runner:
         if saved.get("total_steps") != self.total_steps:
             log.warning("resuming %s with total_steps %s (was %s): the lr schedule changes from here",
                         path, self.total_steps, saved.get("total_steps"))
-        target = TrainableView(self.model) if is_fsdp_wrapped(self.model) else self.model
-        ckpt.load_trainable_state(target, tensors, source=str(path / ckpt.TRAINABLE_FILE))
+        load_trainable_tensors(self.model, tensors, path / ckpt.TRAINABLE_FILE)
         saved_names = [list(g.get("param_names", [])) for g in state["optimizer"]["param_groups"]]
         if saved_names != optimizer_param_names(self.optimizer):
             raise CheckpointError(
