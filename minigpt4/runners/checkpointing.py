@@ -127,6 +127,17 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+def _move_into_place(tmp: Path, final: Path, old: Path) -> None:
+    """Rename the finished `tmp` directory to `final`; an existing `final` is first renamed to `old` and deleted
+    afterwards (a crash between the renames leaves `old`, which remove_stale_temporaries puts back)."""
+    if final.exists():
+        os.rename(final, old)
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, final)
+
+
 def _restore_or_remove(old: Path, original: Path) -> None:
     if original.is_dir():
         shutil.rmtree(old, ignore_errors=True)
@@ -192,14 +203,8 @@ def save_checkpoint(
         save_trainable(tmp / TRAINABLE_FILE, trainable, {"step": str(step)})
         _write_torch(state, tmp / STATE_FILE)
         _fsync_dir(tmp)
-        if final.exists():
-            # Same step written again (e.g. after resuming from an older `latest`): swap, then drop the old copy.
-            old = root / f".old-{os.getpid()}-{name}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        # Same step written again (e.g. after resuming from an older `latest`): swap, then drop the old copy.
+        _move_into_place(tmp, final, root / f".old-{os.getpid()}-{name}")
         _fsync_dir(root)
         _write_text_atomic(root / LATEST, name + "\n")
     except Exception as err:
@@ -235,13 +240,7 @@ def save_final(output_dir: str | os.PathLike, trainable: dict[str, torch.Tensor]
         _check_space(out, needed)
         save_trainable(tmp / TRAINABLE_FILE, trainable)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, default=str) + "\n")
-        if final.exists():
-            old = out / f".old-{FINAL_DIR}-{os.getpid()}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
+        _move_into_place(tmp, final, out / f".old-{FINAL_DIR}-{os.getpid()}")
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
         storage = _storage_error(err, final, needed, "The last checkpoint is complete")
