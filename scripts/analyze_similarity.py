@@ -26,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import matplotlib  # noqa: E402
 
@@ -198,7 +197,7 @@ def analyse_images(args: argparse.Namespace) -> dict:
     import torch
 
     from minigpt4.demo import loading
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)  # random-init parts of a tiny default model: the same numbers every run
     if args.cfg_path:

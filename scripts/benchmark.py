@@ -33,7 +33,6 @@ import contextlib
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -41,7 +40,6 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
@@ -58,8 +56,8 @@ GPU_TARGETS = {"epoch_s_max": 180.0, "mfu_min": 0.40, "pope_8910_s_max": 60.0, "
 # ------------------------------------------------------------------------------------------------ the model
 def build(size: str, device: torch.device, tokenizer_dir: str, *, llm_path: str | None = None,
           low_resource: bool = False, encoder_device: str | None = None):
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)
     if size == "tiny":
@@ -148,7 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="minigpt4-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
-    from minigpt4.common.tiny import train_tokenizer
+    from minigpt4.common.tiny_models import train_tokenizer
 
     tokenizer_dir = str(workdir / "tokenizer")
     train_tokenizer(tokenizer_dir)
@@ -320,7 +318,7 @@ def low_resource_run(args, device: torch.device, tokenizer_dir: str, workdir: Pa
         return {"skipped": f"bitsandbytes is not importable ({err})"}
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from minigpt4.models.builder import LLM_PRESETS
+    from minigpt4.models.from_config import LLM_PRESETS
 
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     llm_dir = workdir / "random_vicuna_7b"

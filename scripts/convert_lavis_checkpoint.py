@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 
 # Runnable as `python scripts/convert_lavis_checkpoint.py` from a checkout without installing the package.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.models.checkpoints import CheckpointError, check_state_dict, save_state_file  # noqa: E402
 from minigpt4.models.released_weights import (  # noqa: E402

@@ -8,9 +8,7 @@ and, installed, `adavib-export`).
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt4.export.cli import main  # noqa: E402
 

@@ -13,9 +13,7 @@ import argparse
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt4.datasets.shapes_world import CAPTION_TEMPLATES, build_shapes_world  # noqa: E402
 

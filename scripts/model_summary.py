@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from omegaconf import OmegaConf  # noqa: E402
 
 from minigpt4.common.config import ModelConfig, merge, validate_model_config  # noqa: E402
-from minigpt4.models.builder import build_model  # noqa: E402
+from minigpt4.models.from_config import build_model  # noqa: E402
 
 
 def count(module) -> int:

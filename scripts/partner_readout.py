@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt4.datasets.shapes_qa import ShapesQADataset  # noqa: E402
 from minigpt4.datasets.shapes_world import CLASS_NAMES  # noqa: E402
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     import yaml
 
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)
     model = build_model(yaml.safe_load(Path(args.model_yaml).read_text())["model"]).eval()

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from minigpt4.common.tiny import DEFAULT_CORPUS, train_tokenizer  # noqa: E402
+from minigpt4.common.tiny_models import DEFAULT_CORPUS, train_tokenizer  # noqa: E402
 from minigpt4.datasets.shapes_world import build_shapes_world  # noqa: E402
 
 

@@ -6,9 +6,7 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from minigpt4.eval.results_table import load_metrics, main, results_table  # noqa: E402,F401  (the script's API)
 

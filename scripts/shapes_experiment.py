@@ -35,7 +35,6 @@ from typing import NamedTuple
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs  # noqa: E402
 from minigpt4.eval.paired import compare_eval_dirs  # noqa: E402

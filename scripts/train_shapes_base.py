@@ -4,7 +4,7 @@
                                                #   --out assets/shapes_base --steps 6000 --lr 5e-4 --seed 0
 
 Same classes as the real model (BLIP-2 ViT + Q-Former + query tokens -> linear projector -> LlamaForCausalLM),
-built by `minigpt4.models.builder.build_model` at a width two CPU cores train in about a quarter of an hour.
+built by `minigpt4.models.from_config.build_model` at a width two CPU cores train in about a quarter of an hour.
 Unlike the real model nothing is pre-trained, so everything trains end to end, on captions ("Describe this
 image.") mixed with POPE-style object questions (minigpt4.datasets.shapes_qa), in the vicuna_v0 template,
 plus an object-presence loss on the Q-Former outputs through a linear probe that is thrown away afterwards
@@ -34,15 +34,14 @@ import torch.nn.functional as F
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
-from minigpt4.common.tiny import train_tokenizer  # noqa: E402
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, get_template  # noqa: E402
+from minigpt4.common.tiny_models import train_tokenizer  # noqa: E402
+from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, get_template  # noqa: E402
 from minigpt4.datasets.shapes_qa import (  # noqa: E402
     CAPTION_INSTRUCTION, ShapesQADataset, collate, no_answer, object_question, yes_answer,
 )
 from minigpt4.datasets.shapes_world import CLASS_NAMES, build_shapes_world  # noqa: E402
-from minigpt4.models.builder import build_model  # noqa: E402
+from minigpt4.models.from_config import build_model  # noqa: E402
 from minigpt4.models.checkpoints import save_state_file  # noqa: E402
 from minigpt4.runners.schedules import linear_warmup_cosine  # noqa: E402
 

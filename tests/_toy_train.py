@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from minigpt4.common import dist  # noqa: E402
 from minigpt4.models.checkpoints import trainable_tensors  # noqa: E402

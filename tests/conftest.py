@@ -16,7 +16,7 @@ torch.set_num_threads(2)
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> str:
-    from minigpt4.common.tiny import train_tokenizer
+    from minigpt4.common.tiny_models import train_tokenizer
 
     path = str(tmp_path_factory.mktemp("tiny_tokenizer"))
     train_tokenizer(path)
@@ -26,8 +26,8 @@ def tiny_tokenizer_dir(tmp_path_factory) -> str:
 @pytest.fixture
 def tiny_model_factory(tiny_tokenizer_dir):
     """tiny_model_factory(projector="vib", seed=0, **overrides) -> MiniGPT4 in fp32 on CPU."""
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     def make(projector: str = "vib", seed: int = 0, **overrides):
         torch.manual_seed(seed)

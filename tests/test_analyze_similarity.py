@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from minigpt4.common.tiny import tiny_model_config
+from minigpt4.common.tiny_models import tiny_model_config
 from minigpt4.models.checkpoints import save_trainable, trainable_tensors
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,6 @@ import math
 import os
 import pickle
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,8 +19,9 @@ from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.encoders import ImageEncoder
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import convert_lavis_checkpoint  # noqa: E402
+from _scripts import load_script
+
+convert_lavis_checkpoint = load_script("convert_lavis_checkpoint")
 
 # Tiny EVA ViT (3 blocks used + 1 extra in the file, as the real file has 40 for 39) and Q-Former.
 WIDTH, BLOCKS, HEADS, MLP, IMAGE, PATCH = 32, 3, 2, 48, 28, 14
@@ -434,7 +434,7 @@ def test_evaluate_refuses_a_float64_projector_beyond_fp32_instead_of_scoring_emp
     from PIL import Image
 
     import evaluate
-    from minigpt4.common.tiny import tiny_model_config
+    from minigpt4.common.tiny_models import tiny_model_config
 
     monkeypatch.setenv("HOME", str(tmp_path))
     bad = tmp_path / "trainable.safetensors"
@@ -462,13 +462,10 @@ def test_evaluate_refuses_a_float64_projector_beyond_fp32_instead_of_scoring_emp
 def test_training_refuses_a_float64_projector_beyond_fp32_instead_of_blaming_the_learning_rate(tmp_path, capsys):
     """Before: training skipped 5 steps of NaN loss and advised lowering run.init_lr. Now: exit 2 at load time,
     naming the file and the tensor."""
-    import importlib.util
 
     import train
 
-    spec = importlib.util.spec_from_file_location("prepare_tiny", ROOT / "scripts" / "prepare_tiny.py")
-    prepare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(prepare)
+    prepare = load_script("prepare_tiny")
     prepare.prepare(str(tmp_path / "tiny"), num_train=8, num_val=2)
     d = tmp_path / "tiny"
     weight = torch.zeros(64, 32, dtype=torch.float64)  # the tiny recipe's LLM is 64 wide, its Q-Former 32

@@ -49,7 +49,7 @@ def _write_fixture(root, tiny_model_factory):
 
 
 def _eval_cfg(root, tokenizer_dir, out):
-    from minigpt4.common.tiny import tiny_model_config
+    from minigpt4.common.tiny_models import tiny_model_config
 
     model = tiny_model_config(tokenizer_dir, "vib", full_ckpt=str(root / "tiny_full.safetensors"))
     cfg = {
@@ -173,7 +173,7 @@ def test_resume_refuses_answers_of_another_model_or_settings_and_reuses_its_own(
     return the old model's answers and metrics with exit 0. Now refused, before the model is built; the same
     settings still resume and reuse every stored answer."""
     import evaluate
-    from minigpt4.models import builder
+    from minigpt4.models import from_config as builder
     from minigpt4.models.minigpt4 import MiniGPT4
 
     out = fixture_root / "fp"

@@ -102,7 +102,7 @@ def shapes_images() -> list[Image.Image]:
 def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
     """A 'trained' VIB run on the shapes base model: run/final/{trainable.safetensors, config.json}."""
     from minigpt4.demo.loading import load_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
 
     torch.manual_seed(0)
@@ -213,7 +213,7 @@ def test_check_reports_what_transformers_loaded(minigpt4_export, capsys):
 def test_prompt_check_says_where_the_ids_differ(minigpt4_run, minigpt4_export, monkeypatch):
     from transformers import AutoProcessor
 
-    from minigpt4.conversation.conversation import get_template
+    from minigpt4.conversation.templates import get_template
     from minigpt4.export.hf_parts import prompt_token_check
 
     _, model = minigpt4_run
@@ -236,8 +236,8 @@ def llava_run(tmp_path_factory, tiny_tokenizer_dir):
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from minigpt4.common.config import ModelConfig, merge
-    from minigpt4.common.tiny import TINY_LLM
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import TINY_LLM
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
     from minigpt4.models.llava import llava_config_from
 

@@ -10,9 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt4.eval.tasks import EvalSettings, ImageLoader, PopeSettings, run_pope
+from minigpt4.eval.settings import EvalSettings, PopeSettings
+from minigpt4.eval.benchmark_runs import ImageLoader, run_pope
 from minigpt4.common.files import sha256_file
-from minigpt4.models.feature_cache import FeatureCache, build_feature_source, encoder_namespace
+from minigpt4.eval.feature_cache import FeatureCache, build_feature_source, encoder_namespace
 
 PREP = {"name": "blip2_image_eval", "image_size": 28}
 
@@ -97,7 +98,7 @@ def test_damaged_entries_are_recomputed_with_a_warning(model, images, tmp_path, 
     entry0.write_bytes(entry0.read_bytes()[:40])  # torn file
     entry1.write_bytes(b"\x00 not a safetensors file")  # garbage
     fresh = _source(model, tmp_path / "cache")
-    with caplog.at_level(logging.WARNING, logger="minigpt4.models.feature_cache"):
+    with caplog.at_level(logging.WARNING, logger="minigpt4.eval.feature_cache"):
         assert torch.equal(fresh(images[0]), good[0])
         assert torch.equal(fresh(images[1]), good[1])
     assert fresh.cache.stats()["corrupt"] == 2 and fresh.encoded == 2

@@ -20,7 +20,6 @@ import torch
 from torch.utils.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 STEPS = 4  # 16 samples, 4 per optimizer step (2 ranks × 2, or 1 process × 4)
 
@@ -44,8 +43,8 @@ def collate(items: list[dict]) -> dict:
 
 
 def train(out: str, tokenizer_dir: str, distributed: str, batch_size: int, resume: bool = False):
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
     from minigpt4.runners.config import RunConfig
     from minigpt4.runners.runner import Runner
 

@@ -136,8 +136,8 @@ class OpLog(TorchDispatchMode):
 
 def test_random_llm_weights_are_drawn_once(tiny_tokenizer_dir):
     """The builder's random LLM is initialised by one pass of transformers' init, not torch's resets first."""
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     cfg = tiny_model_config(tiny_tokenizer_dir, "vib", llm_dtype="auto", encoder_dtype="auto", precision="bf16")
     fills: dict[int, int] = {}

@@ -38,8 +38,8 @@ def _batch() -> dict:
 
 
 def _tiny(tokenizer_dir: str, **overrides):
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)
     return build_model(tiny_model_config(tokenizer_dir, "vib", **overrides), device=CUDA)
@@ -103,8 +103,8 @@ def test_low_resource_8bit_llm_with_cpu_encoder_trains(tiny_tokenizer_dir, tmp_p
     pytest.importorskip("bitsandbytes")
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from minigpt4.common.tiny import TINY_LLM, tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import TINY_LLM, tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     tok = PreTrainedTokenizerFast.from_pretrained(tiny_tokenizer_dir)
     torch.manual_seed(0)

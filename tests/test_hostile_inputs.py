@@ -54,7 +54,8 @@ from minigpt4.datasets.webdata import BadSampleError, WebCaptionDataset
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.generate import read_predictions
-from minigpt4.eval.tasks import ChairSettings, EvalSettings, ImageLoader, PopeSettings, run_chair, run_pope
+from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
+from minigpt4.eval.benchmark_runs import ImageLoader, run_chair, run_pope
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
@@ -119,8 +120,8 @@ class Shared:
 
     def model(self, projector: str):
         if projector not in self._cache:
-            from minigpt4.common.tiny import tiny_model_config
-            from minigpt4.models.builder import build_model
+            from minigpt4.common.tiny_models import tiny_model_config
+            from minigpt4.models.from_config import build_model
 
             torch.manual_seed(0)
             self._cache[projector] = build_model(tiny_model_config(self.tokenizer_dir, projector))
@@ -307,7 +308,7 @@ def _pope_file(env: Env, image: str) -> EvalSettings:
 
 
 def pope_image_outside(image: str, env: Env) -> None:
-    from minigpt4.eval.tasks import pope_items
+    from minigpt4.eval.benchmark_runs import pope_items
 
     pope_items(_pope_file(env, image), "random")
 
@@ -323,7 +324,7 @@ def pope_image_outside_allowed(env: Env) -> bool:
 
 
 def chair_list_image_outside(env: Env) -> None:
-    from minigpt4.eval.tasks import chair_items
+    from minigpt4.eval.benchmark_runs import chair_items
 
     (env.tmp / "val2014").mkdir()
     path = _write(env, "images.json", json.dumps([{"image_id": "../../COCO_val2014_000000000001.jpg"}]))
@@ -399,7 +400,7 @@ def dataset_not_regular(kind: str, on_bad_image: str, env: Env) -> int:
 
 def eval_not_regular(kind: str, on_bad_image: str, feature_cache: bool, env: Env) -> int:
     """The plain eval image path, or the feature cache's (which hashes the file before anything else)."""
-    from minigpt4.models.feature_cache import build_feature_source
+    from minigpt4.eval.feature_cache import build_feature_source
 
     path = env.tmp / "COCO_val2014_000000000001.jpg"
     NOT_REGULAR[kind][0](path)
@@ -439,8 +440,8 @@ def not_regular_file_read(kind: str, reader: str, env: Env) -> Any:
 
 
 def tokenizer_folder_with_fifo(env: Env) -> None:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     folder = env.tmp / "vicuna-7b"
     shutil.copytree(env.shared.tokenizer_dir, folder)
@@ -561,7 +562,7 @@ def predictions(text: str | bytes, env: Env) -> dict:
 
 
 def chair_image_list(text: str | bytes, env: Env) -> list[str]:
-    from minigpt4.eval.tasks import chair_image_list as image_list
+    from minigpt4.eval.benchmark_runs import chair_image_list as image_list
 
     path = _write(env, "images.json", text)
     return image_list(EvalSettings(image_dir=str(env.tmp), chair=ChairSettings(images=str(path))))
@@ -569,7 +570,7 @@ def chair_image_list(text: str | bytes, env: Env) -> list[str]:
 
 def chair_items_from(images: str | None, env: Env) -> list:
     """CHAIR generation items from an image list file with text `images`, or (None) a sample of an empty folder."""
-    from minigpt4.eval.tasks import chair_items
+    from minigpt4.eval.benchmark_runs import chair_items
 
     (env.tmp / "val2014").mkdir()
     path = None if images is None else str(_write(env, "images.json", images))
@@ -751,7 +752,7 @@ EXPECTED_VALUES = {  # what the Holds rows above return
 @contextlib.contextmanager
 def _no_model_build():
     """A config that slipped through validation must fail here, not start a whole training or evaluation."""
-    from minigpt4.models import builder
+    from minigpt4.models import from_config as builder
 
     def refuse(*_, **__):
         raise AssertionError("the config was accepted and a model was about to be built")
@@ -1011,8 +1012,8 @@ def full_ckpt_with_foreign_keys(env: Env) -> None:
 
 
 def built_with_projector_for_7b(env: Env) -> None:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     path = env.tmp / "prerained_minigpt4_7b.pth"
     torch.save({"model": {"llama_proj.weight": torch.zeros(4096, 32), "llama_proj.bias": torch.zeros(4096)}}, path)
@@ -1027,8 +1028,8 @@ def _float64_with_1e300(key: str, tensors: dict) -> None:
 
 
 def released_projector_float64(env: Env) -> None:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     weight, bias = torch.zeros(64, 32, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
     weight[3, 1] = 1e300
@@ -1038,8 +1039,8 @@ def released_projector_float64(env: Env) -> None:
 
 def encoder_file_beyond_fp16(env: Env) -> None:
     """Assigned tensors keep the file's dtype and are cast by the builder afterwards (model.encoder_dtype)."""
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     state = {k: v.detach().clone().contiguous() for k, v in env.shared.model("vib").encoder.state_dict().items()}
     state["ln_vision.weight"][0] = 1e6  # fine in fp32, inf in fp16
@@ -1050,8 +1051,8 @@ def encoder_file_beyond_fp16(env: Env) -> None:
 
 def nan_logits_while_generating(env: Env) -> list[str]:
     """Finite weights can still give NaN logits (an activation overflowing fp16): they must not decode to ""."""
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     model = build_model(tiny_model_config(env.shared.tokenizer_dir, "linear"))
     with torch.no_grad():  # what an overflow does downstream of finite weights
@@ -1437,8 +1438,8 @@ class _Records(logging.Handler):
 
 
 def tokenizer_without_pad(env: Env) -> bool:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     records = _Records()
     logger = logging.getLogger("minigpt4.models.minigpt4")
@@ -1464,8 +1465,8 @@ def tokenizer_without_pad(env: Env) -> bool:
 def tokenizer_without_bos(env: Env) -> None:
     from transformers import AutoTokenizer
 
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     tokenizer = AutoTokenizer.from_pretrained(env.shared.tokenizer_dir)
     tokenizer.bos_token = None
@@ -1474,8 +1475,8 @@ def tokenizer_without_bos(env: Env) -> None:
 
 
 def not_a_tokenizer(env: Env) -> None:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     (env.tmp / "vicuna-7b").mkdir()
     (env.tmp / "vicuna-7b" / "README.md").write_text("weights go here\n")
@@ -1494,8 +1495,8 @@ def _tokenizer_with(files: dict[str, str], env: Env) -> str:
 
 
 def tokenizer_files(files: dict[str, str], env: Env) -> None:
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     build_model(tiny_model_config(_tokenizer_with(files, env), "linear"))
 

@@ -9,9 +9,9 @@ import torch
 import yaml
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
-from minigpt4.common.tiny import TINY_VISION
+from minigpt4.common.tiny_models import TINY_VISION
 from minigpt4.models import released_weights
-from minigpt4.models.builder import build_model
+from minigpt4.models.from_config import build_model
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.encoders import PatchConcatEncoder
 from minigpt4.models.vib import VIBProjector

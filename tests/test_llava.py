@@ -17,7 +17,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from _model_checks import assert_sample_major_pairing, toy_batch
-from minigpt4.common.tiny import TINY_LLM
+from minigpt4.common.tiny_models import TINY_LLM
 from minigpt4.models.checkpoints import CheckpointError, load_trainable, save_trainable, trainable_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ def tiny_llava_config(tokenizer_dir: str | None, projector: str = "vib", **overr
 
 @pytest.fixture
 def make_llava(tiny_tokenizer_dir):
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     def make(projector: str = "vib", seed: int = 0, **overrides):
         torch.manual_seed(seed)
@@ -144,7 +144,7 @@ def test_batched_generation_equals_batch_one(make_llava):
 
 
 def test_llava_hf_folder_loads_whole_model_and_its_projector(llava_dir, make_llava, tiny_tokenizer_dir):
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     saved = load_file(llava_dir / "model.safetensors")
     model = build_model(dict(arch="llava15", llava_path=str(llava_dir), mm_projector_type="vib",
@@ -193,7 +193,7 @@ def test_llava_folder_with_a_missing_tensor_is_refused(llava_dir, tmp_path):
 
     from safetensors.torch import save_file
 
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     broken = tmp_path / "broken"
     shutil.copytree(llava_dir, broken)
@@ -244,7 +244,7 @@ def _model_summary(cfg: str, *options: str) -> dict:
     from omegaconf import OmegaConf
 
     from minigpt4.common.config import ModelConfig, merge
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     raw = OmegaConf.load(ROOT / cfg)["model"]
     model_cfg = merge(ModelConfig, raw, options=list(options), allow_missing=True)
@@ -276,8 +276,9 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
     import yaml
 
     import evaluate
-    from minigpt4.eval.tasks import EvalSettings, ImageLoader
-    from minigpt4.models.builder import build_model
+    from minigpt4.eval.settings import EvalSettings
+    from minigpt4.eval.benchmark_runs import ImageLoader
+    from minigpt4.models.from_config import build_model
 
     monkeypatch.setenv("HOME", str(tmp_path))  # CHAIR GT cache goes under ~/.cache
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(1, 4)]
@@ -330,7 +331,7 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
 def test_two_process_training_run_saves_only_the_projector(tmp_path, llava_dir):
     import yaml
 
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     ids = [9, 25, 30, 42, 57, 61, 72, 88]
     _write_images(tmp_path / "train2014", [f"{i:012d}.jpg" for i in ids])

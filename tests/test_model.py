@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from _model_checks import assert_sample_major_pairing, toy_batch
-from minigpt4.conversation.conversation import get_template
+from minigpt4.conversation.templates import get_template
 from minigpt4.models.checkpoints import trainable_tensors
 
 

@@ -11,8 +11,8 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, resolve_training_amp, validate_model_config
-from minigpt4.common.tiny import TINY_QFORMER, TINY_VISION
-from minigpt4.models.builder import build_model
+from minigpt4.common.tiny_models import TINY_QFORMER, TINY_VISION
+from minigpt4.models.from_config import build_model
 from minigpt4.models.encoders import ImageEncoder, lavis_vision_embeddings
 from minigpt4.models.precision import convert_vit_to_fp16, plan_precision
 

@@ -132,7 +132,7 @@ def test_transformers_alone_would_drop_a_token_the_sources_fed(vicuna_like_dir, 
 
 
 def test_special_tokens_written_in_text_become_their_ids(vicuna_like_dir, oracle):
-    from minigpt4.models.builder import load_tokenizer
+    from minigpt4.models.from_config import load_tokenizer
     from minigpt4.models.tokenization import SegmentTokenizer
 
     encoder = SegmentTokenizer(load_tokenizer(vicuna_like_dir))
@@ -174,8 +174,8 @@ def test_llava15_prompt_is_llavas_vicuna_v1_conversation(vicuna_like_dir, oracle
 def test_adavib_training_sequence_and_label_mask(vicuna_like_dir, oracle):
     """minigpt4_module.py _step: [BOS] + prompt_wrap('###Human: <Img><ImageHere></Img> ') (each side tokenized
     without BOS) + tokenizer(caption + '###', add_special_tokens=False); labels -100 up to the caption."""
-    from minigpt4.common.tiny import tiny_model_config
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
 
     model = build_model(tiny_model_config(vicuna_like_dir, "vib", prompt_template="vicuna_v0", end_sym="###"))
     caption = "a man rides a bike 2 cats and 13 dogs on a sofa"  # already through blip_caption, as the dataset does
@@ -191,10 +191,10 @@ def test_adavib_training_sequence_and_label_mask(vicuna_like_dir, oracle):
 
 
 def test_model_generation_prompt_uses_the_protocol_segments(vicuna_like_dir, oracle):
-    from minigpt4.common.tiny import tiny_model_config
+    from minigpt4.common.tiny_models import tiny_model_config
     from minigpt4.eval.protocol_runs import resolve_run
-    from minigpt4.eval.tasks import EvalSettings
-    from minigpt4.models.builder import build_model
+    from minigpt4.eval.settings import EvalSettings
+    from minigpt4.models.from_config import build_model
 
     model = build_model(tiny_model_config(vicuna_like_dir, "linear"))
     ev = EvalSettings(tasks=["pope"])
@@ -211,7 +211,7 @@ def test_model_generation_prompt_uses_the_protocol_segments(vicuna_like_dir, ora
 
 
 def _settings(task, protocol, **keys):
-    from minigpt4.eval.tasks import EvalSettings
+    from minigpt4.eval.settings import EvalSettings
 
     ev = EvalSettings(tasks=[task])
     sub = getattr(ev, task)
@@ -271,7 +271,7 @@ def test_opera_image_list_ships_with_the_package():
 def test_opera_images_come_from_the_package_and_a_missing_one_is_named(tmp_path):
     from minigpt4.common.jsonfiles import DataFileError
     from minigpt4.eval.protocols import shipped_image_list
-    from minigpt4.eval.tasks import CHAIR_CAPTIONS, planned_items
+    from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, planned_items
 
     ids = open(shipped_image_list()).read().split()
     images = tmp_path / "val2014"
@@ -292,7 +292,7 @@ def test_opera_images_come_from_the_package_and_a_missing_one_is_named(tmp_path)
 
 
 def test_records_carry_their_sources_generation_settings():
-    from minigpt4.conversation.conversation import get_template
+    from minigpt4.conversation.templates import get_template
     from minigpt4.eval.protocol_runs import resolve_run
     from minigpt4.eval.protocols import FAMILIES, IMAGE_SETS, PROTOCOLS, build_prompt
 

@@ -91,8 +91,8 @@ def test_eval_config_names_the_benchmark_files(tmp_path):
     ann.mkdir()
     for name in ("instances_val2014.json", "captions_val2014.json", "person_keypoints_val2014.json"):
         (ann / name).write_text("{}")
-    from minigpt4.eval.tasks import ChairSettings, EvalSettings, PopeSettings
-    from minigpt4.eval.tasks import files_to_record as benchmark_files
+    from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
+    from minigpt4.eval.settings import files_to_record as benchmark_files
     from minigpt4.models.loading import files_to_record as weight_files
 
     model = {"llm_path": "/w/vicuna", "ckpt": "/w/final/trainable.safetensors", "projector_path": None}
@@ -220,7 +220,7 @@ def test_evaluate_writes_provenance_with_the_benchmark_hashes(tmp_path, tiny_mod
     from PIL import Image
 
     import evaluate
-    from minigpt4.common.tiny import tiny_model_config
+    from minigpt4.common.tiny_models import tiny_model_config
     from minigpt4.models.checkpoints import save_state_file
 
     model = tiny_model_factory("linear", seed=1)

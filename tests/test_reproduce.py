@@ -48,7 +48,7 @@ def _tiny_user_files(root, tiny_model_factory):
 
 @pytest.mark.slow
 def test_reproduction_script_runs_all_four_settings(tmp_path, tiny_model_factory):
-    from minigpt4.common.tiny import TINY_NUM_QUERY_TOKENS, TINY_QFORMER, TINY_VISION
+    from minigpt4.common.tiny_models import TINY_NUM_QUERY_TOKENS, TINY_QFORMER, TINY_VISION
 
     _tiny_user_files(tmp_path, tiny_model_factory)
     sizes = [f"model.vision.{k}={v}" for k, v in TINY_VISION.items()]

@@ -28,7 +28,7 @@ from minigpt4.runners.checkpointing import (
     save_checkpoint,
 )
 from minigpt4.runners.config import RunConfig
-from minigpt4.runners.data import EpochBatchSampler, epoch_micro_batches
+from minigpt4.runners.data_order import EpochBatchSampler, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
 from minigpt4.models.checkpoints import CheckpointError, load_trainable_tensors
 from minigpt4.runners.runner import Runner

@@ -31,7 +31,7 @@ def _absolute(cfg: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def base_model():
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     return build_model(_absolute(_model_section(ASSET / "model.yaml"))).eval()
 
@@ -122,7 +122,7 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     """A few steps of scripts/train_shapes_base.py on a tiny world: everything it writes rebuilds the model."""
     import importlib.util
 
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import load_state_file
 
     spec = importlib.util.spec_from_file_location("train_shapes_base", ROOT / "scripts" / "train_shapes_base.py")

@@ -47,7 +47,7 @@ class CheckSettings:
 
 def model_config(s: CheckSettings, tokenizer_dir: str, tokenizer_len: int) -> dict[str, Any]:
     """The `model:` section: random weights (no paths), the 7B presets or the small / tiny sizes."""
-    from minigpt4.common.tiny import TINY_LLM, TINY_NUM_QUERY_TOKENS, TINY_QFORMER, TINY_VISION
+    from minigpt4.common.tiny_models import TINY_LLM, TINY_NUM_QUERY_TOKENS, TINY_QFORMER, TINY_VISION
 
     cfg: dict[str, Any] = dict(arch=s.arch, tokenizer_path=tokenizer_dir, precision=s.precision,
                                mm_projector_type="vib", max_txt_len=512,
@@ -101,7 +101,7 @@ class Inputs:
 
 
 def make_inputs(s: CheckSettings, segments) -> Inputs:
-    from minigpt4.conversation.conversation import format_eval_prompt
+    from minigpt4.conversation.templates import format_eval_prompt
     from minigpt4.eval.protocols import PROTOCOLS
 
     pope, chair = (PROTOCOLS[PROTOCOL[t]].prompt_for(s.arch) for t in ("pope", "chair"))
@@ -227,7 +227,7 @@ def profiled(enabled: bool, device: torch.device) -> Iterator[Any]:
 # -------------------------------------------------------------------------------------------------- phases
 def build_phase(cfg: dict[str, Any], device: torch.device) -> tuple[Any, dict[str, Any]]:
     """The builder's own random-init path, on the device itself (the default device while building)."""
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)
     with PeakMemory(device) as memory:

@@ -39,9 +39,9 @@ def calibrate(device: torch.device, size: str, dtype: torch.dtype) -> dict[str, 
 def plan(s: CheckSettings, workdir: Path, device: torch.device) -> dict[str, Any]:
     """Tokenizer, config, inputs and the memory model, from a meta-device model (no weights, no memory)."""
     from minigpt4.common.config import ModelConfig, merge, validate_model_config
-    from minigpt4.common.tiny import train_tokenizer
-    from minigpt4.conversation.conversation import get_template
-    from minigpt4.models.builder import build_model
+    from minigpt4.common.tiny_models import train_tokenizer
+    from minigpt4.conversation.templates import get_template
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.tokenization import SegmentTokenizer
 
     tokenizer = train_tokenizer(str(workdir / "tokenizer"))

@@ -132,7 +132,7 @@ def check_reference(model, batches: list[dict], device: torch.device, pad_to: in
 def loader_throughput(folder: Path, paths: list[str], image_size: int, batch_size: int, workers: int,
                       pin_memory: bool) -> dict[str, Any]:
     from minigpt4.datasets.builders import build_train_dataset
-    from minigpt4.runners.data import epoch_micro_batches
+    from minigpt4.runners.data_order import epoch_micro_batches
 
     ann = folder / "captions.json"
     rng = random.Random(0)
@@ -153,9 +153,9 @@ def loader_throughput(folder: Path, paths: list[str], image_size: int, batch_siz
 
 # ------------------------------------------------------------------------------------------- evaluation
 def pope_items(paths: list[str], per_image: int):
-    from minigpt4.conversation.conversation import format_eval_prompt
+    from minigpt4.conversation.templates import format_eval_prompt
     from minigpt4.eval.generate import GenerationItem
-    from minigpt4.eval.tasks import REFERENCE_PROMPT, REFERENCE_SYSTEM
+    from minigpt4.eval.settings import REFERENCE_PROMPT, REFERENCE_SYSTEM
 
     items = []
     for i, path in enumerate(paths):
@@ -169,9 +169,9 @@ def pope_items(paths: list[str], per_image: int):
 
 
 def chair_items(paths: list[str]):
-    from minigpt4.conversation.conversation import format_eval_prompt
+    from minigpt4.conversation.templates import format_eval_prompt
     from minigpt4.eval.generate import GenerationItem
-    from minigpt4.eval.tasks import REFERENCE_PROMPT, REFERENCE_SYSTEM
+    from minigpt4.eval.settings import REFERENCE_PROMPT, REFERENCE_SYSTEM
 
     prompt = format_eval_prompt(REFERENCE_PROMPT, system=REFERENCE_SYSTEM, question="Describe this image.")
     return [GenerationItem(key=str(i), image=p, prompt=prompt) for i, p in enumerate(paths)]
@@ -193,7 +193,8 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
     """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`;
     `generate_kwargs` go to model.generate besides max_new_tokens."""
     from minigpt4.eval.generate import generate_all
-    from minigpt4.eval.tasks import EvalSettings, GenerationInputs
+    from minigpt4.eval.settings import EvalSettings
+    from minigpt4.eval.benchmark_runs import GenerationInputs
 
     settings = EvalSettings(image_dir=str(Path(items[0].image).parent), batch_size=batch_size, sort_by_length=sort,
                             use_cache=use_cache, feature_cache=feature_cache,

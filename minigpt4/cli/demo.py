@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.common.config import ConfigError
     from minigpt4.demo import loading
     from minigpt4.demo.chat import DEMO_MAX_PIXELS, DecodingSettings, DemoEngine
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import CheckpointError
 
     torch.manual_seed(args.seed)

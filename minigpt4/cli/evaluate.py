@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
 from minigpt4.eval.eval_logging import check_backends, log_evaluation
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.tasks import EvalSettings, validate_eval_settings
+from minigpt4.eval.settings import EvalSettings, validate_eval_settings
 
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: eval_configs/, assets/, data/
@@ -91,10 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.common.output_dir import claim_output_dir
     from minigpt4.common.provenance import write_provenance
     from minigpt4.eval.fingerprint import guard_resume, write_fingerprints
-    from minigpt4.eval.tasks import files_to_record as benchmark_files
-    from minigpt4.eval.tasks import run_chair, run_pope
+    from minigpt4.eval.settings import files_to_record as benchmark_files
+    from minigpt4.eval.benchmark_runs import run_chair, run_pope
     from minigpt4.common.errors import USER_FACING_ERRORS
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.loading import files_to_record as weight_files
 
     rank, _, _, device = dist.init_distributed(settings.device)
@@ -147,7 +147,7 @@ def read_benchmark_items(settings: EvalSettings, runs: dict) -> dict:
     """Every answers file's generation items, read now from the POPE question files and the CHAIR image list:
     a malformed or empty file, an image name outside eval.image_dir or (on_bad_image=error) a CHAIR image missing
     from it stops the run before the model is built."""
-    from minigpt4.eval.tasks import planned_items
+    from minigpt4.eval.benchmark_runs import planned_items
 
     try:
         return planned_items(settings, runs)

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.common.provenance import write_provenance
     from minigpt4.datasets.builders import build_train_dataset
     from minigpt4.datasets.builders import files_to_record as dataset_files
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.loading import files_to_record as weight_files
     from minigpt4.runners.runner import Runner
 

@@ -2,7 +2,7 @@
 
     write_provenance(cfg, output_dir, weight_paths=..., data_paths=..., device=device)
         # train.py / evaluate.py, rank 0: {output_dir}/provenance.json; the paths are {config key: path}, gathered
-        # by each section's owner (models.loading, datasets.builders, eval.tasks: `files_to_record`)
+        # by each section's owner (models.loading, datasets.builders, eval.settings: `files_to_record`)
 
 Written next to a run's results so a number can be traced back to the exact inputs that produced it:
   * git commit of this repository and whether the working tree had uncommitted changes to tracked files;
@@ -229,7 +229,7 @@ def write_provenance(cfg: Mapping[str, Any], output_dir: str | os.PathLike, *,
                      cache_path: str | os.PathLike | None = None) -> Path:
     """run_provenance -> {output_dir}/provenance.json (atomic). The entry point names the files: each config
     section's owner says which of its keys are files (`models.loading.files_to_record`,
-    `datasets.builders.files_to_record`, `eval.tasks.files_to_record`).
+    `datasets.builders.files_to_record`, `eval.settings.files_to_record`).
 
     A provenance.json already there (the run being resumed, possibly with other code) is kept inside the
     new file under "earlier", oldest first, so a resumed run records every start.

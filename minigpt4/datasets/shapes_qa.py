@@ -28,7 +28,7 @@ from torch.utils.data import Dataset
 from minigpt4.common.files import require_regular_file
 from minigpt4.common.paths import join_inside
 from minigpt4.datasets.images import load_rgb
-from minigpt4.datasets.shapes_world import CLASS_NAMES, _pope_question, _with_article
+from minigpt4.datasets.shapes_world import CLASS_NAMES, pope_question, with_article
 from minigpt4.processors.image import Blip2ImageEvalProcessor
 
 CAPTION_INSTRUCTION = "Describe this image."
@@ -36,11 +36,11 @@ CAPTION_INSTRUCTION = "Describe this image."
 
 def object_question(name: str) -> str:
     """POPE's question for a class ("Is there an arrow in the image?"): training must use its exact words."""
-    return _pope_question(name)
+    return pope_question(name)
 
 
 def yes_answer(name: str) -> str:
-    return f"Yes, there is {_with_article(name)}."
+    return f"Yes, there is {with_article(name)}."
 
 
 def no_answer(name: str) -> str:

@@ -240,7 +240,7 @@ def sample_scene(rng: np.random.Generator, size: int, cooccurrence: float) -> li
 # Captions
 
 
-def _with_article(phrase: str) -> str:
+def with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
 
@@ -265,7 +265,7 @@ def make_caption(objects: Sequence[ShapeObject], template: int | str, rng: np.ra
     for (size_word, colour, name), n in groups.items():
         adjectives = " ".join(w for w in (size_word, colour) if w)
         if n == 1:
-            phrases.append(_with_article(f"{adjectives} {name}"))
+            phrases.append(with_article(f"{adjectives} {name}"))
         else:
             phrases.append(f"{NUMBER_WORDS[n]} {adjectives} {CLASS_BY_NAME[name].plural}")
     if len(phrases) == 1:
@@ -289,8 +289,8 @@ def caption_rng(seed: int, image_index: int, template_index: int) -> np.random.G
 # POPE questions
 
 
-def _pope_question(name: str) -> str:
-    return f"Is there {_with_article(name)} in the image?"
+def pope_question(name: str) -> str:
+    return f"Is there {with_article(name)} in the image?"
 
 
 def build_pope_questions(
@@ -329,7 +329,7 @@ def build_pope_questions(
                 for name, label in ((positive, "yes"), (negative, "no")):
                     splits[split].append({
                         "question_id": len(splits[split]) + 1, "image": f"{image_id:0>12}.jpg",
-                        "text": _pope_question(name), "label": label,
+                        "text": pope_question(name), "label": label,
                     })
     return splits
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
-from minigpt4.conversation.conversation import Conversation
+from minigpt4.conversation.templates import Conversation
 from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.demo.diagnostics import ImageDiagnostics, diagnose_features, diagnostics_markdown
 from minigpt4.demo.highlight import highlight_html, highlight_pair, object_mentions

@@ -6,7 +6,7 @@ Model choice, in order:
   2. No config: `default_model_config()`. It uses the trained tiny shapes-world model at
      assets/shapes_base/model.yaml when that file exists (answers then highlight shapes-world object words);
      otherwise a tiny *random* MiniGPT-4 built from
-     `minigpt4.common.tiny` with a tokenizer trained offline into a cache folder. The random model babbles,
+     `minigpt4.common.tiny_models` with a tokenizer trained offline into a cache folder. The random model babbles,
      but every part of the page (upload, streaming chat, diagnostics, compare mode) works on it.
 Relative weight paths in a config that do not exist from the working directory are looked up next to the
 config file, then from the repository root, so the demo starts from any folder.
@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, merge, validate_model_config
-from minigpt4.common.tiny import tiny_model_config, train_tokenizer
+from minigpt4.common.tiny_models import tiny_model_config, train_tokenizer
 from minigpt4.models.checkpoints import load_state_file, load_trainable
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import VIBProjector, build_projector

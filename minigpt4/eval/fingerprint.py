@@ -44,7 +44,8 @@ from minigpt4.common.errors import USER_FACING_ERRORS
 from minigpt4.common.provenance import HashCache, file_record
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.tasks import CHAIR_CAPTIONS, DEFAULT_TEMPLATE, EvalSettings, pope_answers_name
+from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings
+from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
 from minigpt4.models.loading import files_to_record as weight_files_of
 
 FORMAT = 1

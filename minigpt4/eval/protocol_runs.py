@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from minigpt4.common.config import ConfigError
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER
+from minigpt4.conversation.templates import IMAGE_PLACEHOLDER
 from minigpt4.eval.protocols import (QUESTION_CLEANING, SENTENCE_HANDLING, ModelPrompt, Protocol, build_prompt,
                                      clean_answer, clean_question, get_protocol, handle_sentences, shipped_image_list)
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Optional, Sequence
 
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, SEGMENT_BREAK, format_eval_prompt
+from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, SEGMENT_BREAK, format_eval_prompt
 from minigpt4.processors.text import BlipCaptionProcessor
 
 FAMILIES = ("minigpt4", "llava15")  # MiniGPT-4 on Vicuna v0 (template vicuna_v0) | LLaVA-1.5 on Vicuna v1.5

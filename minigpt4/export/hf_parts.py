@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, Template
+from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, Template
 from minigpt4.export.source import ExportError
 from minigpt4.models.checkpoints import load_state_file, save_state_file
 from minigpt4.models.vib import VIBProjector

@@ -169,7 +169,7 @@ def load_source(cfg_path: str, options: list[str], ckpt: str | None, formats: li
         if trained_kind not in (None, cfg.mm_projector_type):
             raise ExportError(f"{train_path} trained a {trained_kind} projector but the config asks for "
                               f"{cfg.mm_projector_type}; use the config of that run")
-    from minigpt4.models.builder import build_model
+    from minigpt4.models.from_config import build_model
 
     log.info("building %s (%s projector) on the CPU for export", cfg.arch, cfg.mm_projector_type)
     model = build_model(cfg, device="cpu").eval()

@@ -36,7 +36,7 @@ from transformers import (
 from transformers.models.llava.modeling_llava import LlavaMultiModalProjector
 
 from minigpt4.common.config import ConfigError
-from minigpt4.conversation.conversation import Template, get_template
+from minigpt4.conversation.templates import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.loading import load_model_weights, load_tokenizer, random_init
@@ -62,7 +62,7 @@ LLAVA_LLM_PRESETS: dict[str, dict] = {
 # ------------------------------------------------------------------------------------------------ prompt
 
 
-# The "llava15" template lives in minigpt4/conversation/conversation.py with the others.
+# The "llava15" template lives in minigpt4/conversation/templates.py with the others.
 
 
 # ----------------------------------------------------------------------------------------------- encoder

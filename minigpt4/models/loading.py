@@ -1,4 +1,4 @@
-"""The loading steps both architectures' builders share (models/builder.py: MiniGPT-4, models/llava.py:
+"""The loading steps both architectures' builders share (models/from_config.py: MiniGPT-4, models/llava.py:
 LLaVA-1.5): the tokenizer, a random-init transformers model in its dtype, and the model's weights after
 building (a whole-model file, a released projector, this project's trainable file). Also which `model.` keys
 name weight files, for provenance.json and the evaluation fingerprints (`files_to_record`).

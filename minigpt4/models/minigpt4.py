@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from minigpt4.common.config import VIBConfig
-from minigpt4.conversation.conversation import Template
+from minigpt4.conversation.templates import Template
 from minigpt4.models.numerics import NonFiniteLogitsGuard
 from minigpt4.models.tokenization import SegmentTokenizer
 

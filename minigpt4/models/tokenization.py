@@ -25,7 +25,7 @@ import re
 from typing import Iterable
 
 from minigpt4.common.config import ConfigError
-from minigpt4.conversation.conversation import IMAGE_PLACEHOLDER, SEGMENT_BREAK
+from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, SEGMENT_BREAK
 
 
 def sentencepiece_model_path(tokenizer) -> str | None:

@@ -17,7 +17,6 @@ Randomness and determinism (`blip2_image_train`):
 """
 from __future__ import annotations
 
-import inspect
 import math
 import os
 from typing import Any, Mapping, NamedTuple
@@ -249,32 +248,6 @@ class ClipImageTrainProcessor(Blip2ImageTrainProcessor):
         return super().__call__(pad_to_square(image, _mean_colour(self.mean)) if self.pad else image)
 
 
-def build_from_registry(registry: Registry, cfg: Mapping[str, Any] | Any) -> Any:
-    """Build `registry.get(cfg["name"])(**rest)`; errors start with the offending key (`name: ...`)."""
-    if cfg is not None and not isinstance(cfg, Mapping):
-        try:  # an omegaconf DictConfig
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(cfg, DictConfig):
-                cfg = OmegaConf.to_container(cfg, resolve=True)
-        except ImportError:
-            pass
-    if not isinstance(cfg, Mapping):
-        raise ValueError(f"expected a mapping {{name: ..., <options>}} for the {registry.kind}, got {cfg!r}")
-    options = dict(cfg)
-    name = options.pop("name", None)
-    if name is None:
-        raise ValueError(f"name: required; valid {registry.kind} names: {', '.join(registry.names())}")
-    if name not in registry:
-        raise ValueError(f"name: unknown {registry.kind} {name!r}; valid: {', '.join(registry.names())}")
-    cls = registry.get(name)
-    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
-    for key in options:
-        if key not in valid:
-            raise ValueError(f"{key}: unknown option for {registry.kind} {name!r}; valid: {', '.join(valid)}")
-    return cls(**options)
-
-
 def build_image_processor(cfg: Mapping[str, Any] | Any) -> Blip2ImageTrainProcessor | Blip2ImageEvalProcessor:
     """`{"name": "blip2_image_train", "image_size": 224, ...}` -> processor instance."""
-    return build_from_registry(IMAGE_PROCESSORS, cfg)
+    return IMAGE_PROCESSORS.build(cfg)

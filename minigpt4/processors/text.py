@@ -14,7 +14,6 @@ import re
 from typing import Any, Mapping
 
 from minigpt4.common.registry import Registry
-from minigpt4.processors.image import build_from_registry
 
 TEXT_PROCESSORS: Registry[type] = Registry("text processor")
 
@@ -49,4 +48,4 @@ class BlipCaptionProcessor:
 
 def build_text_processor(cfg: Mapping[str, Any] | Any) -> BlipCaptionProcessor:
     """`{"name": "blip_caption", "max_words": 50, "prompt": ""}` -> processor instance."""
-    return build_from_registry(TEXT_PROCESSORS, cfg)
+    return TEXT_PROCESSORS.build(cfg)

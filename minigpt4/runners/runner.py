@@ -36,7 +36,7 @@ from minigpt4.common.errors import CheckpointError
 from minigpt4.models.checkpoints import load_trainable_tensors, trainable_tensors
 from minigpt4.runners import checkpointing as ckpt
 from minigpt4.runners.config import RunConfig
-from minigpt4.runners.data import batches_per_pass, epoch_micro_batches
+from minigpt4.runners.data_order import batches_per_pass, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, MetricsWriter
 from minigpt4.runners.nonfinite import GENERIC_ADVICE, explain_nonfinite_loss
 from minigpt4.runners.optim import build_optimizer, optimizer_param_names

@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.config import PATH_KEYS, ConfigError
 from minigpt4.common.files import NotRegularFileError, require_regular_file, require_regular_files_in
-from minigpt4.conversation.conversation import get_template
+from minigpt4.conversation.templates import get_template
 from minigpt4.models import released_weights
 from minigpt4.models.encoders import ImageEncoder, PatchConcatEncoder
 from minigpt4.models.llava import build_llava15
