@@ -360,3 +360,13 @@ def test_two_process_training_run_saves_only_the_projector(tmp_path, llava_dir):
     load_trainable(fresh, tmp_path / "out" / "final" / "trainable.safetensors")  # and loads back strictly
     metrics = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 2 and all(np.isfinite(m["loss"]) for m in metrics)
+
+
+def test_llava_projector_init_does_not_depend_on_the_llm_depth(make_llava):
+    """As for MiniGPT-4 (test_model.py): the projector draws from the RNG state the build started in."""
+    shallow = make_llava("vib", seed=5)
+    deeper = make_llava("vib", seed=5, llm={**TINY_LLM, "num_hidden_layers": 3})
+    fresh = [name for name in shallow.projector.state_dict() if not name.startswith("llama_proj.")]
+    assert fresh, "the VIB projector has fresh tensors beside LLaVA's own MLP (the μ head)"
+    for name in fresh:  # the μ head is LLaVA's own MLP, drawn with the model
+        assert torch.equal(shallow.projector.state_dict()[name], deeper.projector.state_dict()[name]), name

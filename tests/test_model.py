@@ -120,3 +120,22 @@ def test_prompt_must_contain_one_image_placeholder(tiny_model_factory):
     model = tiny_model_factory("linear")
     with pytest.raises(ValueError, match="exactly once"):
         model.build_generation_text(["no image here"])
+
+
+def test_projector_init_depends_on_the_seed_alone_not_on_the_backbone_draws(tiny_model_factory, tiny_tokenizer_dir):
+    """The projector (σ head, prior: what a fine-tune starts from) draws from the RNG state the build started in:
+    a deeper LLM, which draws more random numbers before it, leaves the projector's fresh values unchanged, and
+    they equal a projector built alone right after seeding."""
+    from minigpt4.common.tiny_models import TINY_LLM
+    from minigpt4.models.vib import VIBConfig, build_projector
+
+    shallow = tiny_model_factory("vib", seed=3)
+    deeper = tiny_model_factory("vib", seed=3, llm={**TINY_LLM, "num_hidden_layers": 3})
+    torch.manual_seed(3)
+    alone = build_projector("vib", shallow.encoder.out_dim, shallow.llm.config.hidden_size,
+                            VIBConfig(num_samples=3, beta=1e-2, adaptive=True))
+    for name, value in shallow.projector.state_dict().items():
+        assert torch.equal(value, deeper.projector.state_dict()[name]), name
+        assert torch.equal(value, alone.state_dict()[name]), name
+    other_seed = tiny_model_factory("vib", seed=4)
+    assert not torch.equal(shallow.projector.llama_proj_std.weight, other_seed.projector.llama_proj_std.weight)

@@ -15,7 +15,7 @@ from minigpt4.conversation.templates import get_template
 from minigpt4.models import released_weights
 from minigpt4.models.encoders import ImageEncoder, PatchConcatEncoder
 from minigpt4.models.llava import build_llava15
-from minigpt4.models.loading import load_model_weights, load_tokenizer, random_init
+from minigpt4.models.loading import drawing_from, load_model_weights, load_tokenizer, random_init
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.numerics import refuse_nonfinite_weights
 from minigpt4.models.precision import built_in, place_encoder, plan_precision
@@ -141,6 +141,7 @@ def load_encoder(encoder: ImageEncoder | PatchConcatEncoder, cfg: DictConfig) ->
 
 def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     meta = device.type == "meta"
+    start_rng = torch.get_rng_state()  # the projector draws from here, as if built first (loading.drawing_from)
     tokenizer = None
     tok_path = cfg.tokenizer_path or cfg.llm_path
     if tok_path is not None and not meta:
@@ -158,8 +159,9 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
             encoder = build_encoder(cfg)
     with torch.device("meta") if meta else nullcontext():
         llm = build_llm(cfg, tokenizer, device, precision.llm)
-        projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
-                                    OmegaConf.to_object(cfg.vib))
+        with drawing_from(start_rng):
+            projector = build_projector(cfg.mm_projector_type, encoder.out_dim, llm.config.hidden_size,
+                                        OmegaConf.to_object(cfg.vib))
     if meta:
         place_encoder(encoder, precision, device)  # dtypes only: a meta model reports the plan's dtypes
         return MiniGPT4(encoder, projector, llm, None, get_template(cfg.prompt_template), end_sym=cfg.end_sym,

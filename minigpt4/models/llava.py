@@ -39,7 +39,7 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.templates import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
-from minigpt4.models.loading import load_model_weights, load_tokenizer, random_init
+from minigpt4.models.loading import drawing_from, load_model_weights, load_tokenizer, random_init
 from minigpt4.models.precision import place_encoder, plan_precision
 from minigpt4.models.minigpt4 import MiniGPT4
 from minigpt4.models.vib import build_projector
@@ -213,6 +213,7 @@ def build_llava_projector(cfg: DictConfig, mean_head: nn.Module, config: LlavaCo
 
 def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
     meta = device.type == "meta"
+    start_rng = torch.get_rng_state()  # the projector draws from here, as if built first (loading.drawing_from)
     tokenizer = None
     if not meta:
         tok_path = cfg.tokenizer_path or cfg.llava_path
@@ -239,7 +240,7 @@ def build_llava15(cfg: DictConfig, device: torch.device) -> Llava15:
             log.warning("model.llava_path is not set: LLaVA is randomly initialised (LLM width %d, %d layers)",
                         config.text_config.hidden_size, config.text_config.num_hidden_layers)
     encoder, mlp, llm = split_llava(hf)
-    with torch.device("meta") if meta else nullcontext():
+    with torch.device("meta") if meta else nullcontext(), drawing_from(start_rng):
         projector = build_llava_projector(cfg, mlp, hf.config)
     template = get_template(cfg.prompt_template)
     if meta:  # dtypes only, as the real build places them: a meta model reports the plan's dtypes

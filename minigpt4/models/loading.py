@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Mapping
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -89,6 +90,22 @@ def random_init(model_class, config, dtype: torch.dtype, device: torch.device):
         model.to_empty(device=device)
         model.init_weights()
     return model
+
+
+@contextmanager
+def drawing_from(rng_state: torch.Tensor) -> Iterator[None]:
+    """Run a block with torch's CPU generator at `rng_state` (one taken with `torch.get_rng_state()`), then put
+    the generator back where it was.
+
+    The builders build the projector (the only part that trains, and whose fresh tensors a fine-tune starts
+    from: the VIB's σ head and prior) drawing from the state the build started in, as if it were built first.
+    Its initial values then depend on the seed alone, not on how many random numbers the encoder's and the LLM's
+    random init happened to draw before it: those change with their sizes, with transformers' init code and with
+    how we materialise them (meta device, issue 16), and the weights they draw are often overwritten by a
+    checkpoint anyway. The projector is built on the CPU, so the CPU generator is the one that matters."""
+    with torch.random.fork_rng(devices=[]):
+        torch.set_rng_state(rng_state)
+        yield
 
 
 # ------------------------------------------------------------------------------------ weights after building
