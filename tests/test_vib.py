@@ -1,4 +1,4 @@
-"""Every VIB function against an independent computation (SPEC §2)."""
+"""Every VIB function against an independent computation (minigpt4/models/vib.py)."""
 import math
 
 import pytest

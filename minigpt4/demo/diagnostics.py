@@ -3,7 +3,7 @@
 For an image, the projector's mean output μ (what the LLM sees at inference; no noise) is pooled over the
 visual tokens, u = Σ_i μ_i / √N, and compared with every row of the LLM's input-embedding matrix E:
 p = softmax(u · Eᵀ). Its entropy H, normalised by log V, is 1 for a uniform p and near 0 when u sits on one
-vocabulary word; α = -log(H / log V) is the weight AdaVIB puts on that image's KL term (SPEC §2, steps 6-7).
+vocabulary word; α = -log(H / log V) is the weight AdaVIB puts on that image's KL term (minigpt4/models/vib.py: similarity_entropy, adaptive_weight).
 The top entries of p are the vocabulary words the pooled visual tokens are closest to.
 The numbers come from the same functions training uses (`minigpt4.models.vib`), so the demo, the analysis
 script and the logged training statistics agree.

@@ -455,7 +455,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "benchmark": "chair",
         "protocol": {
             "generation": args.protocol,
-            "scorer": "CHAIR reference behaviour (SPEC section 4, steps 1-7)",
+            "scorer": "CHAIR reference behaviour (steps 1-7 of minigpt4/eval/chair.py)",
             "tokenizer": "nltk.word_tokenize, Punkt english",
             "singularizer": pattern_singularize.SOURCE,
             "mean_length": "whitespace-separated words per caption",

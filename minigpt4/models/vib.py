@@ -1,8 +1,8 @@
 """The whole AdaVIB method in one file: pooling, KL, similarity entropy, adaptive weight, and the projector.
 
 Bai et al., "Mitigating Hallucinations in Large Vision-Language Models by Adaptively Constraining Information
-Flow" (AAAI 2025). See SPEC §2 for the equations; this file follows them one to one. Everything here is
-model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768, LLaVA-1.5 576 CLIP patches of width 1024;
+Flow" (AAAI 2025). The equations are the paper's (VIB objective, Gaussian KL, similarity entropy, α); this
+file follows them one to one. Everything here is model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768, LLaVA-1.5 576 CLIP patches of width 1024;
 the projector only needs `in_dim`, `out_dim`, its settings and (optionally) custom heads. The settings are
 `model.vib` of the YAML as a `VIBConfig`, held by the projector alone: YAML -> VIBConfig -> VIBProjector,
 whose `kl_term` the model adds to its cross-entropy.
@@ -100,7 +100,7 @@ def adaptive_weight(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 class VIBProjector(nn.Module):
-    """Stochastic projector q -> z ~ N(μ(q), σ(q)²) with a learned Gaussian prior (SPEC §2).
+    """Stochastic projector q -> z ~ N(μ(q), σ(q)²) with a learned Gaussian prior, as in the AdaVIB paper.
 
     `config` is `model.vib` from the YAML, and this module is its one owner: S and `reparameterize` decide the
     sampling, `kl_on` the KL, β and `adaptive` the weighted KL term it returns for the loss (defaults: the

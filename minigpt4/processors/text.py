@@ -1,4 +1,4 @@
-"""Caption cleaning for training targets (SPEC §3).
+"""Caption cleaning for training targets (MiniGPT-4's `blip_caption` processor, as the training recipes use it).
 
 `blip_caption` lower-cases, turns each of  . ! " ( ) * # : ; ~  into a space, collapses every whitespace run
 (newlines and tabs included) into one space, strips both ends, keeps the first `max_words` space-separated
