@@ -132,7 +132,7 @@ def build_prompt(prompt: ModelPrompt, question: str) -> str:
 
 # --------------------------------------------------------------------------------------------- the records
 _ADAVIB_DEFECTS = (
-    " Not reproduced, being defects (defects of the released code, listed in the README's Protocols section): the stop criterion of the source looked at the first row of a batch "
+    " Not reproduced, being defects of the released code: the stop criterion of the source looked at the first row of a batch "
     "only and its answers were parsed from the raw decoded text; here every row stops on its own and answers are "
     "cut at '###'.")
 _OPERA_MINIGPT4 = ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> {question} ###Assistant:",

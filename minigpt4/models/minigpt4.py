@@ -88,7 +88,8 @@ class MiniGPT4(nn.Module):
         self.end_sym = template.end_sym if end_sym is None else end_sym
         self.max_txt_len = max_txt_len
         self.num_query_tokens = encoder.num_query_tokens  # image slots in the prompt
-        # Only the projector trains (MiniGPT-4 and AdaVIB freeze the ViT, Q-Former and LLM). A plain list, not a child module: remembered for train().
+        # Only the projector trains (MiniGPT-4 and AdaVIB freeze the ViT, Q-Former and LLM). A plain list, not a
+        # child module: remembered for train().
         self._frozen = [self.llm, self.encoder]
         frozen = self._frozen
         for module in frozen:
