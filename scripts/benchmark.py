@@ -20,6 +20,8 @@ Rows (optimized | baseline):
   POPE   feature cache (first / later run)      | encoder per question                 answers identical
   POPE   KV cache                               | no KV cache                          answers identical
   CHAIR  batched                                | batch 1                              captions identical
+  VCD    greedy decoding, batched and batch 1    | VCD (eval.decoding = vcd), same questions: its cost factor
+  VCD    batched                                | batch 1                              answers identical
 
 Model FLOPs utilisation (GPU): the frozen LLM's forward costs 2·N FLOPs per token and its backward, which
 computes activation gradients only (the LLM has no weight gradients), another 2·N: 4·N per training token,
@@ -90,14 +92,17 @@ PRESETS: dict[str, dict[str, int]] = {
     # smoke test: every row, smallest sizes (seconds on 2 cores); timings meaningless
     "quick": dict(train_batch=2, steps=2, warmup=1, baseline_steps=2, accum=1, pope_images=2, pope_per_image=3,
                   pope_batch=8, pope_baseline_items=6, chair_images=2, chair_tokens=4, chair_batch=2,
-                  chair_baseline_items=2, loader_images=8, loader_batch=4, repeats=1, profile_steps=1),
+                  chair_baseline_items=2, loader_images=8, loader_batch=4, repeats=1, profile_steps=1, vcd_items=6,
+                  vcd_baseline_items=3),
     "tiny": dict(train_batch=4, steps=30, warmup=3, baseline_steps=30, accum=1, pope_images=16, pope_per_image=6,
                  pope_batch=32, pope_baseline_items=96, chair_images=16, chair_tokens=32, chair_batch=16,
-                 chair_baseline_items=16, loader_images=96, loader_batch=8, repeats=5, profile_steps=3),
+                 chair_baseline_items=16, loader_images=96, loader_batch=8, repeats=5, profile_steps=3,
+                 vcd_items=96, vcd_baseline_items=24),
     # 7B: micro-batch 4 × accumulation 4 = effective batch 16; S = 3 -> 12 LLM sequences per micro-batch
     "7b": dict(train_batch=4, steps=20, warmup=3, baseline_steps=8, accum=4, pope_images=32, pope_per_image=6,
                pope_batch=64, pope_baseline_items=24, chair_images=64, chair_tokens=256, chair_batch=64,
-               chair_baseline_items=2, loader_images=64, loader_batch=8, repeats=1, profile_steps=3),
+               chair_baseline_items=2, loader_images=64, loader_batch=8, repeats=1, profile_steps=3, vcd_items=64,
+               vcd_baseline_items=8),
 }
 
 
@@ -116,7 +121,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch intra-op threads (default on CPU: 1; the tiny model's ops are too small to split, "
                          "and on a shared machine 2 OpenMP threads wait on each other: 0.8 s instead of 0.05 s "
                          "per batch-1 answer measured under load 7 on 2 cores)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("train", "loader", "pope", "chair", "profile"))
+    ap.add_argument("--skip", nargs="*", default=[], choices=("train", "loader", "pope", "vcd", "chair", "profile"))
     return ap.parse_args(argv)
 
 
@@ -130,7 +135,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(threads)
 
 
+class Bench:
+    """What the steps of one benchmark run share: the settings, the model, the report and what is extrapolated.
+    (A plain class: the smoke test loads this script without registering it as a module, which dataclasses need.)"""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device, preset: dict[str, int], workdir: Path,
+                 out: Path, tokenizer_dir: str, meta: dict[str, Any], began: float):
+        self.args, self.device, self.preset, self.workdir, self.out = args, device, preset, workdir, out
+        self.tokenizer_dir, self.began, self.results = tokenizer_dir, began, {"meta": meta}
+        self.model: Any = None
+        self.report: Report | None = None
+        self.extrapolated: dict[str, Any] = {}
+        self.eval_paths: list[str] = []
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return self.results["meta"]
+
+    @property
+    def image_size(self) -> int:
+        return self.model.encoder.vision_config.image_size
+
+    def say(self, what: str) -> None:
+        print(f"{what} ({time.perf_counter() - self.began:.0f} s)", flush=True)
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
+    bench = start(args)
+    if args.low_resource:
+        bench.results["low_resource"] = low_resource_run(args, bench.device, bench.tokenizer_dir, bench.workdir,
+                                                         bench.preset)
+        return finish(bench.results, bench.out, Report(False))
+    bench.model, _ = build(args.size, bench.device, bench.tokenizer_dir)
+    bench.report = Report(strict_identical=bench.device.type == "cpu")
+    bench.meta.update(llm_matmul_params=llm_matmul_params(bench.model), num_samples=bench.model.vib.num_samples,
+                      amp="bf16" if bench.device.type == "cuda" else "none (fp32)")
+    if "train" not in args.skip:
+        training_rows(bench)
+    if "loader" not in args.skip:
+        loader_row(bench)
+    bench.eval_paths = write_images(bench.workdir / "val2014",
+                                    max(bench.preset["pope_images"], bench.preset["chair_images"]), seed=1)
+    if "pope" not in args.skip:
+        pope_rows(bench)
+    if "vcd" not in args.skip:
+        vcd_rows(bench)
+    if "chair" not in args.skip:
+        chair_rows(bench)
+    bench.results["extrapolated"] = bench.extrapolated
+    bench.meta["benchmark_s"] = time.perf_counter() - bench.began
+    return finish(bench.results, bench.out, bench.report)
+
+
+def start(args: argparse.Namespace) -> Bench:
+    """Check the arguments, make the scratch folder and the offline tokenizer, and record the machine."""
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch sees no GPU")
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
@@ -146,6 +204,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="minigpt4-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
 
+    import transformers
+
     from minigpt4.common.tiny_models import train_tokenizer
 
     tokenizer_dir = str(workdir / "tokenizer")
@@ -159,154 +219,199 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "mfu_formula": "MFU = 4·N·(LLM tokens/s) / peak bf16 FLOP/s; N = LLM parameters without the input "
                        "embedding; 4·N = forward 2·N + backward 2·N (activation gradients only: frozen LLM)",
         "greedy_margin": "LM head scaled ×20 so batched and batch-1 greedy answers are comparable",
-        "preset": preset,
+        "preset": preset, "transformers": transformers.__version__,
     }
-    import transformers
+    return Bench(args, device, preset, workdir, out, tokenizer_dir, meta, began)
 
-    meta["transformers"] = transformers.__version__
-    results: dict[str, Any] = {"meta": meta}
-    if args.low_resource:
-        results["low_resource"] = low_resource_run(args, device, tokenizer_dir, workdir, preset)
-        return finish(results, out, Report(False))
 
-    model, _ = build(args.size, device, tokenizer_dir)
-    report = Report(strict_identical=device.type == "cpu")
+def training_rows(bench: Bench) -> None:
+    """Encoder once vs S times, trimmed vs fixed padding, sdpa vs eager, bf16 vs fp32 (GPU); the profile."""
+    bench.say("training rows")
+    model, device, preset, report = bench.model, bench.device, bench.preset, bench.report
     amp = device.type == "cuda"
-    image_size = model.encoder.vision_config.image_size
-    n_llm = llm_matmul_params(model)
-    meta.update(llm_matmul_params=n_llm, num_samples=model.vib.num_samples, amp="bf16" if amp else "none (fp32)")
-    extrapolated: dict[str, Any] = {}
+    batches = training_batches(model, 4, preset["train_batch"], bench.image_size, device)
+    pad_to = model.build_training_text([None], [""]).input_ids.shape[1] + model.max_txt_len
+    check_reference(model, batches, device, pad_to)
+    common = dict(warmup=preset["warmup"], accum=preset["accum"], device=device, amp=amp)
+    s = model.vib.num_samples
 
-    if "train" not in args.skip:
-        print(f"training rows ({time.perf_counter() - began:.0f} s)", flush=True)
-        batches = training_batches(model, 4, preset["train_batch"], image_size, device)
-        pad_to = model.build_training_text([None], [""]).input_ids.shape[1] + model.max_txt_len
-        check_reference(model, batches, device, pad_to)
-        common = dict(warmup=preset["warmup"], accum=preset["accum"], device=device, amp=amp)
-        s = model.vib.num_samples
+    def train_run(loss_fn, steps, attention="sdpa"):
+        def run_once():
+            model.llm.set_attn_implementation(attention)
+            try:
+                return None, time_training(model, batches, loss_fn, steps=steps, **common)
+            except torch.cuda.OutOfMemoryError:  # a baseline too big for the card is a result, not a crash
+                model.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
+                return None, {"error": "CUDA out of memory", "samples_per_s": 0.0, "tokens_per_s": 0.0}
+            finally:
+                model.llm.set_attn_implementation("sdpa")
+        return run_once
 
-        def train_run(loss_fn, steps, attention="sdpa"):
-            def run_once():
-                model.llm.set_attn_implementation(attention)
-                try:
-                    return None, time_training(model, batches, loss_fn, steps=steps, **common)
-                except torch.cuda.OutOfMemoryError:  # a baseline too big for the card is a result, not a crash
-                    model.zero_grad(set_to_none=True)
-                    torch.cuda.empty_cache()
-                    return None, {"error": "CUDA out of memory", "samples_per_s": 0.0, "tokens_per_s": 0.0}
-                finally:
-                    model.llm.set_attn_implementation("sdpa")
-            return run_once
+    timed = interleaved({
+        "once": train_run(model_loss, preset["steps"]),
+        "s_times": train_run(lambda m, b: reference_forward(m, b, encoder_passes=s), preset["baseline_steps"]),
+        "fixed": train_run(lambda m, b: reference_forward(m, b, pad_to=pad_to), preset["baseline_steps"]),
+        "eager": train_run(model_loss, preset["baseline_steps"], attention="eager"),
+    }, preset["repeats"], "samples_per_s")
+    once, s_times, fixed, eager = (timed[k][1] for k in ("once", "s_times", "fixed", "eager"))
+    report.add("train: encoder passes per image (S-sample VIB)", "samples/s", once, s_times, "samples_per_s",
+               optimized_label="once", baseline_label=f"{s}× (per sample)")
+    report.add("train: padding", "tokens/s", once, fixed, "tokens_per_s", optimized_label="trimmed per batch",
+               baseline_label=f"fixed {pad_to}")
+    report.add("train: LLM attention", "samples/s", once, eager, "samples_per_s", optimized_label="sdpa",
+               baseline_label="eager")
+    precision_row(bench, batches, once, common)
+    flops = 4 * bench.meta["llm_matmul_params"] * once["tokens_per_s"]
+    peak = peak_tflops(bench.meta["device_name"], bench.args.peak_tflops) if device.type == "cuda" else None
+    bench.extrapolated.update(
+        train_tflops_4N=flops / 1e12, mfu=(flops / (peak * 1e12)) if peak else None, peak_bf16_tflops=peak,
+        epoch_5000_pairs_s=5000 / once["samples_per_s"], train_peak_gb=once["peak_mb"] / 1024,
+        train_config=f"micro-batch {preset['train_batch']} × accumulation {preset['accum']}, S={s}; "
+                     f"{preset['steps']} micro-batches timed, epoch = 5000 / samples per s")
+    if "profile" not in bench.args.skip:
+        bench.results["profile_top_ops"] = profile_training(model, batches, preset["profile_steps"], device, amp,
+                                                            bench.out.with_name(bench.out.stem + "_profile.txt"))
 
-        timed = interleaved({
-            "once": train_run(model_loss, preset["steps"]),
-            "s_times": train_run(lambda m, b: reference_forward(m, b, encoder_passes=s), preset["baseline_steps"]),
-            "fixed": train_run(lambda m, b: reference_forward(m, b, pad_to=pad_to), preset["baseline_steps"]),
-            "eager": train_run(model_loss, preset["baseline_steps"], attention="eager"),
-        }, preset["repeats"], "samples_per_s")
-        once, s_times, fixed, eager = (timed[k][1] for k in ("once", "s_times", "fixed", "eager"))
-        report.add("train: encoder passes per image (S-sample VIB)", "samples/s", once, s_times, "samples_per_s",
-                   optimized_label="once", baseline_label=f"{s}× (per sample)")
-        report.add("train: padding", "tokens/s", once, fixed, "tokens_per_s", optimized_label="trimmed per batch",
-                   baseline_label=f"fixed {pad_to}")
-        report.add("train: LLM attention", "samples/s", once, eager, "samples_per_s", optimized_label="sdpa",
-                   baseline_label="eager")
-        if device.type == "cuda":
-            llm_dtype, encoder_dtype = model.llm.dtype, next(model.encoder.parameters()).dtype
-            model.float()  # bf16 -> fp32 -> bf16 is exact: the model is unchanged afterwards
-            fp32 = time_training(model, batches, model_loss, steps=max(2, preset["baseline_steps"] // 2),
-                                 **{**common, "amp": False})
-            model.llm.to(llm_dtype)
-            model.encoder.to(encoder_dtype)  # the projector stays fp32 (master weights)
-            torch.cuda.empty_cache()
-            report.add("train: precision", "samples/s", once, fp32, "samples_per_s",
-                       optimized_label="bf16 autocast", baseline_label="fp32")
-        else:
-            report.add("train: precision", "samples/s", once, None, "samples_per_s", optimized_label="fp32",
-                       baseline_label="bf16 autocast", note="GPU only: the CPU runs fp32")
-        flops = 4 * n_llm * once["tokens_per_s"]
-        peak = peak_tflops(meta["device_name"], args.peak_tflops) if device.type == "cuda" else None
-        extrapolated.update(
-            train_tflops_4N=flops / 1e12, mfu=(flops / (peak * 1e12)) if peak else None, peak_bf16_tflops=peak,
-            epoch_5000_pairs_s=5000 / once["samples_per_s"], train_peak_gb=once["peak_mb"] / 1024,
-            train_config=f"micro-batch {preset['train_batch']} × accumulation {preset['accum']}, S={s}; "
-                         f"{preset['steps']} micro-batches timed, epoch = 5000 / samples per s")
-        if "profile" not in args.skip:
-            results["profile_top_ops"] = profile_training(model, batches, preset["profile_steps"], device, amp,
-                                                          out.with_name(out.stem + "_profile.txt"))
 
-    if "loader" not in args.skip:
-        print(f"data loader row ({time.perf_counter() - began:.0f} s)", flush=True)
-        paths = write_images(workdir / "train_images", preset["loader_images"])
-        workers = min(4, os.cpu_count() or 1)
-        kwargs = dict(image_size=image_size, batch_size=preset["loader_batch"])
-        parallel = loader_throughput(workdir, paths, workers=workers, pin_memory=device.type == "cuda", **kwargs)
-        inline = loader_throughput(workdir, paths, workers=0, pin_memory=False, **kwargs)
-        report.add("data: training images decoded + augmented", "samples/s", parallel, inline, "samples_per_s",
-                   optimized_label=f"{workers} workers" + (" + pinned" if device.type == "cuda" else ""),
-                   baseline_label="in-process")
+def precision_row(bench: Bench, batches: list[dict], once: dict, common: dict) -> None:
+    """bf16 autocast against fp32 weights on a GPU; on the CPU (fp32 only) the row is recorded as not measured."""
+    model, report = bench.model, bench.report
+    if bench.device.type != "cuda":
+        report.add("train: precision", "samples/s", once, None, "samples_per_s", optimized_label="fp32",
+                   baseline_label="bf16 autocast", note="GPU only: the CPU runs fp32")
+        return
+    llm_dtype, encoder_dtype = model.llm.dtype, next(model.encoder.parameters()).dtype
+    model.float()  # bf16 -> fp32 -> bf16 is exact: the model is unchanged afterwards
+    fp32 = time_training(model, batches, model_loss, steps=max(2, bench.preset["baseline_steps"] // 2),
+                         **{**common, "amp": False})
+    model.llm.to(llm_dtype)
+    model.encoder.to(encoder_dtype)  # the projector stays fp32 (master weights)
+    torch.cuda.empty_cache()
+    report.add("train: precision", "samples/s", once, fp32, "samples_per_s", optimized_label="bf16 autocast",
+               baseline_label="fp32")
 
-    eval_paths = write_images(workdir / "val2014", max(preset["pope_images"], preset["chair_images"]), seed=1)
-    gen = dict(image_size=image_size)
-    if "pope" not in args.skip:
-        print(f"POPE rows ({time.perf_counter() - began:.0f} s)", flush=True)
-        items = pope_items(eval_paths[:preset["pope_images"]], preset["pope_per_image"])
-        pope = dict(max_new_tokens=10, **gen)
-        batch, reps = preset["pope_batch"], preset["repeats"]
-        time_generation(model, items[:batch], workdir, "pope_warmup", batch_size=batch, **pope)  # one-time costs
-        subset = items[:preset["pope_baseline_items"]]
-        cache = str(workdir / "feature_cache")
-        # The first evaluation with an empty cache (encodes each image once) can only run once.
-        cold, t_cold = time_generation(model, items, workdir, "pope_cache_cold", batch_size=batch,
-                                       feature_cache=cache, **pope)
 
-        def variant(name, these=items, **kwargs):
-            return lambda: time_generation(model, these, workdir, name, **{"batch_size": batch, **pope, **kwargs})
+def loader_row(bench: Bench) -> None:
+    bench.say("data loader row")
+    preset, device = bench.preset, bench.device
+    paths = write_images(bench.workdir / "train_images", preset["loader_images"])
+    workers = min(4, os.cpu_count() or 1)
+    kwargs = dict(image_size=bench.image_size, batch_size=preset["loader_batch"])
+    parallel = loader_throughput(bench.workdir, paths, workers=workers, pin_memory=device.type == "cuda", **kwargs)
+    inline = loader_throughput(bench.workdir, paths, workers=0, pin_memory=False, **kwargs)
+    bench.report.add("data: training images decoded + augmented", "samples/s", parallel, inline, "samples_per_s",
+                     optimized_label=f"{workers} workers" + (" + pinned" if device.type == "cuda" else ""),
+                     baseline_label="in-process")
 
-        timed = interleaved({
-            "batched": variant("pope_batched"),
-            "batch1": variant("pope_b1", subset, batch_size=1),
-            "unsorted": variant("pope_unsorted", sort=False),
-            "cache_warm": variant("pope_cache_warm", feature_cache=cache),
-            "no_kv": variant("pope_no_kv", use_cache=False),
-        }, reps, "items_per_s")
-        (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
-        report.add("POPE: batching", "questions/s", t_batched, t_one, "items_per_s",
-                   optimized_label=f"batch {batch}, sorted", baseline_label="batch 1", answers=(batched, one))
-        report.add("POPE: prompt-length sort", "questions/s", t_batched, timed["unsorted"][1], "items_per_s",
-                   optimized_label="sorted", baseline_label="unsorted", answers=(batched, timed["unsorted"][0]))
-        report.add("POPE: feature cache, first evaluation", "questions/s", t_cold, t_batched, "items_per_s",
-                   optimized_label="cache (each image encoded once)", baseline_label="no cache",
-                   answers=(cold, batched), note=f"{preset['pope_per_image']} questions per image")
-        report.add("POPE: feature cache, later evaluations", "questions/s", timed["cache_warm"][1], t_batched,
-                   "items_per_s", optimized_label="cache hit", baseline_label="no cache",
-                   answers=(timed["cache_warm"][0], batched))
-        report.add("POPE: KV cache", "questions/s", t_batched, timed["no_kv"][1], "items_per_s",
-                   optimized_label="KV cache", baseline_label="recompute", answers=(batched, timed["no_kv"][0]))
-        extrapolated.update(pope_8910_s=8910 / t_cold["items_per_s"], pope_8910_s_no_feature_cache=8910 /
-                            t_batched["items_per_s"], pope_8910_s_batch1=8910 / t_one["items_per_s"])
 
-    if "chair" not in args.skip:
-        print(f"CHAIR rows ({time.perf_counter() - began:.0f} s)", flush=True)
-        items = chair_items(eval_paths[:preset["chair_images"]])
-        chair = dict(max_new_tokens=preset["chair_tokens"], sort=False, **gen)
-        chair_b1_repeats = 1 if args.size == "7b" else preset["repeats"]  # 7B: 256 tokens one by one, once
-        timed = interleaved({
-            "batched": lambda: time_generation(model, items, workdir, "chair_batched",
-                                               batch_size=preset["chair_batch"], **chair)}, preset["repeats"],
-            "items_per_s")
-        timed.update(interleaved({
-            "batch1": lambda: time_generation(model, items[:preset["chair_baseline_items"]], workdir, "chair_b1",
-                                              batch_size=1, **chair)}, chair_b1_repeats, "items_per_s"))
-        (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
-        report.add(f"CHAIR: batching ({preset['chair_tokens']} new tokens)", "captions/s", t_batched, t_one,
-                   "items_per_s", optimized_label=f"batch {preset['chair_batch']}", baseline_label="batch 1",
-                   answers=(batched, one))
-        extrapolated.update(chair_500_s=500 / t_batched["items_per_s"], chair_tokens=preset["chair_tokens"])
+def pope_rows(bench: Bench) -> None:
+    """Batching, length sort, feature cache (first and later evaluation) and KV cache, answers compared."""
+    bench.say("POPE rows")
+    model, preset, workdir, report = bench.model, bench.preset, bench.workdir, bench.report
+    items = pope_items(bench.eval_paths[:preset["pope_images"]], preset["pope_per_image"])
+    pope = dict(max_new_tokens=10, image_size=bench.image_size)
+    batch, reps = preset["pope_batch"], preset["repeats"]
+    time_generation(model, items[:batch], workdir, "pope_warmup", batch_size=batch, **pope)  # one-time costs
+    subset = items[:preset["pope_baseline_items"]]
+    cache = str(workdir / "feature_cache")
+    # The first evaluation with an empty cache (encodes each image once) can only run once.
+    cold, t_cold = time_generation(model, items, workdir, "pope_cache_cold", batch_size=batch,
+                                   feature_cache=cache, **pope)
 
-    results["extrapolated"] = extrapolated
-    meta["benchmark_s"] = time.perf_counter() - began
-    return finish(results, out, report)
+    def variant(name, these=items, **kwargs):
+        return lambda: time_generation(model, these, workdir, name, **{"batch_size": batch, **pope, **kwargs})
+
+    timed = interleaved({
+        "batched": variant("pope_batched"),
+        "batch1": variant("pope_b1", subset, batch_size=1),
+        "unsorted": variant("pope_unsorted", sort=False),
+        "cache_warm": variant("pope_cache_warm", feature_cache=cache),
+        "no_kv": variant("pope_no_kv", use_cache=False),
+    }, reps, "items_per_s")
+    (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
+    report.add("POPE: batching", "questions/s", t_batched, t_one, "items_per_s",
+               optimized_label=f"batch {batch}, sorted", baseline_label="batch 1", answers=(batched, one))
+    report.add("POPE: prompt-length sort", "questions/s", t_batched, timed["unsorted"][1], "items_per_s",
+               optimized_label="sorted", baseline_label="unsorted", answers=(batched, timed["unsorted"][0]))
+    report.add("POPE: feature cache, first evaluation", "questions/s", t_cold, t_batched, "items_per_s",
+               optimized_label="cache (each image encoded once)", baseline_label="no cache",
+               answers=(cold, batched), note=f"{preset['pope_per_image']} questions per image")
+    report.add("POPE: feature cache, later evaluations", "questions/s", timed["cache_warm"][1], t_batched,
+               "items_per_s", optimized_label="cache hit", baseline_label="no cache",
+               answers=(timed["cache_warm"][0], batched))
+    report.add("POPE: KV cache", "questions/s", t_batched, timed["no_kv"][1], "items_per_s",
+               optimized_label="KV cache", baseline_label="recompute", answers=(batched, timed["no_kv"][0]))
+    bench.extrapolated.update(pope_8910_s=8910 / t_cold["items_per_s"], pope_8910_s_no_feature_cache=8910 /
+                              t_batched["items_per_s"], pope_8910_s_batch1=8910 / t_one["items_per_s"])
+
+
+def vcd_rows(bench: Bench) -> None:
+    """VCD (eval.decoding = vcd, the source's POPE defaults) against greedy decoding on the same POPE questions in the
+    same run: throughput batched and latency at batch 1. The "speedup" column is greedy / VCD, i.e. what VCD costs.
+    Batched VCD is also checked against batch-1 VCD (identical answers on the CPU)."""
+    from minigpt4.eval.vcd import SOURCE_BETA
+    from minigpt4.models.contrastive_decoding import ContrastiveDecoding
+
+    bench.say("VCD rows")
+    model, preset, workdir, report = bench.model, bench.preset, bench.workdir, bench.report
+    items = pope_items(bench.eval_paths[:preset["pope_images"]], preset["pope_per_image"])[:preset["vcd_items"]]
+    subset = items[:preset["vcd_baseline_items"]]
+    vcd = ContrastiveDecoding(alpha=1.0, beta=SOURCE_BETA["pope"], noise_step=500, seed=55)
+    pope = dict(max_new_tokens=10, image_size=bench.image_size)
+    batch = preset["pope_batch"]
+    time_generation(model, items[:batch], workdir, "vcd_warmup", batch_size=batch, decoding=vcd, **pope)
+
+    def variant(name, these, size, decoding=None):
+        return lambda: time_generation(model, these, workdir, name, batch_size=size, decoding=decoding, **pope)
+
+    timed = interleaved({
+        "greedy": variant("vcd_greedy_batched", items, batch), "vcd": variant("vcd_batched", items, batch, vcd),
+        "greedy_b1": variant("vcd_greedy_b1", subset, 1), "vcd_b1": variant("vcd_b1", subset, 1, vcd),
+    }, preset["repeats"], "items_per_s")
+    label = f"VCD (α=1, β={vcd.beta:g}, t=500, sampled)"
+    for value in timed.values():
+        value[1]["mean_answer_words"] = sum(len(a.split()) for a in value[0].values()) / max(len(value[0]), 1)
+    report.add("VCD: throughput vs greedy", "questions/s", timed["greedy"][1], timed["vcd"][1], "items_per_s",
+               optimized_label=f"greedy, batch {batch}", baseline_label=f"{label}, batch {batch}",
+               note="speedup = greedy / VCD: VCD's cost factor")
+    report.add("VCD: latency vs greedy (batch 1)", "questions/s", timed["greedy_b1"][1], timed["vcd_b1"][1],
+               "items_per_s", optimized_label="greedy", baseline_label=label,
+               note="speedup = greedy / VCD: VCD's cost factor per question")
+    report.add("VCD: batching", "questions/s", timed["vcd"][1], timed["vcd_b1"][1], "items_per_s",
+               optimized_label=f"batch {batch}", baseline_label="batch 1",
+               answers=(timed["vcd"][0], timed["vcd_b1"][0]))
+    seconds = {name: 1 / value[1]["items_per_s"] for name, value in timed.items()}
+    bench.results["vcd"] = {
+        "decoding": label, "questions": len(items), "batch": batch,
+        "throughput_cost_x": timed["greedy"][1]["items_per_s"] / timed["vcd"][1]["items_per_s"],
+        "latency_cost_x": seconds["vcd_b1"] / seconds["greedy_b1"],
+        "latency_s_per_question": {"greedy": seconds["greedy_b1"], "vcd": seconds["vcd_b1"]},
+        "mean_answer_words": {name: value[1]["mean_answer_words"] for name, value in timed.items()}}
+    bench.extrapolated.update(vcd_throughput_cost_x=bench.results["vcd"]["throughput_cost_x"],
+                              vcd_latency_cost_x=bench.results["vcd"]["latency_cost_x"])
+    print(f"  VCD costs {bench.results['vcd']['throughput_cost_x']:.2f}× greedy batched and "
+          f"{bench.results['vcd']['latency_cost_x']:.2f}× at batch 1", flush=True)
+
+
+def chair_rows(bench: Bench) -> None:
+    bench.say("CHAIR rows")
+    model, preset, workdir = bench.model, bench.preset, bench.workdir
+    items = chair_items(bench.eval_paths[:preset["chair_images"]])
+    chair = dict(max_new_tokens=preset["chair_tokens"], sort=False, image_size=bench.image_size)
+    chair_b1_repeats = 1 if bench.args.size == "7b" else preset["repeats"]  # 7B: 256 tokens one by one, once
+    timed = interleaved({
+        "batched": lambda: time_generation(model, items, workdir, "chair_batched",
+                                           batch_size=preset["chair_batch"], **chair)}, preset["repeats"],
+        "items_per_s")
+    timed.update(interleaved({
+        "batch1": lambda: time_generation(model, items[:preset["chair_baseline_items"]], workdir, "chair_b1",
+                                          batch_size=1, **chair)}, chair_b1_repeats, "items_per_s"))
+    (batched, t_batched), (one, t_one) = timed["batched"], timed["batch1"]
+    bench.report.add(f"CHAIR: batching ({preset['chair_tokens']} new tokens)", "captions/s", t_batched, t_one,
+                     "items_per_s", optimized_label=f"batch {preset['chair_batch']}", baseline_label="batch 1",
+                     answers=(batched, one))
+    bench.extrapolated.update(chair_500_s=500 / t_batched["items_per_s"], chair_tokens=preset["chair_tokens"])
 
 
 def low_resource_run(args, device: torch.device, tokenizer_dir: str, workdir: Path, preset: dict) -> dict[str, Any]:
@@ -319,13 +424,14 @@ def low_resource_run(args, device: torch.device, tokenizer_dir: str, workdir: Pa
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     from minigpt4.models.from_config import LLM_PRESETS
+    from minigpt4.models.loading import random_init
 
     tok = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
     llm_dir = workdir / "random_vicuna_7b"
     started = time.perf_counter()
-    with torch.device(device):
-        llm = LlamaForCausalLM(LlamaConfig(**LLM_PRESETS["vicuna-7b"], bos_token_id=tok.bos_token_id,
-                                           eos_token_id=tok.eos_token_id)).to(torch.bfloat16)
+    # Materialised once, in bf16, on the device (not built in fp32 and cast: 27 GB for a moment at 7B).
+    config = LlamaConfig(**LLM_PRESETS["vicuna-7b"], bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    llm = random_init(LlamaForCausalLM, config, torch.bfloat16, device)
     llm.save_pretrained(llm_dir)
     del llm
     torch.cuda.empty_cache()

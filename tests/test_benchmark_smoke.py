@@ -37,6 +37,10 @@ def test_quick_cpu_run_writes_every_row(tmp_path):
                      "POPE: feature cache, later evaluations", "POPE: KV cache"):
         assert expected in names
     assert any(n.startswith("CHAIR: batching") for n in names)
+    vcd = {r["name"]: r for r in report["rows"] if r["name"].startswith("VCD")}
+    assert set(vcd) == {"VCD: throughput vs greedy", "VCD: latency vs greedy (batch 1)", "VCD: batching"}
+    assert vcd["VCD: batching"]["identical"] is True and vcd["VCD: batching"]["compared"] > 0
+    assert report["vcd"]["throughput_cost_x"] > 0 and report["vcd"]["latency_cost_x"] > 0
     for row in report["rows"]:
         assert set(row) >= {"name", "metric", "optimized", "baseline", "speedup", "identical"}
         if row["name"].startswith(("POPE", "CHAIR")):

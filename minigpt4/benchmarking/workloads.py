@@ -132,7 +132,7 @@ def check_reference(model, batches: list[dict], device: torch.device, pad_to: in
 def loader_throughput(folder: Path, paths: list[str], image_size: int, batch_size: int, workers: int,
                       pin_memory: bool) -> dict[str, Any]:
     from minigpt4.datasets.builders import build_train_dataset
-    from minigpt4.runners.data_order import epoch_micro_batches
+    from minigpt4.runners.data_order import EpochSlice, epoch_micro_batches
 
     ann = folder / "captions.json"
     rng = random.Random(0)
@@ -144,8 +144,8 @@ def loader_throughput(folder: Path, paths: list[str], image_size: int, batch_siz
     batches = len(paths) // batch_size
     start = time.perf_counter()
     count = 0
-    for batch in epoch_micro_batches(dataset, collate, batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=0,
-                                     num_batches=batches, start=0, num_workers=workers, pin_memory=pin_memory):
+    part = EpochSlice(batch_size=batch_size, rank=0, world_size=1, seed=0, epoch=0, num_batches=batches)
+    for batch in epoch_micro_batches(dataset, collate, part, num_workers=workers, pin_memory=pin_memory):
         count += batch["image"].shape[0]
     elapsed = time.perf_counter() - start
     return {"samples_per_s": count / elapsed, "num_workers": workers, "pin_memory": pin_memory}
@@ -189,9 +189,10 @@ def quiet_progress_bars() -> None:
 def time_generation(model, items, workdir: Path, name: str, *, image_size: int, batch_size: int,
                     max_new_tokens: int, sort: bool = True, use_cache: bool = True,
                     feature_cache: str | None = None, vis_processor: str = "blip2_image_eval",
-                    generate_kwargs: dict | None = None) -> tuple[dict[str, str], dict[str, Any]]:
+                    generate_kwargs: dict | None = None,
+                    decoding=None) -> tuple[dict[str, str], dict[str, Any]]:
     """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`;
-    `generate_kwargs` go to model.generate besides max_new_tokens."""
+    `generate_kwargs` go to model.generate besides max_new_tokens; `decoding` (a ContrastiveDecoding): VCD."""
     from minigpt4.eval.generate import generate_all
     from minigpt4.eval.settings import EvalSettings
     from minigpt4.eval.benchmark_runs import GenerationInputs
@@ -205,7 +206,7 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
         # As in a new evaluation process: with a feature cache, GenerationInputs fingerprints the encoder weights
         # (setup_s, not timed: once per run, whatever the number of questions) and starts with nothing in memory.
         setup_start = time.perf_counter()
-        inputs = GenerationInputs(model, settings)
+        inputs = GenerationInputs(model, settings, decoding)
         setup_s = time.perf_counter() - setup_start
         sync(model.device)
         start = time.perf_counter()

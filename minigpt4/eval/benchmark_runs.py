@@ -22,6 +22,8 @@ from minigpt4.eval.feature_cache import FeatureInputModel, build_feature_source
 from minigpt4.eval.generate import GenerationItem, generate_all
 from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
 from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, pope_question_file
+from minigpt4.eval.vcd import ContrastiveModel, ImagePairs
+from minigpt4.models.contrastive_decoding import ContrastiveDecoding
 from minigpt4.processors.image import build_image_processor
 
 log = logging.getLogger(__name__)
@@ -62,30 +64,38 @@ class ImageLoader:
 class GenerationInputs:
     """How generate_all gets its images: preprocessed pixels, or with `eval.feature_cache` set, the encoder's
     outputs from the on-disk cache (each image encoded once, in batches, then reused by every question,
-    split, rerun and projector sweep that shares the folder)."""
+    split, rerun and projector sweep that shares the folder). With VCD (`decoding` given), each image comes with
+    its distorted copy, and the model decodes the pair (minigpt4/eval/vcd.py)."""
 
-    def __init__(self, model, settings: EvalSettings):
+    def __init__(self, model, settings: EvalSettings, decoding: Optional[ContrastiveDecoding] = None):
         self.loader = ImageLoader(settings)
         self.batch_size = settings.batch_size
         generation_config = getattr(getattr(model, "llm", None), "generation_config", None)
         if generation_config is not None:
             generation_config.use_cache = settings.use_cache
-        self.source = None
-        if settings.feature_cache is not None:
-            self.source = build_feature_source(model, settings.feature_cache, dict(settings.vis_processor),
-                                               self.loader)
-        self.model = FeatureInputModel(model) if self.source is not None else model
-        self.load_image = self.source if self.source is not None else self.loader
+        self.sources = []
+        if decoding is not None:
+            pairs = ImagePairs(model, self.loader, decoding, settings.feature_cache, dict(settings.vis_processor))
+            self.sources = pairs.sources
+            self.model = ContrastiveModel(model, decoding, inputs_are_features=bool(pairs.sources))
+            self.load_image = pairs
+        elif settings.feature_cache is not None:
+            source = build_feature_source(model, settings.feature_cache, dict(settings.vis_processor), self.loader)
+            self.sources = [source]
+            self.model, self.load_image = FeatureInputModel(model), source
+        else:
+            self.model, self.load_image = model, self.loader
 
     def prepare(self, items: list[GenerationItem]) -> None:
         """Encode the not-yet-cached images of `items` once, batched, each rank a share of them."""
-        if self.source is None:
+        if not self.sources:
             return
         unique = list(dict.fromkeys(it.image for it in items))
-        encoded = self.source.prefill(unique[dist.get_rank()::dist.get_world_size()], self.batch_size)
+        for source in self.sources:
+            encoded = source.prefill(unique[dist.get_rank()::dist.get_world_size()], self.batch_size)
+            log.info("feature cache: %d of %d images encoded now, the rest read from %s", encoded, len(unique),
+                     source.cache.root)
         dist.barrier()
-        log.info("feature cache: %d of %d images encoded now, the rest read from %s", encoded, len(unique),
-                 self.source.cache.root)
 
 
 CHAIR_CAPTIONS = "chair_captions.jsonl"
@@ -170,7 +180,8 @@ def model_template(model) -> str:
 
 def protocol_result(run: ProtocolRun) -> dict:
     """The protocol fields of a task's result: label, name, source and the overridden keys."""
-    result = {"protocol": run.label, "protocol_name": run.named.name, "protocol_source": run.named.source}
+    result = {"protocol": run.label, "protocol_name": run.named.name, "protocol_source": run.named.source,
+              "decoding": run.decoding_name}
     if run.overrides:
         result["protocol_overrides"] = run.overrides
     return result
@@ -180,7 +191,7 @@ def run_pope(model, settings: EvalSettings, out_dir: str, run: Optional[Protocol
     """With on_bad_image=skip, questions whose image could not be read get no answer; they are left out of
     the scores (a copy of the questions file without them is scored) and counted under "skipped"."""
     run = task_run(settings, "pope", run, model_template(model))
-    inputs = GenerationInputs(model, settings)
+    inputs = GenerationInputs(model, settings, run.decoding)
     question_files, answer_files, skipped = [], [], {}
     for split in settings.pope.splits:
         q_path, questions, items = pope_items(settings, split, run)
@@ -253,7 +264,7 @@ def chair_image_list(settings: EvalSettings, run: Optional[ProtocolRun] = None) 
 
 def run_chair(model, settings: EvalSettings, out_dir: str, run: Optional[ProtocolRun] = None) -> dict:
     run = task_run(settings, "chair", run, model_template(model))
-    inputs = GenerationInputs(model, settings)
+    inputs = GenerationInputs(model, settings, run.decoding)
     items = chair_items(settings, run)
     out_path = os.path.join(out_dir, CHAIR_CAPTIONS)
     inputs.prepare(items)

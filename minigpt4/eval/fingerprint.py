@@ -20,7 +20,9 @@ prompt or max_new_tokens returned the old model's answers and metrics with exit 
     by the encoder, processor, dtype and device, all recorded above). The task's protocol is recorded as run
     (protocol_runs.ProtocolRun.fingerprint_fields): the system text, prompt format (with its segment breaks),
     beams, new-token limits, stop strings, question cleaning / suffix / instruction and answer post-processing
-    actually used, so a key given on top of a protocol or a changed protocol record is seen.
+    actually used, so a key given on top of a protocol or a changed protocol record is seen. So is the decoding:
+    under eval.decoding = vcd, `eval.decoding` and every VCD parameter as the task runs it (eval.vcd.beta null is
+    recorded as the task's β), so a VCD run never resumes a greedy one, nor the reverse.
 Per answer, generate.check_done_items also compares the stored prompt and image with the item now asked (a
 changed question file, question text or cleaning).
 
@@ -44,7 +46,7 @@ from minigpt4.common.errors import USER_FACING_ERRORS
 from minigpt4.common.provenance import HashCache, file_record
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings
+from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, VCDSettings
 from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
 from minigpt4.models.loading import files_to_record as weight_files_of
 
@@ -65,6 +67,9 @@ NOT_ANSWER_SETTINGS = frozenset({
     "pope.version", "pope.dir", "pope.splits", "pope.rule",
     "chair.images", "chair.num_images", "chair.sample_seed", "chair.coco_annotations", "chair.synonyms",
     "chair.sentences"})
+# Recorded per task as the run applies them (ProtocolRun.fingerprint_fields): the raw keys would differ from the
+# values used (eval.vcd.beta null is a per-task β), and under the protocol's own decoding eval.vcd.* decides nothing.
+RECORDED_BY_THE_RUN = frozenset({"decoding", *(f"vcd.{field.name}" for field in dataclasses.fields(VCDSettings))})
 
 
 def fingerprint_path(answers_path: str) -> str:
@@ -122,7 +127,7 @@ def answer_fingerprints(model_cfg: Mapping[str, Any], settings: EvalSettings, de
     cache.save()
     model = _flatten({k: v for k, v in model_cfg.items() if k not in PATH_KEYS}, "model")  # paths: by content
     flat = {key: value for key, value in _flatten(dataclasses.asdict(settings), "eval").items()
-            if key.split(".", 1)[1] not in NOT_ANSWER_SETTINGS}
+            if key.split(".", 1)[1] not in NOT_ANSWER_SETTINGS | RECORDED_BY_THE_RUN}
     common = {"format": FORMAT, **weights, **model, "device": device_type,
               **{key: value for key, value in flat.items() if not key.startswith(("eval.pope.", "eval.chair."))},
               "eval.image_dir": os.path.realpath(settings.image_dir),

@@ -119,7 +119,10 @@ def generate_all(
             skipped += len(loaded) - len(good)
             if good:
                 images = torch.stack([img for _, img in good])
-                answers = model.generate([it.prompt for it, _ in good], images, **(generate_kwargs or {}))
+                kwargs = dict(generate_kwargs or {})
+                if getattr(model, "takes_item_keys", False):  # VCD: each row's sampling seed comes from its key
+                    kwargs["item_keys"] = [it.key for it, _ in good]
+                answers = model.generate([it.prompt for it, _ in good], images, **kwargs)
                 for (it, _), answer in zip(good, answers):
                     out.write(json.dumps({"key": it.key, **it.extra, "prompt": it.prompt, "answer": answer}) + "\n")
                 out.flush()

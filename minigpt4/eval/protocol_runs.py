@@ -10,6 +10,10 @@ A key whose value differs from the protocol's is an override. The run is then la
 metrics.json lists each changed key as {"protocol": its value, "used": the config's}; it is never recorded under
 the plain name. A key given with the protocol's own value changes nothing and is no override.
 
+`eval.decoding: vcd` decodes with Visual Contrastive Decoding instead of the protocol's decoding (minigpt4/eval/vcd.py):
+the label gains `+vcd(α=…,β=…,t=…,sample)` (e.g. `shapes-pope+vcd(α=1,β=0.2,t=500,sample)`) and the fingerprint
+the parameters; a protocol that searches with beams cannot be decoded this way (a ConfigError).
+
 The prompt is the protocol's for the model family of `model.prompt_template` (vicuna_v0: MiniGPT-4, llava15:
 LLaVA-1.5); another template needs eval.prompt_format (an override: no source prompted that model).
 """
@@ -24,6 +28,8 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER
 from minigpt4.eval.protocols import (QUESTION_CLEANING, SENTENCE_HANDLING, ModelPrompt, Protocol, build_prompt,
                                      clean_answer, clean_question, get_protocol, handle_sentences, shipped_image_list)
+from minigpt4.eval.vcd import decoding_label, decoding_record, resolve_decoding
+from minigpt4.models.contrastive_decoding import ContrastiveDecoding
 
 TEMPLATE_FAMILY = {"vicuna_v0": "minigpt4", "llava15": "llava15"}
 POPE_RULES = ("reference", "first-sentence")
@@ -41,17 +47,27 @@ AT_LEAST_ONE = ("num_beams", "max_new_tokens", "num_images")
 @dataclass(frozen=True)
 class ProtocolRun:
     """What one task of this evaluation runs: the named record, the record with the config's keys applied, the
-    prompt used, the CHAIR image list file (None: a seeded sample of eval.image_dir) and the changed keys."""
+    prompt used, the CHAIR image list file (None: a seeded sample of eval.image_dir), the changed keys and the VCD
+    parameters (None: the protocol's own decoding)."""
 
     named: Protocol
     used: Protocol
     prompt: ModelPrompt
     images: Optional[str]
     overrides: dict[str, dict[str, Any]]
+    decoding: Optional[ContrastiveDecoding] = None
 
     @property
     def label(self) -> str:
-        return self.named.name + ("+overrides" if self.overrides else "")
+        return (self.named.name + ("+overrides" if self.overrides else "") +
+                (f"+{decoding_label(self.decoding)}" if self.decoding is not None else ""))
+
+    @property
+    def decoding_name(self) -> str:
+        """greedy | beams=N (the protocol's own decoding) | vcd(α=…,β=…,t=…,sample)."""
+        if self.decoding is not None:
+            return decoding_label(self.decoding)
+        return "greedy" if self.used.num_beams == 1 else f"beams={self.used.num_beams}"
 
     def pope_prompt(self, question: str) -> str:
         asked = clean_question(question, self.used.question_cleaning) + self.used.question_suffix
@@ -77,6 +93,9 @@ class ProtocolRun:
                                "cite": self.named.cite}
         if self.overrides:
             out["overrides"] = self.overrides
+        out["decoding"] = self.decoding_name
+        if self.decoding is not None:
+            out["decoding_parameters"] = decoding_record(self.decoding)
         return out
 
     def fingerprint_fields(self) -> dict[str, Any]:
@@ -95,6 +114,9 @@ class ProtocolRun:
                            "eval.pope.question_cleaning": self.used.question_cleaning})
         else:
             fields["eval.chair.question"] = self.used.question
+        if self.decoding is not None:  # the protocol's own decoding adds nothing: older fingerprints still match
+            fields["eval.decoding"] = "vcd"
+            fields.update({f"eval.vcd.{key}": value for key, value in dataclasses.asdict(self.decoding).items()})
         return fields
 
 
@@ -203,8 +225,13 @@ def resolve_run(ev, task: str, template: str) -> ProtocolRun:
     prompt = _prompt(named, template, given, task, overrides)
     images = _chair_images(named, ev.chair, overrides) if task == "chair" else None
     changes = _record_changes(named, task, given, overrides, images_replaced="eval.chair.images" in overrides)
-    return ProtocolRun(named=named, used=dataclasses.replace(named, **changes), prompt=prompt, images=images,
-                       overrides=overrides)
+    used = dataclasses.replace(named, **changes)
+    decoding = resolve_decoding(ev, task)
+    if decoding is not None and used.num_beams != 1:
+        where = "eval.num_beams" if "eval.num_beams" in given else f"eval.{task}.protocol = {named.name}"
+        raise ConfigError(f"eval.decoding = vcd decodes one token per step, but {where} searches with num_beams = "
+                          f"{used.num_beams}; use eval.decoding = greedy, or a protocol (or eval.num_beams) of 1 beam")
+    return ProtocolRun(named=named, used=used, prompt=prompt, images=images, overrides=overrides, decoding=decoding)
 
 
 def protocol_runs(ev, template: str) -> dict[str, ProtocolRun]:

@@ -1,4 +1,4 @@
-"""The `eval:` config section: typed settings (EvalSettings with its pope/chair sub-sections), their one
+"""The `eval:` config section: typed settings (EvalSettings with its pope/chair/vcd sub-sections), their one
 validation (`validate_eval_settings`, run before any model is built) and the benchmark files the section names
 (`files_to_record`, for provenance.json and the fingerprints)."""
 from __future__ import annotations
@@ -14,6 +14,7 @@ from minigpt4.common.config import ConfigError, check_paths
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval.protocol_runs import protocol_runs
+from minigpt4.eval.vcd import check_decoding
 from minigpt4.processors.image import build_image_processor
 
 # AdaVIB's POPE/CHAIR system text and this harness's one-string prompt (protocol single-string-pope's, MiniGPT-4).
@@ -54,6 +55,19 @@ class ChairSettings:
 
 
 @dataclass
+class VCDSettings:
+    # Visual Contrastive Decoding (eval.decoding: vcd; minigpt4/eval/vcd.py), DAMO-NLP-SG/VCD's defaults
+    alpha: float = 1.0  # cd_alpha: (1+α)·logit(v) − α·logit(v′)
+    beta: Optional[float] = None  # cd_beta, the plausibility cut-off; null: the source's per task (POPE 0.2, CHAIR 0.1)
+    noise_step: int = 500  # diffusion step t of v′, 0..999
+    sample: bool = True  # the source samples; false: argmax of the VCD scores
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: none (the source passes top_k=None)
+    seed: int = 55  # of v′'s noise (per image) and of each answer's draws (per item); the source's POPE script: 55
+
+
+@dataclass
 class EvalSettings:
     tasks: list[str] = field(default_factory=lambda: ["pope", "chair"])
     output_dir: str = "out/eval"
@@ -67,6 +81,8 @@ class EvalSettings:
     prompt_format: Optional[str] = None  # {system}, {question}, <ImageHere> once
     vis_processor: dict[str, Any] = field(default_factory=lambda: {"name": "blip2_image_eval", "image_size": 224})
     num_beams: Optional[int] = None
+    decoding: str = "greedy"  # greedy: each protocol's own decoding (greedy or its beams) | vcd: eval.vcd below
+    vcd: VCDSettings = field(default_factory=VCDSettings)
     sort_by_length: bool = True
     use_cache: bool = True  # KV cache during generation (switch off only to measure what it saves)
     feature_cache: Optional[str] = None  # folder of cached encoder outputs; null: encode every time
@@ -98,6 +114,7 @@ def validate_eval_settings(ev, template: str = DEFAULT_TEMPLATE) -> None:
         raise ConfigError(f"eval.vis_processor.{err}") from None
     if "pope" in ev.tasks:
         _check_pope_splits(ev)
+    check_decoding(ev)
     protocol_runs(ev, template)  # the protocol keys (prompt, beams, new tokens, rule, images) on top of each named one
 
 
