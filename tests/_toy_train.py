@@ -13,7 +13,9 @@ its trainable tensors and optimizer state.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import random
 import sys
 import time
@@ -26,7 +28,9 @@ from torch.utils.data import Dataset, IterableDataset
 
 
 from minigpt4.common import dist  # noqa: E402
+from minigpt4.common.errors import USER_FACING_ERRORS  # noqa: E402
 from minigpt4.models.checkpoints import trainable_tensors  # noqa: E402
+from minigpt4.runners import checkpointing  # noqa: E402
 from minigpt4.runners.config import RunConfig  # noqa: E402
 from minigpt4.runners.runner import Runner  # noqa: E402
 
@@ -129,7 +133,20 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dump-dir", default=None)
     p.add_argument("--amp", default="none")
     p.add_argument("--max-grad-norm", type=float, default=None)
+    p.add_argument("--fail-save-at", type=int, default=None, help="rank 0's disk is full at this checkpoint step")
     return p.parse_args(argv)
+
+
+def _fill_disk_at(step: int) -> None:
+    """From here on, writing checkpoint `step`'s state file fails as on a full disk (ENOSPC)."""
+    real_write = checkpointing._write_torch
+
+    def write(obj, path):
+        if checkpointing.checkpoint_dir_name(step) in str(path):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real_write(obj, path)
+
+    checkpointing._write_torch = write
 
 
 def main(argv: list[str]) -> tuple[dict, Runner]:
@@ -148,6 +165,8 @@ def main(argv: list[str]) -> tuple[dict, Runner]:
         resume=args.resume, progress_bar=False,
     )
     runner = Runner(model, dataset, collate, cfg, config_to_save={"toy": True})
+    if args.fail_save_at is not None and runner.rank == 0:
+        _fill_disk_at(args.fail_save_at)
     summary = runner.train()
     if args.dump_dir:
         Path(args.dump_dir).mkdir(parents=True, exist_ok=True)
@@ -160,8 +179,15 @@ def main(argv: list[str]) -> tuple[dict, Runner]:
 
 
 if __name__ == "__main__":
-    result, run = main(sys.argv[1:])
-    if run.rank == 0:
-        print(json.dumps(result), flush=True)
-    del run  # the DDP wrapper must go before the process group (see dist.cleanup)
-    dist.cleanup()
+    exit_code = 0
+    try:
+        result, run = main(sys.argv[1:])
+    except USER_FACING_ERRORS as err:  # as train.py: the one-line message, exit 2
+        print(f"error: rank {dist.get_rank()}: {err}", file=sys.stderr, flush=True)
+        exit_code = 2
+    else:
+        if run.rank == 0:
+            print(json.dumps(result), flush=True)
+        del run  # the DDP wrapper must go before the process group (see dist.cleanup)
+    dist.cleanup()  # also after an error: a live gloo group at interpreter exit aborts the process (SIGABRT)
+    sys.exit(exit_code)

@@ -134,25 +134,110 @@ class OpLog(TorchDispatchMode):
         return out
 
 
+class RandomFills(TorchDispatchMode):
+    """How many times each storage was filled with random numbers (normal_ / uniform_: every torch and
+    transformers init draw goes through one of them) inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.by_storage: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        target = args[0] if args else None
+        if str(func.overloadpacket) in ("aten.normal_", "aten.uniform_") and not target.is_meta:
+            ptr = target.untyped_storage().data_ptr()
+            self.by_storage[ptr] = self.by_storage.get(ptr, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+    def count(self, tensor: torch.Tensor) -> int:
+        return self.by_storage.get(tensor.untyped_storage().data_ptr(), 0)
+
+
 def test_random_llm_weights_are_drawn_once(tiny_tokenizer_dir):
     """The builder's random LLM is initialised by one pass of transformers' init, not torch's resets first."""
     from minigpt4.common.tiny_models import tiny_model_config
     from minigpt4.models.from_config import build_model
 
     cfg = tiny_model_config(tiny_tokenizer_dir, "vib", llm_dtype="auto", encoder_dtype="auto", precision="bf16")
-    fills: dict[int, int] = {}
-
-    class Fills(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            target = args[0] if args else None
-            if str(func.overloadpacket) in ("aten.normal_", "aten.uniform_") and not target.is_meta:
-                fills[target.untyped_storage().data_ptr()] = fills.get(target.untyped_storage().data_ptr(), 0) + 1
-            return func(*args, **(kwargs or {}))
-
-    with Fills():
+    with RandomFills() as fills:
         model = build_model(cfg)
-    llm_weights = [p.untyped_storage().data_ptr() for p in model.llm.parameters() if p.dim() == 2]
-    assert llm_weights and all(fills.get(ptr) == 1 for ptr in llm_weights)
+    llm_weights = [p for p in model.llm.parameters() if p.dim() == 2]
+    assert llm_weights and all(fills.count(p) == 1 for p in llm_weights)
+
+
+def test_random_minigpt4_encoder_is_drawn_once_with_transformers_init(tiny_tokenizer_dir):
+    """EVA ViT + Q-Former without weight files: every matrix drawn exactly once (not by torch's reset and
+    then by transformers' init), biases zeroed without a draw, and the values are transformers' init: the
+    std of the Linear weights is each part's initializer_range (1e-10 for Blip2VisionConfig, 0.02 for the
+    Q-Former), as the query tokens' (LAVIS: 0.02)."""
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
+
+    torch.manual_seed(0)
+    with RandomFills() as fills:
+        model = build_model(tiny_model_config(tiny_tokenizer_dir, "vib", precision="bf16"))
+    encoder = model.encoder
+    drawn = {name: fills.count(p) for name, p in encoder.named_parameters()}
+    assert max(drawn.values()) == 1, {name: n for name, n in drawn.items() if n > 1}
+    assert all(drawn[name] == 1 for name, p in encoder.named_parameters() if p.dim() >= 2)
+    assert all(drawn[name] == 0 for name, _ in encoder.named_parameters() if name.endswith("bias"))
+    assert {p.dtype for p in encoder.parameters()} == {torch.bfloat16}  # materialised in the dtype it runs in
+    for part in (encoder.vision_model, encoder.qformer):
+        weights = torch.cat([m.weight.detach().float().flatten() for m in part.modules()
+                             if isinstance(m, torch.nn.Linear)])
+        assert weights.std().item() == pytest.approx(part.config.initializer_range, rel=0.1)
+        biases = [m.bias for m in part.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+        assert biases and all(not b.any() for b in biases)
+    assert encoder.query_tokens.float().std().item() == pytest.approx(0.02, rel=0.25)
+    assert torch.equal(encoder.ln_vision.weight, torch.ones_like(encoder.ln_vision.weight))
+
+
+def test_random_llava_encoder_is_drawn_by_transformers_init_alone(tiny_tokenizer_dir):
+    """LLaVA's CLIP tower is drawn only by transformers' init (the same draws as one init_weights pass on
+    an empty tower, none by torch's resets). CLIP's own init re-draws its Linear/Conv/Embedding weights after
+    the generic pass over them, hence two draws for those in transformers' pass alone; its fc1 std is
+    CLIP's (2 · width)^-0.5, not the generic initializer_range."""
+    from test_llava import tiny_llava_config
+    from transformers import CLIPVisionModel
+
+    from minigpt4.models.from_config import build_model
+
+    with RandomFills() as fills:
+        model = build_model(tiny_llava_config(tiny_tokenizer_dir, "vib"))
+    tower = model.encoder.vision_tower
+    with torch.device("meta"):
+        empty = CLIPVisionModel(tower.config)
+    empty.to_empty(device=CPU)
+    with RandomFills() as alone:
+        empty.init_weights()
+    expected = {name: alone.count(p) for name, p in empty.named_parameters()}
+    assert {name: fills.count(p) for name, p in tower.named_parameters()} == expected
+    fc1 = torch.cat([layer.mlp.fc1.weight.detach().flatten() for layer in tower.encoder.layers])
+    assert fc1.std().item() == pytest.approx((2 * tower.config.hidden_size) ** -0.5, rel=0.1)
+
+
+@pytest.mark.parametrize("arch", ["minigpt4", "llava15"])
+def test_random_build_leaves_no_tensor_uninitialised(tiny_tokenizer_dir, monkeypatch, arch):
+    """Storage from to_empty is whatever memory held: poisoned with NaN here, every float tensor must have
+    been written by an init (the builder's finiteness check refuses the model otherwise)."""
+    from test_llava import tiny_llava_config
+    from torch import nn
+
+    from minigpt4.common.tiny_models import tiny_model_config
+    from minigpt4.models.from_config import build_model
+
+    to_empty = nn.Module.to_empty
+
+    def poisoned(module, *, device, recurse=True):
+        module = to_empty(module, device=device, recurse=recurse)
+        for tensor in [*module.parameters(), *module.buffers()]:
+            tensor.data.fill_(float("nan") if tensor.is_floating_point() else -1)
+        return module
+
+    monkeypatch.setattr(nn.Module, "to_empty", poisoned)
+    make_config = tiny_model_config if arch == "minigpt4" else tiny_llava_config
+    model = build_model(make_config(tiny_tokenizer_dir, "vib"))
+    assert all(t.is_floating_point() or not (t == -1).any() for t in [*model.parameters(), *model.buffers()])
 
 
 def test_entropy_never_casts_the_whole_table():

@@ -28,7 +28,7 @@ from minigpt4.runners.checkpointing import (
     save_checkpoint,
 )
 from minigpt4.runners.config import RunConfig
-from minigpt4.runners.data_order import EpochBatchSampler, epoch_micro_batches
+from minigpt4.runners.data_order import EpochBatchSampler, EpochSlice, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
 from minigpt4.models.checkpoints import CheckpointError, load_trainable_tensors
 from minigpt4.runners.runner import Runner
@@ -90,8 +90,8 @@ def reference(tmp_path_factory) -> Path:
 
 def test_sampler_shards_cover_contiguous_slices_and_skip_by_index():
     def keys(rank: int, start: int = 0, num_batches: int = 5) -> list[list[int]]:
-        sampler = EpochBatchSampler(23, batch_size=2, rank=rank, world_size=2, seed=7, epoch=3,
-                                    num_batches=num_batches, start=start)
+        sampler = EpochBatchSampler(23, EpochSlice(batch_size=2, rank=rank, world_size=2, seed=7, epoch=3,
+                                                   num_batches=num_batches, start=start))
         return [[i for i, _ in samples] for samples, _ in sampler]
 
     r0, r1 = keys(0), keys(1)
@@ -102,18 +102,21 @@ def test_sampler_shards_cover_contiguous_slices_and_skip_by_index():
     assert keys(0, start=3) == r0[3:]  # resuming skips by index
     long = keys(0, num_batches=12)  # 5 micro-batches per pass: passes 1 and 2 are new permutations
     assert long[:5] == r0 and long[5:10] != r0 and sorted(sum(long[5:10], [])) != sorted(sum(r0, []))
-    other_epoch = EpochBatchSampler(23, batch_size=2, rank=0, world_size=2, seed=7, epoch=4, num_batches=5)
+    other_epoch = EpochBatchSampler(23, EpochSlice(batch_size=2, rank=0, world_size=2, seed=7, epoch=4,
+                                                   num_batches=5))
     assert [[i for i, _ in s] for s, _ in other_epoch] != r0
 
 
 def test_loading_is_seeded_per_sample_and_leaves_the_training_rng_alone():
     dataset = toy.ToyDataset(n=16)
-    common = dict(batch_size=2, rank=0, world_size=1, seed=3, epoch=0, num_batches=6, pin_memory=False)
+    common = dict(batch_size=2, rank=0, world_size=1, seed=3, epoch=0, num_batches=6)
     torch.manual_seed(0)
     before = torch.get_rng_state()
-    in_process = list(epoch_micro_batches(dataset, toy.collate, start=0, num_workers=0, **common))
+    in_process = list(epoch_micro_batches(dataset, toy.collate, EpochSlice(start=0, **common), num_workers=0,
+                                          pin_memory=False))
     assert torch.equal(torch.get_rng_state(), before)  # augmentation/collate did not consume the model's stream
-    with_workers = list(epoch_micro_batches(dataset, toy.collate, start=2, num_workers=2, **common))
+    with_workers = list(epoch_micro_batches(dataset, toy.collate, EpochSlice(start=2, **common), num_workers=2,
+                                            pin_memory=False))
     assert len(in_process) == 6 and len(with_workers) == 4
     for a, b in zip(in_process[2:], with_workers):  # same random crops and prompts, whoever loads them
         assert_same(a, b)
@@ -220,6 +223,27 @@ def test_torchrun_two_ranks_stay_identical_and_match_one_process(tmp_path):
     assert ddp_loss == pytest.approx(single_loss, rel=1e-5)
 
 
+def test_torchrun_failed_checkpoint_write_stops_every_rank_with_the_same_error(tmp_path):
+    """Rank 0 alone writes; its full disk at step 2 reaches rank 1 as the same one-line error at once, instead
+    of rank 1 walking into step 3's collective and dying there of a lost peer (gloo) or hanging (NCCL)."""
+    out = tmp_path / "ddp_full_disk"
+    args = ["--iters", "3", "--epochs", "1", "--accum", "2", "--save-every", "1", "--no-noise", "--batch-size", "2"]
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(TOY_SCRIPT),
+         str(out), *args, "--fail-save-at", "2"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode != 0
+    errors = {line.split(": ", 2)[1]: line.split(": ", 2)[2] for line in result.stderr.splitlines()
+              if line.startswith("error: rank ")}
+    assert set(errors) == {"rank 0", "rank 1"}, result.stderr[-3000:]
+    assert errors["rank 1"] == errors["rank 0"]
+    assert "step_00000002: No space left on device" in errors["rank 0"]
+    assert "The previous checkpoint (step_00000001) is untouched" in errors["rank 0"]
+    assert "Connection closed by peer" not in result.stderr and "terminate called" not in result.stderr
+    assert latest_checkpoint(out).name == "step_00000001"
+
+
 def test_gradient_accumulation_equals_one_big_batch(tmp_path):
     common = ["--iters", "3", "--epochs", "1", "--no-noise"]
     toy.main([str(tmp_path / "big"), *common, "--batch-size", "4", "--accum", "1", "--dump-dir", str(tmp_path / "b")])
@@ -288,6 +312,48 @@ def test_resume_passes_over_a_damaged_newest_checkpoint_and_matches_uninterrupte
     assert "resuming from" in warning and "step_00000004 instead" in warning
     assert summary["completed"]
     assert_same_run(out, reference)  # through the fallback, bitwise equal to the uninterrupted run
+
+
+def _poison(step_dir: Path, where: str) -> str:
+    """Write NaN into the first trainable tensor, or +inf into an optimizer moment; the name the error gives."""
+    if where == "trainable":
+        tensors = load_file(step_dir / "trainable.safetensors")
+        name = sorted(tensors)[0]
+        tensors[name].view(-1)[0] = float("nan")
+        checkpointing.save_trainable(step_dir / "trainable.safetensors", tensors, {"step": "poisoned"})
+        return f"trainable.safetensors: tensor {name!r}"
+    state = torch.load(step_dir / "state.pt", weights_only=True)
+    param_id = sorted(state["optimizer"]["state"])[0]
+    state["optimizer"]["state"][param_id]["exp_avg_sq"].view(-1)[0] = float("inf")
+    torch.save(state, step_dir / "state.pt")
+    return f"state.pt: tensor 'optimizer.state.{param_id}.exp_avg_sq'"
+
+
+@pytest.mark.parametrize("where", ["trainable", "optimizer"])
+def test_resume_passes_over_a_non_finite_newest_checkpoint(tmp_path, reference, caplog, where):
+    """NaN/inf in a trainable tensor or an optimizer moment counts as damage: the resume warns, naming the file
+    and the tensor, and falls back to the newest finite checkpoint; refused only when none is finite."""
+    out = tmp_path / "poisoned"
+    run_toy(out, "--stop-after", "5")  # keep_last=2 kept step_00000004 and step_00000005
+    written = load_checkpoint(out / "checkpoints" / "step_00000005")
+    named = _poison(out / "checkpoints" / "step_00000005", where)
+    with caplog.at_level("WARNING", logger="minigpt4.runners.runner"):
+        summary, _ = run_toy(out, "--resume", "--stop-after", "5")
+    warning = " ".join(r.getMessage() for r in caplog.records if r.levelname == "WARNING")
+    assert f"step_00000005/{named} contains NaN or inf values" in warning
+    assert "resuming from" in warning and "step_00000004 instead" in warning
+    assert summary["global_step"] == 5  # step 5 taken again from step 4: the same tensors as first written
+    redone = load_checkpoint(out / "checkpoints" / "step_00000005")
+    assert_same(redone[0], written[0], "trainable")
+    assert_same(redone[1]["optimizer"], written[1]["optimizer"], "optimizer")
+
+    for step in (4, 5):  # every kept checkpoint non-finite: refused, each one named
+        _poison(out / "checkpoints" / f"step_0000000{step}", where)
+    with pytest.raises(CheckpointError) as info:
+        run_toy(out, "--resume")
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("no complete checkpoint to resume from in")
+    assert all(f"step_0000000{step}/{named.split(':')[0]}" in message for step in (4, 5))
 
 
 def test_resume_when_latest_names_a_deleted_folder_or_nothing_is_complete(tmp_path, caplog):

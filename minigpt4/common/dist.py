@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import gc
+import logging
 import os
 from typing import Any
 
@@ -76,6 +77,15 @@ def init_distributed(device: str = "auto", timeout_minutes: int = 30) -> tuple[i
     return rank, world_size, local_rank, run_device
 
 
+def init_command_processes(device: str) -> tuple[int, int, torch.device]:
+    """`init_distributed` for a command (train, evaluate): (rank, world_size, device), with INFO logging kept on
+    rank 0 alone, as every rank makes the same progress and one report of it is enough."""
+    rank, world_size, _, run_device = init_distributed(device)
+    if rank != 0:
+        logging.getLogger().setLevel(logging.WARNING)
+    return rank, world_size, run_device
+
+
 def is_dist() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -105,6 +115,15 @@ def all_gather_object(obj: Any) -> list[Any]:
     gathered: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, obj)
     return gathered
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank `src`'s `obj` (picklable) on every rank; `obj` itself in a single-process run."""
+    if not is_dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -153,6 +153,15 @@ class VisionTrunk(nn.Module):
     def vision_config(self) -> Blip2VisionConfig:
         return self.vision_model.config
 
+    def init_random_weights(self) -> None:
+        """Draw every weight once, with transformers' init (each part's own `initializer_range`), into an encoder
+        built on the meta device and given storage by `to_empty` (models/from_config.py). Built directly, every
+        Linear/Conv is drawn twice: torch's own reset in the constructor, then transformers' init over it (the
+        1.1 B-parameter encoder's share of a 7B build's random-number work). On an encoder built off the meta
+        device this draws nothing new: transformers marks what it has initialised and skips it."""
+        self.vision_model.init_weights()
+        self.ln_vision.reset_parameters()
+
     def train(self, mode: bool = True):
         # Frozen encoder: always eval, so no dropout ever fires even inside a model in train mode.
         return super().train(False)
@@ -183,9 +192,17 @@ class ImageEncoder(VisionTrunk):
         q_cfg = build_qformer_config(qformer_config, vision_width=self.vision_config.hidden_size)
         self.qformer = Blip2QFormerModel(q_cfg)
         self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, q_cfg.hidden_size))
-        # Same init as LAVIS (only matters for random-weight tests; real runs load checkpoints).
-        nn.init.normal_(self.query_tokens, mean=0.0, std=q_cfg.initializer_range)
+        self._draw_query_tokens()
         self.train(False)
+
+    def _draw_query_tokens(self) -> None:
+        # Same init as LAVIS (only matters for random-weight tests; real runs load checkpoints).
+        nn.init.normal_(self.query_tokens, mean=0.0, std=self.qformer_config.initializer_range)
+
+    def init_random_weights(self) -> None:
+        super().init_random_weights()
+        self.qformer.init_weights()
+        self._draw_query_tokens()
 
     @property
     def qformer_config(self) -> Blip2QFormerConfig:

@@ -151,12 +151,16 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     # encoder_device: cpu (low-resource runs) keeps the 1 B-parameter ViT off a small GPU (fp32 there).
     enc_device = torch.device("cpu") if cfg.encoder_device == "cpu" and not meta else device
     precision = plan_precision(cfg, device, enc_device)
-    # With encoder weights on disk, build the ~1.1 B-parameter encoder on the meta device and let the strict
-    # loader assign the checkpoint tensors: no random init that would be overwritten anyway.
+    # The ~1.1 B-parameter encoder is built on the meta device. With its weights on disk the strict loader
+    # assigns the checkpoint tensors (no random init that would be overwritten anyway); without, it is
+    # materialised once, on its device and in its dtype, and drawn once by transformers' init (as the LLM:
+    # loading.random_init), not first by torch's own layer resets.
     encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path"))
-    with torch.device("meta") if meta or encoder_from_file else nullcontext():
-        with built_in(precision.encoder):  # random init: materialised once, in the dtype it runs in
-            encoder = build_encoder(cfg)
+    with torch.device("meta"), built_in(precision.encoder):
+        encoder = build_encoder(cfg)
+    if not meta and not encoder_from_file:
+        encoder.to_empty(device=enc_device)
+        encoder.init_random_weights()
     with torch.device("meta") if meta else nullcontext():
         llm = build_llm(cfg, tokenizer, device, precision.llm)
         with drawing_from(start_rng):

@@ -13,11 +13,12 @@ renamed into place; `latest` is replaced (write temp file, os.replace) only afte
 write at any moment therefore leaves `latest` pointing at a complete checkpoint. On resume every rank reads the
 same files (a shared filesystem is assumed for multi-node runs) and takes its own entry of the RNG states.
 
-A checkpoint damaged afterwards (a truncated copy, a deleted folder, a `latest` naming nothing) is passed over
-on resume for the newest older one that `keep_last` kept and that reads completely (`newest_complete_checkpoint`,
-which says which one it passed over and why); only when none reads completely is the resume refused. A write
-that fails for lack of space or permission raises CheckpointWriteError, naming the path, the space it needs and
-the space free.
+A checkpoint damaged afterwards (a truncated copy, a deleted folder, a `latest` naming nothing, NaN or inf in a
+trainable tensor or in the optimizer's state) is passed over on resume for the newest older one that `keep_last`
+kept and that reads completely (`newest_complete_checkpoint`, which says which one it passed over and why); only
+when none reads completely is the resume refused. A write that fails for lack of space or permission raises
+CheckpointWriteError, naming the path, the space it needs and the space free; under torchrun rank 0 shares that
+failure, so every rank raises it at once (`written_by_rank0`).
 
 `state.pt` contains only tensors and plain Python values, so it loads with `torch.load(weights_only=True)`.
 `trainable.safetensors` is this project's trainable-checkpoint format, owned by models/checkpoints.py: listed
@@ -34,15 +35,17 @@ import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 
+from minigpt4.common import dist
 from minigpt4.common.errors import CheckpointError
 from minigpt4.common.output_dir import free_bytes, human_bytes, is_space_problem, storage_reason
-from minigpt4.models.checkpoints import load_state_file, save_trainable
+from minigpt4.models.checkpoints import check_finite, load_state_file, save_trainable
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -226,6 +229,33 @@ def save_checkpoint(
     return final
 
 
+def written_by_rank0(write: Callable[[], T], what: str) -> T | None:
+    """Run `write` on rank 0 alone and tell every rank whether it failed; collective (every rank calls it).
+
+    Without this, a failed write ended rank 0 (exit 2) while the others went on into the next step's collective
+    and waited there until torchrun stopped them (NCCL: until its timeout), printing nothing of why. Now every
+    rank raises at once: rank 0 its own exception (traceback kept), the others a CheckpointWriteError with the
+    same one-line message, or a RuntimeError naming rank 0's failure when it was not the disk's. Returns what
+    `write` returned on rank 0, None elsewhere."""
+    result, failure = None, None
+    if dist.is_main():
+        try:
+            result = write()
+        except Exception as err:  # noqa: BLE001 - shared with the other ranks, then re-raised unchanged
+            failure = err
+    shared = None if failure is None else (isinstance(failure, CheckpointWriteError), type(failure).__name__,
+                                           str(failure).strip().split("\n")[0])
+    shared = dist.broadcast_object(shared)
+    if failure is not None:
+        raise failure
+    if shared is not None:
+        disk, kind, message = shared
+        if disk:
+            raise CheckpointWriteError(message)
+        raise RuntimeError(f"rank 0 failed while writing {what}: {kind}: {message}")
+    return result
+
+
 def save_final(output_dir: str | os.PathLike, trainable: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     """Write `final/trainable.safetensors` and `final/config.json` (replacing an older `final/` atomically).
 
@@ -299,8 +329,9 @@ def _short(err: BaseException) -> str:
 
 
 def _read_trainable(path: Path) -> dict[str, torch.Tensor]:
-    """The trainable file, read as every one is (models/checkpoints.load_state_file); the values are checked
-    when they are loaded into the model, in the dtypes it keeps them in (load_trainable_tensors)."""
+    """The trainable file, read as every one is (models/checkpoints.load_state_file); load_checkpoint checks the
+    values for NaN/inf, and loading them into the model checks them again in the dtypes it keeps them in
+    (load_trainable_tensors)."""
     try:
         return load_state_file(path, check_values=False)
     except CheckpointError as err:  # the runner wrote it whole: unreadable now means damaged since
@@ -317,14 +348,27 @@ def _read_state(path: Path) -> dict[str, Any]:
     return state
 
 
+def _tensor_leaves(obj: Any, prefix: str) -> dict[str, torch.Tensor]:
+    """{dotted path: tensor} of every tensor in a nested dict/list/tuple (an optimizer state dict)."""
+    if isinstance(obj, torch.Tensor):
+        return {prefix: obj}
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    return {path: t for key, value in items for path, t in _tensor_leaves(value, f"{prefix}.{key}").items()}
+
+
 def load_checkpoint(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Read (trainable tensors on CPU, state dict) from a checkpoint directory; CheckpointError names the file
-    that is missing, truncated or damaged."""
+    that is missing, truncated or damaged, or the tensor that holds NaN or inf. A non-finite trainable tensor
+    or optimizer moment is damage too, whether the bits changed since or a diverged step was saved: resuming
+    would train on it, and the first optimizer step would carry it into every trainable weight."""
     ckpt = resolve_checkpoint(path)
     for name in (TRAINABLE_FILE, STATE_FILE):
         if not (ckpt / name).is_file():
             raise CheckpointError(f"checkpoint {ckpt} lacks {name}; it is incomplete or not a checkpoint")
-    return _read_trainable(ckpt / TRAINABLE_FILE), _read_state(ckpt / STATE_FILE)
+    tensors, state = _read_trainable(ckpt / TRAINABLE_FILE), _read_state(ckpt / STATE_FILE)
+    check_finite(tensors, ckpt / TRAINABLE_FILE)
+    check_finite(_tensor_leaves(state.get("optimizer", {}), "optimizer"), ckpt / STATE_FILE)
+    return tensors, state
 
 
 @dataclass

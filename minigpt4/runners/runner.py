@@ -36,7 +36,7 @@ from minigpt4.common.errors import CheckpointError
 from minigpt4.models.checkpoints import load_trainable_tensors, trainable_tensors
 from minigpt4.runners import checkpointing as ckpt
 from minigpt4.runners.config import RunConfig
-from minigpt4.runners.data_order import batches_per_pass, epoch_micro_batches
+from minigpt4.runners.data_order import EpochSlice, batches_per_pass, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, MetricsWriter
 from minigpt4.runners.nonfinite import GENERIC_ADVICE, explain_nonfinite_loss
 from minigpt4.runners.optim import build_optimizer, optimizer_param_names
@@ -253,7 +253,8 @@ class Runner:
         if len(set(fingerprints)) > 1:
             raise RuntimeError(f"trainable weights differ between ranks at step {self.global_step} "
                                f"(fingerprints {fingerprints}); DDP replicas diverged")
-        if dist.is_main():
+
+        def write() -> None:  # rank 0 only
             state = {
                 "format": STATE_FORMAT,
                 "global_step": self.global_step,
@@ -267,11 +268,11 @@ class Runner:
                 "rng_states": rng_states,
                 "run_facts": self._run_facts(),
             }
-            path = ckpt.save_checkpoint(
-                self.output_dir, self.global_step, trainable, state,
-                keep_last=self.cfg.keep_last,
-            )
+            path = ckpt.save_checkpoint(self.output_dir, self.global_step, trainable, state,
+                                        keep_last=self.cfg.keep_last)
             log.info("saved checkpoint %s", path)
+
+        ckpt.written_by_rank0(write, f"checkpoint step {self.global_step}")  # a failure: every rank raises it
         self.last_saved_step = self.global_step
 
     def _write_run_config(self) -> None:
@@ -409,9 +410,8 @@ class Runner:
         if completed:
             final_dir = self.output_dir / ckpt.FINAL_DIR
             trainable = trainable_tensors(self.model)
-            if dist.is_main():
-                ckpt.save_final(self.output_dir, trainable,
-                                {"run": cfg.to_dict(), "config": self.config_to_save, "step": self.global_step})
+            facts = {"run": cfg.to_dict(), "config": self.config_to_save, "step": self.global_step}
+            ckpt.written_by_rank0(lambda: ckpt.save_final(self.output_dir, trainable, facts), "final/")
         dist.barrier()
         return {
             "global_step": self.global_step,
@@ -435,13 +435,11 @@ class Runner:
         window_start, window_steps, window_tokens = time.perf_counter(), 0, 0.0
         while self.global_step < stop_at:
             if batches is None:
-                batches = epoch_micro_batches(
-                    self.dataset, self.collate_fn, batch_size=cfg.batch_size, rank=self.rank,
-                    world_size=self.world_size, seed=cfg.seed, epoch=self.epoch,
-                    num_batches=self.iters_per_epoch * accum, start=self.iter_in_epoch * accum,
-                    num_workers=cfg.num_workers, pin_memory=self.pin_memory,
-                    shuffle=cfg.shuffle,
-                )
+                part = EpochSlice(batch_size=cfg.batch_size, rank=self.rank, world_size=self.world_size,
+                                  seed=cfg.seed, epoch=self.epoch, num_batches=self.iters_per_epoch * accum,
+                                  start=self.iter_in_epoch * accum, shuffle=cfg.shuffle)
+                batches = epoch_micro_batches(self.dataset, self.collate_fn, part, num_workers=cfg.num_workers,
+                                              pin_memory=self.pin_memory)
             step_epoch = self.epoch
             metrics, tokens, nonfinite, preempt = self._accumulate(batches)
             lr = self.lr_at(self.global_step)
