@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
-
-from omegaconf import OmegaConf  # noqa: E402
-
-from minigpt4.common.config import ModelConfig, merge, validate_model_config  # noqa: E402
-from minigpt4.models.from_config import build_model  # noqa: E402
+from minigpt4.common.config import ConfigError, ModelConfig, load_yaml, merge, validate_model_config
+from minigpt4.models.from_config import build_model
 
 
 def count(module) -> int:
@@ -41,23 +39,28 @@ def summarize(model) -> dict:
     return parts
 
 
-def main(argv=None) -> None:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cfg-path", required=True, help="a train or eval YAML with a `model:` section")
     ap.add_argument("--device", default="meta", help="meta (default: shapes only) or cpu/cuda to build for real")
     ap.add_argument("--options", nargs="*", default=[], help="model.key=value overrides")
     args = ap.parse_args(argv)
-    raw = OmegaConf.load(args.cfg_path)
-    model_options = [o.split("model.", 1)[1] for o in args.options if o.startswith("model.")]
-    # On the meta device only shapes matter: weight paths left as ??? in a recipe may stay unset.
-    cfg = merge(ModelConfig, raw.get("model", {}), options=model_options, where=f"{args.cfg_path}: model",
-                allow_missing=args.device == "meta")
-    validate_model_config(cfg, check_files=args.device != "meta")
+    try:
+        raw = load_yaml(args.cfg_path)  # duplicate keys, tabs, syntax errors: a ConfigError naming file:line
+        model_options = [o.split("model.", 1)[1] for o in args.options if o.startswith("model.")]
+        # On the meta device only shapes matter: weight paths left as ??? in a recipe may stay unset.
+        cfg = merge(ModelConfig, raw.get("model", {}), options=model_options, where=f"{args.cfg_path}: model",
+                    allow_missing=args.device == "meta")
+        validate_model_config(cfg, check_files=args.device != "meta")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
     model = build_model(cfg, device=args.device)
     out = {"config": args.cfg_path, "arch": cfg.arch, "projector_type": cfg.mm_projector_type,
            "params": summarize(model)}
     print(json.dumps(out, indent=2))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -135,7 +135,7 @@ def quick_val(model, data_dir: Path, n_images: int) -> dict:
         "examples": [r["caption"] for r in rows[:3]]}
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", default="data/shapes_world_base_train",
                     help="training shapes world (TRAIN_WORLD; generated if missing)")
@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-images", type=int, default=100, help="val images captioned for the final check")
     ap.add_argument("--val-every", type=int, default=0,
                     help="also check every N steps, a multiple of 100 (0: only at the end)")
-    args = ap.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    start_time = time.perf_counter()
-    data_dir, out_dir = Path(args.data), Path(args.out)
+    return ap.parse_args(argv)
 
+
+def ensure_training_world(data_dir: Path) -> None:
+    """Generate TRAIN_WORLD into data_dir if it has none; refuse a world made with other parameters."""
     if not (data_dir / "meta.json").is_file():
         print(f"generating the shapes world into {data_dir}", flush=True)
         build_shapes_world(data_dir, **TRAIN_WORLD)
@@ -167,32 +167,45 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{data_dir}/meta.json: this world differs from the base model's "
                          f"(key: (found, expected)): {differing}; regenerate it or pass another --data")
 
-    train = ShapesQADataset(data_dir, "train", image_size=IMAGE_SIZE,
-                            question_fraction=args.question_fraction, seed=args.seed)
-    tokenizer_dir = out_dir / "tokenizer"
-    train_tokenizer(str(tokenizer_dir), tokenizer_corpus(train), TOKENIZER_VOCAB)
 
-    torch.manual_seed(args.seed)
-    model = build_model(model_config(str(tokenizer_dir)))
-    model.requires_grad_(True)  # stage 0 trains everything; MiniGPT4 froze the encoder and the LLM
-    model.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"{n_params / 1e6:.2f}M parameters, vocabulary {len(model.tokenizer)}", flush=True)
-    probe = ObjectProbe(model.encoder.out_dim, len(CLASS_NAMES))
-    named = list(model.named_parameters()) + list(probe.named_parameters())
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float,
+                   weight_decay: float) -> torch.optim.Optimizer:
     # Weight decay on matrices only: not on norms, biases, or the ViT's patch/position/class embeddings.
     decay = [p for n, p in named if p.dim() >= 2 and "embedding" not in n]
     no_decay = [p for n, p in named if not (p.dim() >= 2 and "embedding" not in n)]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.98))
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=(0.9, 0.98))
 
+
+def train_step(model, probe: ObjectProbe, optimizer: torch.optim.Optimizer, batch: dict,
+               flips: torch.Generator, probe_weight: float) -> tuple[float, float]:
+    """One optimizer step on the caption/answer loss plus the object-presence loss; returns both losses."""
+    images = batch["image"]
+    # Mirror half the images: no caption or question depends on left/right, and it doubles the views.
+    flip = torch.rand(images.shape[0], generator=flips) < 0.5
+    images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+    # Encode with gradients: MiniGPT4.encode_images runs the (normally frozen) encoder under no_grad.
+    features = model.encoder(images)
+    out = model({"image_features": features, "instruction": batch["instruction"], "answer": batch["answer"]})
+    probe_loss = F.binary_cross_entropy_with_logits(probe(features), batch["objects"])
+    optimizer.zero_grad(set_to_none=True)
+    (out["loss"] + probe_weight * probe_loss).backward()
+    # Clip over the model's parameters, then the probe's: the order fixes the float sum of the norm.
+    torch.nn.utils.clip_grad_norm_([*model.parameters(), *probe.parameters()], 1.0)
+    optimizer.step()
+    return out["ce"].item(), probe_loss.item()
+
+
+def train(model, probe: ObjectProbe, optimizer: torch.optim.Optimizer, dataset: ShapesQADataset,
+          args: argparse.Namespace, start_time: float) -> list[dict]:
+    """args.steps steps over reshuffled epochs; returns the log, one entry (mean losses) per 100 steps."""
     shuffle = torch.Generator().manual_seed(args.seed)
     flips = torch.Generator().manual_seed(args.seed + 1)
-    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, drop_last=True,
+    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                          collate_fn=collate, generator=shuffle)
     log, step, epoch, running = [], 0, 0, []
     while step < args.steps:
-        train.set_epoch(epoch)
+        dataset.set_epoch(epoch)
         for batch in loader:
             if step >= args.steps:
                 break
@@ -200,19 +213,7 @@ def main(argv: list[str] | None = None) -> int:
                                       warmup_lr=args.lr / 100, init_lr=args.lr, min_lr=args.lr / 50)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            images = batch["image"]
-            # Mirror half the images: no caption or question depends on left/right, and it doubles the views.
-            flip = torch.rand(images.shape[0], generator=flips) < 0.5
-            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
-            # Encode with gradients: MiniGPT4.encode_images runs the (normally frozen) encoder under no_grad.
-            features = model.encoder(images)
-            out = model({"image_features": features, "instruction": batch["instruction"], "answer": batch["answer"]})
-            probe_loss = F.binary_cross_entropy_with_logits(probe(features), batch["objects"])
-            optimizer.zero_grad(set_to_none=True)
-            (out["loss"] + args.probe_weight * probe_loss).backward()
-            torch.nn.utils.clip_grad_norm_([p for _, p in named], 1.0)
-            optimizer.step()
-            running.append((out["ce"].item(), probe_loss.item()))
+            running.append(train_step(model, probe, optimizer, batch, flips, args.probe_weight))
             step += 1
             if step % 100 == 0 or step == args.steps:
                 entry = {"step": step, "epoch": epoch, "lr": lr, "loss": sum(r[0] for r in running) / len(running),
@@ -221,20 +222,47 @@ def main(argv: list[str] | None = None) -> int:
                 log.append(entry)
                 running = []
                 if args.val_every and step % args.val_every == 0 and step < args.steps:
-                    entry["val"] = quick_val(model, data_dir, args.val_images)
+                    entry["val"] = quick_val(model, Path(args.data), args.val_images)
                 print(json.dumps(entry), flush=True)
         epoch += 1
-    train_seconds = time.perf_counter() - start_time
+    return log
 
+
+def save_model(model, out_dir: Path, tokenizer_dir: Path, dtype: str, steps: int) -> None:
+    """model.safetensors (in `dtype`) and model.yaml, the `model:` section that rebuilds it."""
     model.eval()
-    state = {k: v.to(torch.bfloat16 if args.dtype == "bf16" else torch.float32)
-             for k, v in model.state_dict().items()}
+    state = {k: v.to(torch.bfloat16 if dtype == "bf16" else torch.float32) for k, v in model.state_dict().items()}
     save_state_file(out_dir / "model.safetensors", state,
-                    metadata={"what": "shapes-world stage-0 base model", "steps": str(args.steps)})
+                    metadata={"what": "shapes-world stage-0 base model", "steps": str(steps)})
     cfg = model_config(repo_relative(tokenizer_dir), repo_relative(out_dir / "model.safetensors"))
     (out_dir / "model.yaml").write_text(
         "# The `model:` section of the shapes-world base model (scripts/train_shapes_base.py writes it).\n"
         + yaml.safe_dump({"model": cfg}, sort_keys=False), encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start_time = time.perf_counter()
+    data_dir, out_dir = Path(args.data), Path(args.out)
+    ensure_training_world(data_dir)
+
+    dataset = ShapesQADataset(data_dir, "train", image_size=IMAGE_SIZE,
+                              question_fraction=args.question_fraction, seed=args.seed)
+    tokenizer_dir = out_dir / "tokenizer"
+    train_tokenizer(str(tokenizer_dir), tokenizer_corpus(dataset), TOKENIZER_VOCAB)
+    torch.manual_seed(args.seed)
+    model = build_model(model_config(str(tokenizer_dir)))
+    model.requires_grad_(True)  # stage 0 trains everything; MiniGPT4 froze the encoder and the LLM
+    model.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"{n_params / 1e6:.2f}M parameters, vocabulary {len(model.tokenizer)}", flush=True)
+    probe = ObjectProbe(model.encoder.out_dim, len(CLASS_NAMES))
+    named = list(model.named_parameters()) + list(probe.named_parameters())
+    optimizer = make_optimizer(named, args.lr, args.weight_decay)
+    log = train(model, probe, optimizer, dataset, args, start_time)
+    train_seconds = time.perf_counter() - start_time
+    save_model(model, out_dir, tokenizer_dir, args.dtype, args.steps)
 
     # Check what was saved (bf16 rounding included), not the in-memory fp32 weights.
     reloaded = build_model(model_config(str(tokenizer_dir), str(out_dir / "model.safetensors")))

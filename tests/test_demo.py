@@ -327,6 +327,21 @@ def test_model_config_errors_name_the_key(tmp_path):
         loading.load_model_config(tmp_path / "nope.yaml")
 
 
+
+def test_config_files_go_through_the_project_yaml_checks(tmp_path):
+    """A duplicate key (which omegaconf alone would report as a yaml traceback) is a ConfigError naming
+    file:line:column, for the model section and for the eval extras alike."""
+    path = tmp_path / "dup.yaml"
+    path.write_text("model:\n  arch: minigpt4\n  num_query_tokens: 4\n  arch: llava15\n")
+    expected = rf"{path}:4:3: duplicate key 'arch' \(in the mapping that starts on line 2\)"
+    with pytest.raises(ConfigError, match=expected):
+        loading.load_model_config(path)
+    with pytest.raises(ConfigError, match=expected):
+        loading.demo_extras(path)
+    path.write_text("- model\n- eval\n")
+    with pytest.raises(ConfigError, match=rf"{path}:1: the top level is a list; expected a mapping"):
+        loading.load_model_config(path)
+
 # ------------------------------------------------------------------------------------------ gradio glue
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request only warns
 def test_handlers_turn_errors_into_status_lines(engine, tmp_path, image_path, model, monkeypatch):

@@ -25,3 +25,13 @@ def test_7b_minigpt4_counts_for_vib_and_linear():
     assert vib["trainable"] == vib["projector_trainable"]
     linear = _summary("train_configs/adavib_minigpt4_7b.yaml", "model.mm_projector_type=linear")
     assert linear["projector_trainable"] == 3_149_824  # 768 × 4096 + 4096
+
+
+def test_a_duplicate_key_is_one_line_naming_the_file_and_line(tmp_path):
+    cfg = tmp_path / "dup.yaml"
+    cfg.write_text("model:\n  arch: minigpt4\n  mm_projector_type: vib\n  mm_projector_type: linear\n")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "scripts/model_summary.py"), "--cfg-path", str(cfg)],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == (f"config error: {cfg}:4:3: duplicate key 'mm_projector_type' (in the mapping "
+                                   "that starts on line 2); each key may appear once")

@@ -97,9 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.models.from_config import build_model
     from minigpt4.models.loading import files_to_record as weight_files
 
-    rank, _, _, device = dist.init_distributed(settings.device)
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    rank, _, device = dist.init_command_processes(settings.device)
     lock = None
     try:
         lock = claim_output_dir(settings.output_dir, "eval.output_dir")  # one evaluation at a time in a folder

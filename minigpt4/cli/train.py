@@ -86,9 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     from minigpt4.models.loading import files_to_record as weight_files
     from minigpt4.runners.runner import Runner
 
-    rank, world, _, device = dist.init_distributed(run.device)
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    rank, world, device = dist.init_command_processes(run.device)
     torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
     lock = None
     try:

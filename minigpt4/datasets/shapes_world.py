@@ -24,11 +24,12 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
+
+from minigpt4.datasets.shape_drawings import SHAPE_PRIMITIVES, shape_mask
 
 VERSION = 1
 JPEG_QUALITY = 95
-SUPERSAMPLE = 4  # masks are drawn 4x larger and box-filtered down: smooth edges on 64-pixel images
 MAX_OBJECTS = 4
 POPE_QUESTIONS_PER_SIDE = 3  # per image: up to 3 "yes" questions and as many "no" questions
 POPE_SPLITS = ("random", "popular", "adversarial")
@@ -99,61 +100,14 @@ class ShapeObject:
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing: each class is a list of primitives in a unit frame ([-1, 1]^2, y down), filled with
-# 255 (ink) or 0 (a hole: ring, moon, the house's door), drawn in order onto a mask.
+# Drawing (the classes' drawings are in shape_drawings.py)
 
-def _regular_polygon(corners: int, inner: float | None = None, turn: float = -np.pi / 2) -> list:
-    steps = corners * (2 if inner else 1)
-    points = []
-    for k in range(steps):
-        r = inner if inner and k % 2 else 1.0
-        angle = turn + 2 * np.pi * k / steps
-        points.append((r * np.cos(angle), r * np.sin(angle)))
-    return points
-
-
-_SHAPE_PRIMITIVES: dict[str, list[tuple[str, list, int]]] = {
-    "circle": [("ellipse", [(-1, -1), (1, 1)], 255)],
-    "square": [("polygon", [(-0.8, -0.8), (0.8, -0.8), (0.8, 0.8), (-0.8, 0.8)], 255)],
-    "star": [("polygon", _regular_polygon(5, inner=0.42), 255)],
-    "tree": [("polygon", [(0, -1), (0.55, -0.15), (-0.55, -0.15)], 255),
-             ("polygon", [(0, -0.55), (0.8, 0.5), (-0.8, 0.5)], 255),
-             ("polygon", [(-0.18, 0.5), (0.18, 0.5), (0.18, 1), (-0.18, 1)], 255)],
-    "ring": [("ellipse", [(-1, -1), (1, 1)], 255), ("ellipse", [(-0.55, -0.55), (0.55, 0.55)], 0)],
-    "triangle": [("polygon", [(0, -0.95), (0.95, 0.75), (-0.95, 0.75)], 255)],
-    "heart": [("ellipse", [(-1, -0.8), (0.05, 0.2)], 255), ("ellipse", [(-0.05, -0.8), (1, 0.2)], 255),
-              ("polygon", [(-0.96, -0.15), (0.96, -0.15), (0, 1)], 255)],
-    "diamond": [("polygon", [(0, -1), (0.65, 0), (0, 1), (-0.65, 0)], 255)],
-    "hexagon": [("polygon", _regular_polygon(6, turn=0.0), 255)],
-    "bar": [("polygon", [(-1, -0.3), (1, -0.3), (1, 0.3), (-1, 0.3)], 255)],
-    "ellipse": [("ellipse", [(-1, -0.55), (1, 0.55)], 255)],
-    "moon": [("ellipse", [(-1, -1), (1, 1)], 255), ("ellipse", [(-0.4, -1.05), (1.3, 0.65)], 0)],
-    "house": [("polygon", [(-0.75, 1), (-0.75, -0.1), (0, -0.9), (0.75, -0.1), (0.75, 1)], 255),
-              ("polygon", [(-0.2, 0.35), (0.2, 0.35), (0.2, 1), (-0.2, 1)], 0)],
-    "arrow": [("polygon", [(-1, -0.22), (0.2, -0.22), (0.2, -0.6), (1, 0), (0.2, 0.6), (0.2, 0.22),
-                           (-1, 0.22)], 255)],
-    "bolt": [("polygon", [(0.2, -1), (-0.6, 0.15), (-0.05, 0.15), (-0.25, 1), (0.6, -0.2),
-                          (0.05, -0.2), (0.4, -1)], 255)],
-}
-assert set(_SHAPE_PRIMITIVES) == set(CLASS_NAMES), "every class needs a drawing"
+assert set(SHAPE_PRIMITIVES) == set(CLASS_NAMES), "every class needs a drawing"
 
 
 def object_mask(obj: ShapeObject, size: int) -> np.ndarray:
     """uint8 [size, size] coverage of one object (0..255, anti-aliased), ignoring occlusion."""
-    big = size * SUPERSAMPLE
-    canvas = Image.new("L", (big, big), 0)
-    draw = ImageDraw.Draw(canvas)
-
-    def to_pixels(points: list) -> list[tuple[float, float]]:
-        return [((obj.x + u * obj.radius) * SUPERSAMPLE, (obj.y + v * obj.radius) * SUPERSAMPLE)
-                for u, v in points]
-
-    for kind, points, fill in _SHAPE_PRIMITIVES[obj.name]:
-        if kind == "ellipse":
-            draw.ellipse(to_pixels(points), fill=fill)
-        else:
-            draw.polygon(to_pixels(points), fill=fill)
-    return np.asarray(canvas.reduce(SUPERSAMPLE))
+    return shape_mask(obj.name, obj.x, obj.y, obj.radius, size)
 
 
 def _render(objects: Sequence[ShapeObject], size: int, rng: np.random.Generator):
@@ -358,6 +312,142 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         (out_dir / folder).mkdir(parents=True, exist_ok=True)
 
 
+def _check_world_args(num_train: int, num_val: int, image_size: int, cooccurrence: float,
+                      val_cooccurrence: float, captions_per_image: int) -> None:
+    if num_train < 1 or num_val < 1:
+        raise ValueError(f"need num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
+    for name, value in (("cooccurrence", cooccurrence), ("val_cooccurrence", val_cooccurrence)):
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
+    if not 1 <= captions_per_image <= len(CAPTION_TEMPLATES):
+        raise ValueError(
+            f"captions_per_image must be in 1..{len(CAPTION_TEMPLATES)}, got {captions_per_image}"
+        )
+
+
+def _instance_rows(objects: Sequence[ShapeObject], masks: Sequence[np.ndarray], image_id: int,
+                   first_id: int) -> list[dict]:
+    """COCO instance annotations of one image; the box and area are those of the mask's ink (>= 128)."""
+    rows = []
+    for offset, (obj, mask) in enumerate(zip(objects, masks)):
+        ys, xs = np.nonzero(mask >= 128)
+        x0, y0 = (int(xs.min()), int(ys.min())) if len(xs) else (int(obj.x), int(obj.y))
+        x1, y1 = (int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x0, y0)
+        rows.append({
+            "id": first_id + offset, "image_id": image_id, "category_id": CLASS_NAMES.index(obj.name) + 1,
+            "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(len(xs)), "iscrowd": 0,
+            "attributes": {"colour": obj.colour, "size": obj.size},
+        })
+    return rows
+
+
+def _image_captions(objects: Sequence[ShapeObject], seed: int, index: int, count: int) -> list[str]:
+    """`count` captions of one image from distinct templates, drawn per image, in template order."""
+    templates = np.random.default_rng([seed, index, _TEMPLATES]).permutation(len(CAPTION_TEMPLATES))
+    return [make_caption(objects, template, caption_rng(seed, index, template))
+            for template in sorted(int(t) for t in templates[:count])]
+
+
+def _draw_images(out: Path, num_train: int, num_val: int, seed: int, image_size: int, cooccurrence: float,
+                 val_cooccurrence: float, captions_per_image: int) -> tuple[dict, list]:
+    """Sample, render, save and caption every image (train first, ids from 1). Returns the COCO rows per
+    split ({"images", "instances", "captions"}) and (split, index, id, classes) per image. Annotation ids
+    run on across the splits, as they are unique in the whole world."""
+    coco = {split: {"images": [], "instances": [], "captions": []} for split in ("train", "val")}
+    present_by_image = []
+    for index in range(num_train + num_val):
+        split = "train" if index < num_train else "val"
+        image_id, file_name = index + 1, f"{index + 1:0>12}.jpg"
+        objects = sample_scene(np.random.default_rng([seed, index, _SCENE]), image_size,
+                               cooccurrence if split == "train" else val_cooccurrence)
+        image, masks = _render(objects, image_size, np.random.default_rng([seed, index, _RENDER]))
+        image.save(out / "images" / file_name, "JPEG", quality=JPEG_QUALITY)
+        rows = coco[split]
+        rows["images"].append({"id": image_id, "file_name": file_name, "width": image_size, "height": image_size})
+        first_id = sum(len(r["instances"]) for r in coco.values()) + 1
+        rows["instances"].extend(_instance_rows(objects, masks, image_id, first_id))
+        first_id = sum(len(r["captions"]) for r in coco.values()) + 1
+        rows["captions"].extend({"id": first_id + offset, "image_id": image_id, "caption": caption}
+                                for offset, caption in enumerate(_image_captions(objects, seed, index,
+                                                                                 captions_per_image)))
+        present_by_image.append((split, index, image_id, [o.name for o in objects]))
+    return coco, present_by_image
+
+
+def _class_statistics(present_by_image: Sequence[tuple[str, int, int, list[str]]]) -> tuple[dict, dict]:
+    """Images containing each class, and each pair of classes, over every image of both splits (POPE's
+    popular/adversarial negatives and meta.json)."""
+    class_image_counts = {name: 0 for name in CLASS_NAMES}
+    pair_counts = {a: {b: 0 for b in CLASS_NAMES} for a in CLASS_NAMES}
+    for _, _, _, names in present_by_image:
+        present = set(names)
+        for a in present:
+            class_image_counts[a] += 1
+            for b in present - {a}:
+                pair_counts[a][b] += 1
+    return class_image_counts, pair_counts
+
+
+def _write_coco_annotations(out: Path, coco: dict[str, dict[str, list[dict]]], seed: int) -> dict[str, Path]:
+    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
+    paths = {}
+    for split in ("train", "val"):
+        for kind in ("instances", "captions"):
+            path = out / "annotations" / f"{kind}_{split}2014.json"
+            paths[f"{kind}_{split}"] = path
+            data = {"info": {"description": f"shapes world v{VERSION}, seed {seed}"},
+                    "images": coco[split]["images"], "annotations": coco[split][kind]}
+            if kind == "instances":
+                data["categories"] = categories
+            _write_json(path, data)
+    return paths
+
+
+def _write_caption_files(out: Path, coco: dict[str, dict[str, list[dict]]]) -> dict[str, Path]:
+    """The training captions (AdaVIB/LURE format), CHAIR's synonym list and CHAIR's captioning set."""
+    paths = {"train_captions": out / "train_captions.json", "synonyms": out / "synonyms.txt",
+             "val_images": out / "val_images.json"}
+    _write_json(paths["train_captions"], [{"image_id": row["image_id"], "caption": row["caption"]}
+                                          for row in coco["train"]["captions"]])
+    paths["synonyms"].write_text("".join(", ".join((c.name, *c.synonyms)) + "\n" for c in SHAPE_CLASSES),
+                                 encoding="utf-8")
+    _write_json(paths["val_images"], [{"image_id": img["id"], "image": img["file_name"]}
+                                      for img in coco["val"]["images"]])
+    return paths
+
+
+def _write_pope_files(out: Path, present_by_image: Sequence[tuple[str, int, int, list[str]]],
+                      class_image_counts: dict[str, int], pair_counts: dict[str, dict[str, int]],
+                      seed: int) -> dict[str, Path]:
+    val_scenes = [(index, image_id, names) for split, index, image_id, names in present_by_image if split == "val"]
+    paths = {}
+    for split, rows in build_pope_questions(val_scenes, class_image_counts, pair_counts, seed).items():
+        paths[f"pope_{split}"] = out / "pope" / f"{split}.jsonl"
+        paths[f"pope_{split}"].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return paths
+
+
+def _world_meta(params: dict, class_image_counts: dict[str, int], pair_counts: dict[str, dict[str, int]],
+                files: dict[str, str]) -> dict:
+    return {
+        "generator": "minigpt4.datasets.shapes_world", "version": VERSION,
+        "params": {**params, "max_objects": MAX_OBJECTS, "pope_questions_per_side": POPE_QUESTIONS_PER_SIDE,
+                   "jpeg_quality": JPEG_QUALITY},
+        "classes": [asdict(c) for c in SHAPE_CLASSES],
+        "cooccurrence_pairs": [list(pair) for pair in COOCCURRENCE_PAIRS],
+        "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
+        "sizes": {name: RADIUS_FRACTION[name] for name in SIZES},
+        "caption_templates": list(CAPTION_TEMPLATES),
+        "splits": {"train": {"first_id": 1, "count": params["num_train"]},
+                   "val": {"first_id": params["num_train"] + 1, "count": params["num_val"]}},
+        "class_image_counts": class_image_counts,
+        "pair_image_counts": pair_counts,
+        "files": files,
+    }
+
+
 def build_shapes_world(
     out_dir: str | os.PathLike,
     *,
@@ -383,105 +473,17 @@ def build_shapes_world(
     """
     if val_cooccurrence is None:
         val_cooccurrence = cooccurrence
-    if num_train < 1 or num_val < 1:
-        raise ValueError(f"need num_train >= 1 and num_val >= 1, got {num_train} and {num_val}")
-    if image_size < 32:
-        raise ValueError(f"image_size must be at least 32 pixels, got {image_size}")
-    for name, value in (("cooccurrence", cooccurrence), ("val_cooccurrence", val_cooccurrence)):
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"{name} is a probability in [0, 1], got {value}")
-    if not 1 <= captions_per_image <= len(CAPTION_TEMPLATES):
-        raise ValueError(
-            f"captions_per_image must be in 1..{len(CAPTION_TEMPLATES)}, got {captions_per_image}"
-        )
+    params = {"num_train": num_train, "num_val": num_val, "seed": seed, "image_size": image_size,
+              "cooccurrence": cooccurrence, "val_cooccurrence": val_cooccurrence,
+              "captions_per_image": captions_per_image}  # meta.json's order
+    _check_world_args(num_train, num_val, image_size, cooccurrence, val_cooccurrence, captions_per_image)
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
-
-    categories = [{"id": i + 1, "name": name, "supercategory": "shape"} for i, name in enumerate(CLASS_NAMES)]
-    category_id = {name: i + 1 for i, name in enumerate(CLASS_NAMES)}
-    coco = {split: {"images": [], "instances": [], "captions": []} for split in ("train", "val")}
-    train_captions: list[dict] = []
-    present_by_image: list[tuple[str, int, int, list[str]]] = []  # split, index, id, classes
-    n_instances = n_captions = 0
-    for index in range(num_train + num_val):
-        split = "train" if index < num_train else "val"
-        image_id = index + 1
-        file_name = f"{image_id:0>12}.jpg"
-        objects = sample_scene(np.random.default_rng([seed, index, _SCENE]), image_size,
-                               cooccurrence if split == "train" else val_cooccurrence)
-        image, masks = _render(objects, image_size, np.random.default_rng([seed, index, _RENDER]))
-        image.save(out / "images" / file_name, "JPEG", quality=JPEG_QUALITY)
-        coco[split]["images"].append({"id": image_id, "file_name": file_name,
-                                      "width": image_size, "height": image_size})
-        for obj, mask in zip(objects, masks):
-            ys, xs = np.nonzero(mask >= 128)
-            x0, y0 = (int(xs.min()), int(ys.min())) if len(xs) else (int(obj.x), int(obj.y))
-            x1, y1 = (int(xs.max()) + 1, int(ys.max()) + 1) if len(xs) else (x0, y0)
-            n_instances += 1
-            coco[split]["instances"].append({
-                "id": n_instances, "image_id": image_id, "category_id": category_id[obj.name],
-                "bbox": [x0, y0, x1 - x0, y1 - y0], "area": int(len(xs)), "iscrowd": 0,
-                "attributes": {"colour": obj.colour, "size": obj.size},
-            })
-        templates = np.random.default_rng([seed, index, _TEMPLATES]).permutation(len(CAPTION_TEMPLATES))
-        for template in sorted(int(t) for t in templates[:captions_per_image]):
-            caption = make_caption(objects, template, caption_rng(seed, index, template))
-            n_captions += 1
-            coco[split]["captions"].append({"id": n_captions, "image_id": image_id, "caption": caption})
-            if split == "train":
-                train_captions.append({"image_id": image_id, "caption": caption})
-        present_by_image.append((split, index, image_id, [o.name for o in objects]))
-
-    # Class statistics over every image (POPE's popular/adversarial negatives and meta.json).
-    class_image_counts = {name: 0 for name in CLASS_NAMES}
-    pair_counts = {a: {b: 0 for b in CLASS_NAMES} for a in CLASS_NAMES}
-    for _, _, _, names in present_by_image:
-        present = set(names)
-        for a in present:
-            class_image_counts[a] += 1
-            for b in present - {a}:
-                pair_counts[a][b] += 1
-
-    paths = {"root": out, "images": out / "images", "train_captions": out / "train_captions.json",
-             "synonyms": out / "synonyms.txt", "val_images": out / "val_images.json",
-             "meta": out / "meta.json"}
-    for split in ("train", "val"):
-        for kind in ("instances", "captions"):
-            path = out / "annotations" / f"{kind}_{split}2014.json"
-            paths[f"{kind}_{split}"] = path
-            data = {"info": {"description": f"shapes world v{VERSION}, seed {seed}"},
-                    "images": coco[split]["images"], "annotations": coco[split][kind]}
-            if kind == "instances":
-                data["categories"] = categories
-            _write_json(path, data)
-    _write_json(paths["train_captions"], train_captions)
-    paths["synonyms"].write_text("".join(", ".join((c.name, *c.synonyms)) + "\n" for c in SHAPE_CLASSES),
-                                 encoding="utf-8")
-    _write_json(paths["val_images"], [{"image_id": img["id"], "image": img["file_name"]}
-                                      for img in coco["val"]["images"]])
-    val_scenes = [(index, image_id, names)
-                  for split, index, image_id, names in present_by_image if split == "val"]
-    for split, rows in build_pope_questions(val_scenes, class_image_counts, pair_counts, seed).items():
-        paths[f"pope_{split}"] = out / "pope" / f"{split}.jsonl"
-        paths[f"pope_{split}"].write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-
-    meta = {
-        "generator": "minigpt4.datasets.shapes_world", "version": VERSION,
-        "params": {"num_train": num_train, "num_val": num_val, "seed": seed, "image_size": image_size,
-                   "cooccurrence": cooccurrence, "val_cooccurrence": val_cooccurrence,
-                   "captions_per_image": captions_per_image,
-                   "max_objects": MAX_OBJECTS, "pope_questions_per_side": POPE_QUESTIONS_PER_SIDE,
-                   "jpeg_quality": JPEG_QUALITY},
-        "classes": [asdict(c) for c in SHAPE_CLASSES],
-        "cooccurrence_pairs": [list(pair) for pair in COOCCURRENCE_PAIRS],
-        "colours": {name: list(rgb) for name, rgb in COLOURS.items()},
-        "sizes": {name: RADIUS_FRACTION[name] for name in SIZES},
-        "caption_templates": list(CAPTION_TEMPLATES),
-        "splits": {"train": {"first_id": 1, "count": num_train},
-                   "val": {"first_id": num_train + 1, "count": num_val}},
-        "class_image_counts": class_image_counts,
-        "pair_image_counts": pair_counts,
-        "files": {key: str(path.relative_to(out)) for key, path in paths.items() if key != "root"},
-    }
-    _write_json(paths["meta"], meta)
+    coco, present_by_image = _draw_images(out, **params)
+    class_image_counts, pair_counts = _class_statistics(present_by_image)
+    paths = {"root": out, "images": out / "images", **_write_caption_files(out, coco), "meta": out / "meta.json",
+             **_write_coco_annotations(out, coco, seed),
+             **_write_pope_files(out, present_by_image, class_image_counts, pair_counts, seed)}
+    files = {key: str(path.relative_to(out)) for key, path in paths.items() if key != "root"}
+    _write_json(paths["meta"], _world_meta(params, class_image_counts, pair_counts, files))
     return {key: str(path) for key, path in paths.items()}

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, merge, validate_model_config
+from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, load_yaml, merge, validate_model_config
 from minigpt4.common.tiny_models import tiny_model_config, train_tokenizer
 from minigpt4.models.checkpoints import load_state_file, load_trainable
 from minigpt4.models.minigpt4 import MiniGPT4
@@ -64,9 +64,7 @@ def tiny_tokenizer_dir(cache: Path | None = None) -> str:
 
 
 def _model_section(path: Path) -> DictConfig:
-    raw = OmegaConf.load(path)
-    if not isinstance(raw, DictConfig):
-        raise ConfigError(f"{path}: expected a YAML mapping with a `model:` section")
+    raw = load_yaml(path)  # a mapping, or a ConfigError naming file:line (duplicate key, tab, syntax)
     if "model" in raw:
         section = raw.model
     elif set(raw.keys()) <= set(OmegaConf.structured(ModelConfig).keys()):
@@ -128,7 +126,7 @@ def eval_extras(cfg_path: str | os.PathLike | None) -> tuple[dict | None, str | 
     CHAIR vocabulary the model is evaluated with are the right ones for the demo too."""
     if cfg_path is None:
         return None, None
-    raw = OmegaConf.load(cfg_path)
+    raw = load_yaml(cfg_path)
     vis = OmegaConf.select(raw, "eval.vis_processor", default=None, throw_on_missing=False)
     synonyms = OmegaConf.select(raw, "eval.chair.synonyms", default=None, throw_on_missing=False)
     if synonyms is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from minigpt4.export import hf_parts
-from minigpt4.export.source import ExportError, ExportSource
+from minigpt4.export.source import ExportSource
 from minigpt4.models.encoders import LN_VISION_EPS
 
 PROJECTOR_FILE = "minigpt4_projector.pth"
@@ -99,15 +99,10 @@ def blip2_processor(model, tokenizer, vis_processor: dict | None, template_text:
     from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     size = int(model.encoder.vision_config.image_size)
-    vis = dict(vis_processor or {"name": "blip2_image_eval", "image_size": size})
-    if vis.get("name") != "blip2_image_eval" or int(vis.get("image_size", size)) != size:
-        raise ExportError(f"eval.vis_processor = {vis}: the BLIP-2 processor holds blip2_image_eval at the "
-                                   f"ViT's {size} px; export with that transform")
-    from minigpt4.processors.image import CLIP_MEAN, CLIP_STD
-
+    _, normalisation = hf_parts.image_processor_settings(vis_processor, "blip2_image_eval", size,
+                                                         "BLIP-2 processor", "ViT")
     image_processor = BlipImageProcessorPil(size={"height": size, "width": size}, resample=3, do_convert_rgb=True,
-                                            image_mean=list(vis.get("mean", CLIP_MEAN)),
-                                            image_std=list(vis.get("std", CLIP_STD)))
+                                            **normalisation)
     # Blip2Processor.__init__ drops a chat_template argument and a reloaded one has none: the tokenizer carries it
     # (chat_template.jinja), so `processor.tokenizer.apply_chat_template` renders prompts.
     tokenizer.chat_template = template_text
@@ -121,9 +116,7 @@ def write_blip2_folder(source: ExportSource, out: Path, dtype: torch.dtype, note
     from transformers import Blip2ForConditionalGeneration
 
     model = source.model
-    tokenizer = hf_parts.export_tokenizer(source.cfg, model, notes)
-    image_id = tokenizer.convert_tokens_to_ids(hf_parts.IMAGE_TOKEN)
-    rows = max(len(tokenizer), model.llm.get_input_embeddings().weight.shape[0])
+    tokenizer, image_id, rows = hf_parts.export_vocabulary(source.cfg, model, notes)
     tensors, grown = blip2_tensors(model, rows)
     n = model.encoder.num_query_tokens
     template_text = hf_parts.chat_template(model.template, hf_parts.IMAGE_TOKEN * n)

@@ -1,6 +1,7 @@
-"""Pieces both Hugging Face exports share: the tokenizer with an image token, the chat template written from this
-project's prompt template, the grown vocabulary rows, the VIB side file, and writing a transformers model whose
-tensors are this model's own (assigned on the meta device, so a 7B export holds one copy in memory)."""
+"""Pieces both Hugging Face exports share: the tokenizer with an image token, the image processor's checked
+settings, the chat template written from this project's prompt template, the grown vocabulary rows, the VIB side
+file, and writing a transformers model whose tensors are this model's own (assigned on the meta device, so a 7B
+export holds one copy in memory)."""
 from __future__ import annotations
 
 import json
@@ -55,6 +56,14 @@ def export_tokenizer(cfg, model, notes: list[str]):
     return tokenizer
 
 
+def export_vocabulary(cfg, model, notes: list[str]) -> tuple[object, int, int]:
+    """(`export_tokenizer`'s tokenizer, the id of its `<image>` token, the rows the exported embed_tokens and
+    lm_head need: one per token, or the model's own count where it already has more)."""
+    tokenizer = export_tokenizer(cfg, model, notes)
+    image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return tokenizer, image_id, max(len(tokenizer), model.llm.get_input_embeddings().weight.shape[0])
+
+
 def grown_rows(weight: torch.Tensor, rows: int) -> torch.Tensor:
     """`weight` with rows appended up to `rows`, each the mean of the existing rows (a neutral choice: the image
     token's input embedding is always replaced, and generation_config suppresses it as an output)."""
@@ -78,6 +87,25 @@ def llm_tensors(llm: nn.Module, vocab_rows: int) -> tuple[dict[str, torch.Tensor
 def single_token_id(tokenizer, text: str) -> int | None:
     ids = tokenizer(text, add_special_tokens=False).input_ids
     return ids[0] if len(ids) == 1 else None
+
+
+# ------------------------------------------------------------------------------------------ image processor
+
+
+def image_processor_settings(vis_processor: dict | None, name: str, size: int, processor: str,
+                             tower: str) -> tuple[dict, dict]:
+    """The evaluation transform an exported image processor reproduces, checked, and its normalisation.
+
+    `vis_processor` (eval.vis_processor; None: `name` at `size` px) must be the transform `name` at the vision
+    tower's `size` px, the one transform the HF `processor` holds. Returns (the transform's settings,
+    {"image_mean", "image_std"}: its mean and std, CLIP's unless it sets them)."""
+    from minigpt4.processors.image import CLIP_MEAN, CLIP_STD
+
+    vis = dict(vis_processor or {"name": name, "image_size": size})
+    if vis.get("name") != name or int(vis.get("image_size", size)) != size:
+        raise ExportError(f"eval.vis_processor = {vis}: the {processor} holds {name} at the {tower}'s {size} px; "
+                          "export with that transform")
+    return vis, {"image_mean": list(vis.get("mean", CLIP_MEAN)), "image_std": list(vis.get("std", CLIP_STD))}
 
 
 # -------------------------------------------------------------------------------------------- chat template

@@ -61,16 +61,12 @@ def llava_processor(model, tokenizer, vis_processor: dict | None, template_text:
     from transformers import LlavaProcessor
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
 
-    from minigpt4.processors.image import CLIP_MEAN, CLIP_STD
-
     size = int(model.encoder.config.image_size)
-    vis = dict(vis_processor or {"name": "clip_image_eval", "image_size": size})
-    if vis.get("name") != "clip_image_eval" or int(vis.get("image_size", size)) != size:
-        raise ExportError(f"eval.vis_processor = {vis}: the llava-hf processor holds clip_image_eval at the CLIP "
-                          f"tower's {size} px; export with that transform")
+    vis, normalisation = hf_parts.image_processor_settings(vis_processor, "clip_image_eval", size,
+                                                           "llava-hf processor", "CLIP tower")
     image_processor = LlavaImageProcessorPil(
         size={"shortest_edge": size}, crop_size={"height": size, "width": size}, do_pad=bool(vis.get("pad", True)),
-        resample=3, image_mean=list(vis.get("mean", CLIP_MEAN)), image_std=list(vis.get("std", CLIP_STD)))
+        resample=3, **normalisation)
     strategy = "default" if model.encoder.drop_cls else "full"
     tokenizer.chat_template = template_text  # also usable as processor.tokenizer.apply_chat_template
     return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer,
@@ -83,9 +79,7 @@ def write_llava_folder(source: ExportSource, out: Path, dtype: torch.dtype, note
     from transformers import LlavaForConditionalGeneration
 
     model = source.model
-    tokenizer = hf_parts.export_tokenizer(source.cfg, model, notes)
-    image_id = tokenizer.convert_tokens_to_ids(hf_parts.IMAGE_TOKEN)
-    rows = max(len(tokenizer), model.llm.get_input_embeddings().weight.shape[0])
+    tokenizer, image_id, rows = hf_parts.export_vocabulary(source.cfg, model, notes)
     tensors, grown = llava_tensors(model, rows)
     generation = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id, do_sample=False)

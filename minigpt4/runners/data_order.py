@@ -22,6 +22,7 @@ replaying it (replaying would mean loading and discarding everything already con
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator
 
 import numpy as np
@@ -36,38 +37,41 @@ def batches_per_pass(dataset_len: int, batch_size: int, world_size: int) -> int:
     return dataset_len // (batch_size * world_size)
 
 
+@dataclass(frozen=True)
+class EpochSlice:
+    """Which micro-batches one rank reads: those from `start` up to `num_batches` of `epoch`, `batch_size` samples
+    each, as rank `rank` of `world_size`, in the order `seed` draws (dataset order when not `shuffle`)."""
+
+    batch_size: int
+    rank: int
+    world_size: int
+    seed: int
+    epoch: int
+    num_batches: int
+    start: int = 0
+    shuffle: bool = True
+
+
 class EpochBatchSampler(Sampler[tuple[tuple[tuple[int, int], ...], int]]):
-    """Yields one rank's micro-batches of an epoch, from micro-batch `start` up to `num_batches`.
+    """Yields one rank's micro-batches of an epoch, those of `part` (an EpochSlice).
 
     Each element is a batch key (((dataset index, sample seed), ...), batch seed); `SeededBatches` turns it into
     a collated batch, loading each sample under its own seed and collating under the batch's seed.
     """
 
-    def __init__(
-        self,
-        dataset_len: int,
-        *,
-        batch_size: int,
-        rank: int,
-        world_size: int,
-        seed: int,
-        epoch: int,
-        num_batches: int,
-        start: int = 0,
-        shuffle: bool = True,
-    ):
-        self.per_pass = batches_per_pass(dataset_len, batch_size, world_size)
+    def __init__(self, dataset_len: int, part: EpochSlice):
+        self.per_pass = batches_per_pass(dataset_len, part.batch_size, part.world_size)
         if self.per_pass == 0:
             raise ValueError(
                 f"dataset of {dataset_len} samples is smaller than one global micro-batch "
-                f"(batch_size {batch_size} × world_size {world_size})"
+                f"(batch_size {part.batch_size} × world_size {part.world_size})"
             )
-        if not 0 <= start <= num_batches:
-            raise ValueError(f"start micro-batch {start} is outside [0, {num_batches}]")
-        self.dataset_len, self.batch_size = dataset_len, batch_size
-        self.rank, self.world_size = rank, world_size
-        self.seed, self.epoch = seed, epoch
-        self.num_batches, self.start, self.shuffle = num_batches, start, shuffle
+        if not 0 <= part.start <= part.num_batches:
+            raise ValueError(f"start micro-batch {part.start} is outside [0, {part.num_batches}]")
+        self.dataset_len, self.batch_size = dataset_len, part.batch_size
+        self.rank, self.world_size = part.rank, part.world_size
+        self.seed, self.epoch = part.seed, part.epoch
+        self.num_batches, self.start, self.shuffle = part.num_batches, part.start, part.shuffle
 
     def __len__(self) -> int:
         return self.num_batches - self.start
@@ -131,22 +135,15 @@ def seed_worker(worker_id: int) -> None:
 def epoch_micro_batches(
     dataset: Dataset,
     collate_fn: Callable | None,
+    part: EpochSlice,
     *,
-    batch_size: int,
-    rank: int,
-    world_size: int,
-    seed: int,
-    epoch: int,
-    num_batches: int,
-    start: int,
     num_workers: int,
     pin_memory: bool,
-    shuffle: bool = True,
 ) -> Iterator[Any]:
-    """Iterate over micro-batches `start` … `num_batches - 1` of `epoch` for this rank (collated, on CPU)."""
+    """Iterate over this rank's micro-batches of `part` (collated, on CPU)."""
     # The loader's own generator (not the global one) seeds its workers, so creating a loader mid-run on resume
     # consumes nothing from the training process's random stream.
-    generator = torch.Generator().manual_seed(derive_seed(seed, rank, epoch, start))
+    generator = torch.Generator().manual_seed(derive_seed(part.seed, part.rank, part.epoch, part.start))
     common = dict(
         collate_fn=collate_fn,
         num_workers=num_workers,
@@ -156,34 +153,23 @@ def epoch_micro_batches(
     )
     if isinstance(dataset, IterableDataset):
         if hasattr(dataset, "set_epoch"):
-            dataset.set_epoch(epoch)
-        loader = DataLoader(dataset, batch_size=batch_size, drop_last=True, **common)
-        produced = 0
-        while produced < num_batches - start:
+            dataset.set_epoch(part.epoch)
+        loader = DataLoader(dataset, batch_size=part.batch_size, drop_last=True, **common)
+        wanted, produced = part.num_batches - part.start, 0
+        while produced < wanted:
             got_any = False
             for batch in loader:
                 got_any = True
                 yield batch
                 produced += 1
-                if produced == num_batches - start:
+                if produced == wanted:
                     return
             if not got_any:
-                raise RuntimeError(
-                    f"the training IterableDataset ({type(dataset).__name__}) yielded no full batch of {batch_size}"
-                )
+                raise RuntimeError(f"the training IterableDataset ({type(dataset).__name__}) yielded no full batch "
+                                   f"of {part.batch_size}")
         return
 
-    sampler = EpochBatchSampler(
-        len(dataset),  # type: ignore[arg-type]
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        epoch=epoch,
-        num_batches=num_batches,
-        start=start,
-        shuffle=shuffle,
-    )
+    sampler = EpochBatchSampler(len(dataset), part)  # type: ignore[arg-type]
     # batch_size=None: the sampler yields whole-batch keys and SeededBatches collates, so the loader must not.
     common["collate_fn"] = _identity
     yield from DataLoader(SeededBatches(dataset, collate_fn), sampler=sampler, batch_size=None, **common)

@@ -1,0 +1,219 @@
+"""Hostile JSON / JSONL files: caption JSON, POPE questions and answers, CHAIR captions and image lists, COCO
+annotations and predictions, malformed, mistyped, with NaN / Infinity, not UTF-8, or with a byte-order mark."""
+from __future__ import annotations
+
+import json
+from functools import partial
+from typing import Any
+
+from minigpt4.common.jsonfiles import DataFileError
+from minigpt4.eval import chair as chair_scorer
+from minigpt4.eval import pope as pope_scorer
+from minigpt4.eval.generate import read_predictions
+from minigpt4.eval.settings import ChairSettings, EvalSettings
+
+from _hostile import TINY_RECIPE, Case, Env, Exits2, Holds, Raises, caption_json, no_model_build, write_file
+
+
+def pope_questions(text: str | bytes, env: Env, require_text: bool = False) -> list[dict]:
+    return pope_scorer.load_questions(write_file(env, "random.jsonl", text), require_text=require_text)
+
+
+def pope_answers(text: str | bytes, env: Env) -> list[str]:
+    questions_path = write_file(env, "random.jsonl", "".join(
+        json.dumps({"question_id": q, "image": "a.jpg", "text": "?", "label": "yes"}) + "\n" for q in (1, 2)))
+    questions = pope_scorer.load_questions(questions_path)
+    return pope_scorer.match_answers(questions, questions_path, write_file(env, "answers.jsonl", text))
+
+
+def chair_captions(text: str | bytes, env: Env) -> list[dict]:
+    return chair_scorer.load_captions(write_file(env, "captions.jsonl", text))
+
+
+def predictions(text: str | bytes, env: Env) -> dict:
+    return read_predictions(str(write_file(env, "pope_random_answers.jsonl", text)))
+
+
+def chair_image_list(text: str | bytes, env: Env) -> list[str]:
+    from minigpt4.eval.benchmark_runs import chair_image_list as image_list
+
+    path = write_file(env, "images.json", text)
+    return image_list(EvalSettings(image_dir=str(env.tmp), chair=ChairSettings(images=str(path))))
+
+
+def chair_items_from(images: str | None, env: Env) -> list:
+    """CHAIR generation items from an image list file with text `images`, or (None) a sample of an empty folder."""
+    from minigpt4.eval.benchmark_runs import chair_items
+
+    (env.tmp / "val2014").mkdir()
+    path = None if images is None else str(write_file(env, "images.json", images))
+    return chair_items(EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=path)))
+
+
+def _lines(*rows: Any) -> str:
+    return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+
+
+def coco_instances(text: str, env: Env) -> dict:
+    ann = env.tmp / "annotations"
+    ann.mkdir()
+    write_file(env, "annotations/instances_val2014.json", text)
+    write_file(env, "annotations/captions_val2014.json", json.dumps({"images": [], "annotations": []}))
+    return chair_scorer.build_ground_truth(ann)
+
+
+def train_with_captions(data: bytes, env: Env) -> tuple[int, str]:
+    """train.py on the tiny recipe with `data` as its caption JSON: the dataset is built before any model."""
+    import train
+
+    ann = write_file(env, "captions.json", data)
+    options = env.shared.tiny_data_options() + [f"datasets.caption_json.ann_path={ann}",
+                                                f"run.output_dir={env.tmp / 'out'}"]
+    with no_model_build():
+        return train.main(["--cfg-path", TINY_RECIPE, "--options", *options]), ""
+
+
+BOM = b"\xef\xbb\xbf"  # the UTF-8 byte-order mark Windows editors put first
+CAFE_LATIN1 = "caf\u00e9".encode("latin-1")  # not UTF-8: a lone 0xe9
+NAN_CAPTIONS = b'[{"image_id": 1, "caption": "NaN bread"},\n{"image_id": 2, "caption": NaN}]'
+
+
+Q = {"question_id": 1, "image": "COCO_val2014_000000000001.jpg", "text": "Is there a dog?", "label": "yes"}
+
+JSON_CASES = [
+    # caption JSON (the AdaVIB/LURE training annotations)
+    Case("json/caption/malformed-line",
+         partial(caption_json, '[\n{"image_id": 1, "caption": "a"},\n{"image_id": 2,,}\n]'),
+         Raises(ValueError, ("{tmp}/captions.json:3:", "malformed JSON"))),
+    Case("json/caption/not-a-list", partial(caption_json, '{"image_id": 1, "caption": "a"}'),
+         Raises(ValueError, ("captions.json", "expected a JSON list"))),
+    Case("json/caption/missing-field", partial(caption_json, '[{"image_id": 1, "caption": "a"}, {"image_id": 2}]'),
+         Raises(ValueError, ("captions.json[1]", "missing field 'caption'"))),
+    Case("json/caption/caption-not-a-string", partial(caption_json, '[{"image_id": 1, "caption": 7}]'),
+         Raises(ValueError, ("captions.json[0].caption", "expected a string"))),
+    Case("json/caption/image-id-wrong-type", partial(caption_json, '[{"image_id": [1], "caption": "a"}]'),
+         Raises(ValueError, ("captions.json[0].image_id", "expected an integer or a non-empty string"))),
+    Case("json/caption/duplicate-image-ids",
+         partial(caption_json, '[{"image_id": 1, "caption": "a cat"}, {"image_id": 1, "caption": "a gray cat"}]'),
+         Holds("two samples: COCO-style data has several captions per image")),
+    # POPE questions
+    Case("jsonl/pope-questions/malformed-line", partial(pope_questions, _lines(Q, '{"question_id": 2, "image"')),
+         Raises(ValueError, ("{tmp}/random.jsonl:2:", "not valid JSON"))),
+    Case("jsonl/pope-questions/missing-label",
+         partial(pope_questions, _lines({k: v for k, v in Q.items() if k != "label"})),
+         Raises(ValueError, ("random.jsonl:1:", "no 'label' key"))),
+    Case("jsonl/pope-questions/missing-text-for-generation",
+         partial(pope_questions, _lines({k: v for k, v in Q.items() if k != "text"}), require_text=True),
+         Raises(ValueError, ("random.jsonl:1:", "no 'text' key"))),
+    Case("jsonl/pope-questions/text-not-a-string", partial(pope_questions, _lines({**Q, "text": 3}), require_text=True),
+         Raises(ValueError, ("random.jsonl:1:", "text must be the question as a non-empty string"))),
+    Case("jsonl/pope-questions/question-id-null", partial(pope_questions, _lines({**Q, "question_id": None})),
+         Raises(ValueError, ("random.jsonl:1:", "question_id must be an integer or a non-empty string, got None"))),
+    Case("jsonl/pope-questions/image-wrong-type", partial(pope_questions, _lines({**Q, "image": ["a.jpg"]})),
+         Raises(ValueError, ("random.jsonl:1:", "image must be an integer or a non-empty string"))),
+    Case("jsonl/pope-questions/label-not-yes-no", partial(pope_questions, _lines({**Q, "label": "maybe"})),
+         Raises(ValueError, ("random.jsonl:1:", "label must be 'yes' or 'no'"))),
+    Case("jsonl/pope-questions/duplicate-question-id", partial(pope_questions, _lines(Q, {**Q, "image": "b.jpg"})),
+         Raises(ValueError, ("random.jsonl:2:", "duplicate question_id 1 (first on line 1)"))),
+    # POPE answers
+    Case("jsonl/pope-answers/malformed-line", partial(pope_answers, _lines({"question_id": 1, "answer": "yes"}, "{")),
+         Raises(ValueError, ("{tmp}/answers.jsonl:2:", "not valid JSON"))),
+    Case("jsonl/pope-answers/duplicate-answer",
+         partial(pope_answers, _lines(*({"question_id": q, "answer": "no"} for q in (1, 2, 2)))),
+         Raises(ValueError, ("answers.jsonl:3:", "duplicate answer for question_id 2"))),
+    Case("jsonl/pope-answers/answer-not-a-string",
+         partial(pope_answers, _lines({"question_id": 1, "answer": True}, {"question_id": 2, "answer": "no"})),
+         Raises(ValueError, ("answers.jsonl:1:", "answer must be a string"))),
+    Case("jsonl/pope-answers/missing-answer", partial(pope_answers, _lines({"question_id": 1, "answer": "no"})),
+         Raises(ValueError, ("answers.jsonl", "no answer for 1 question(s)", "[2]"))),
+    # CHAIR captions
+    Case("jsonl/chair-captions/malformed-line", partial(chair_captions, _lines({"image_id": 1, "caption": "a"}, "{]")),
+         Raises(ValueError, ("{tmp}/captions.jsonl:2:", "not valid JSON"))),
+    Case("jsonl/chair-captions/missing-caption", partial(chair_captions, _lines({"image_id": 1})),
+         Raises(ValueError, ("captions.jsonl:1:", "expected an object with 'image_id' and 'caption'"))),
+    Case("jsonl/chair-captions/caption-not-a-string", partial(chair_captions, _lines({"image_id": 1, "caption": 5})),
+         Raises(ValueError, ("captions.jsonl:1:", "'caption' must be a string"))),
+    Case("jsonl/chair-captions/image-id-unreadable",
+         partial(chair_captions, _lines({"image_id": "dog", "caption": "a"})),
+         Raises(ValueError, ("captions.jsonl:1:", "cannot read a COCO image id from 'dog'"))),
+    Case("jsonl/chair-captions/duplicate-image-id",
+         partial(chair_captions, _lines({"image_id": 3, "caption": "a"}, {"image_id": "COCO_val2014_000000000003.jpg",
+                                                                         "caption": "b"})),
+         Holds("both rows kept and scored, as the reference CHAIR does (no de-duplication)")),
+    Case("json/chair-image-list/malformed", partial(chair_image_list, '[{"image_id": 1},'),
+         Raises(ValueError, ("eval.chair.images", "{tmp}/images.json:1:", "malformed JSON"))),
+    # empty benchmark files: refused as empty (issue 13 item 6), before evaluate.py builds a model (config rows)
+    Case("jsonl/pope-questions/empty-file", partial(pope_questions, ""),
+         Raises(ValueError, ("{tmp}/random.jsonl: no questions",))),
+    Case("json/chair-image-list/empty", partial(chair_items_from, "[]"),
+         Raises(DataFileError, ("eval.chair.images: {tmp}/images.json lists no images", "CHAIR needs at least one"))),
+    Case("json/chair-image-list/empty-image-dir", partial(chair_items_from, None),
+         Raises(DataFileError, ("eval.image_dir: {tmp}/val2014 has no .jpg/.jpeg/.png file",))),
+    # predictions written by evaluate.py (and read back to resume)
+    Case("jsonl/predictions/malformed-line", partial(predictions, _lines({"key": "1", "answer": "a"}, "{x", "{}")),
+         Raises(ValueError, ("{tmp}/pope_random_answers.jsonl:2:", "not valid JSON"))),
+    Case("jsonl/predictions/missing-key", partial(predictions, _lines({"answer": "yes"})),
+         Raises(ValueError, ("pope_random_answers.jsonl:1:", "with a 'key'"))),
+    Case("jsonl/predictions/not-an-object", partial(predictions, _lines([1, 2])),
+         Raises(ValueError, ("pope_random_answers.jsonl:1:", "expected a JSON object"))),
+    Case("jsonl/predictions/duplicate-key",
+         partial(predictions, _lines({"key": 7, "answer": "a"}, {"key": "7", "answer": "b"})),
+         Raises(ValueError, ("pope_random_answers.jsonl:2:", "key '7' again (first on line 1)"))),
+    # NaN / Infinity (Python's json reads them; JSON has no such numbers), other encodings, a byte-order mark
+    Case("json/caption/nan-field", partial(caption_json, NAN_CAPTIONS),  # the "NaN" in a string is no match
+         Raises(DataFileError, ("{tmp}/captions.json:2:28: NaN is not valid JSON",))),
+    Case("json/caption/infinity-in-extra-field",
+         partial(caption_json, '[{"image_id": 1, "caption": "a", "score": Infinity}]'),
+         Raises(DataFileError, ("captions.json:1:", "Infinity is not valid JSON"))),
+    Case("json/caption/not-utf8", partial(caption_json, b'[{"image_id": 1, "caption": "' + CAFE_LATIN1 + b'"}]'),
+         Raises(DataFileError, ("{tmp}/captions.json:1: not UTF-8 text (byte 0xe9 at offset 32)",))),
+    Case("json/caption/utf8-bom", partial(caption_json, BOM + b'[{"image_id": 1, "caption": "a"}]'),
+         Holds("read as UTF-8, the mark dropped")),
+    Case("json/caption/nan-field/train-cli", partial(train_with_captions, NAN_CAPTIONS),
+         Exits2(("captions.json:2:28: NaN is not valid JSON",), prefix="error: ")),
+    Case("json/caption/not-utf8/train-cli",
+         partial(train_with_captions, b'[{"image_id": 1, "caption": "' + CAFE_LATIN1 + b'"}]'),
+         Exits2(("captions.json:1: not UTF-8 text",), prefix="error: ")),
+    Case("jsonl/pope-questions/nan-question-id",
+         partial(pope_questions, _lines(Q, '{"question_id": NaN, "image": "a.jpg", "label": "yes"}')),
+         Raises(DataFileError, ("{tmp}/random.jsonl:2:17: NaN is not valid JSON",))),
+    Case("jsonl/pope-questions/not-utf8",
+         partial(pope_questions, _lines({**Q, "text": "Is there a cafe?"}).encode().replace(b"cafe", CAFE_LATIN1)),
+         Raises(DataFileError, ("random.jsonl:1: not UTF-8 text",))),
+    Case("jsonl/pope-questions/utf8-bom", partial(pope_questions, BOM + _lines(Q).encode()),
+         Holds("read as UTF-8, the mark dropped")),
+    Case("jsonl/pope-answers/infinity",
+         partial(pope_answers, _lines('{"question_id": 1, "answer": "yes", "logprob": -Infinity}')),
+         Raises(DataFileError, ("{tmp}/answers.jsonl:1:", "-Infinity is not valid JSON"))),
+    Case("jsonl/pope-answers/utf8-bom",
+         partial(pope_answers, BOM + _lines(*({"question_id": q, "answer": "no"} for q in (1, 2))).encode()),
+         Holds("read as UTF-8, the mark dropped")),
+    Case("jsonl/chair-captions/nan-image-id", partial(chair_captions, _lines('{"image_id": NaN, "caption": "a"}')),
+         Raises(DataFileError, ("{tmp}/captions.jsonl:1:14: NaN is not valid JSON",))),
+    Case("jsonl/chair-captions/not-utf8",
+         partial(chair_captions, b'{"image_id": 1, "caption": "' + CAFE_LATIN1 + b'"}\n'),
+         Raises(DataFileError, ("captions.jsonl:1: not UTF-8 text",))),
+    Case("jsonl/chair-captions/utf8-bom", partial(chair_captions, BOM + _lines({"image_id": 1, "caption": "a"}).encode()),
+         Holds("read as UTF-8, the mark dropped")),
+    Case("json/chair-image-list/nan", partial(chair_image_list, '[{"image_id": NaN}]'),
+         Raises(DataFileError, ("eval.chair.images", "{tmp}/images.json:1:15: NaN is not valid JSON"))),
+    Case("json/chair-image-list/utf8-bom", partial(chair_image_list, BOM + b'[{"image_id": 1}, {"image_id": 2}]'),
+         Holds("read as UTF-8, the mark dropped")),
+    Case("json/coco-annotations/nan", partial(coco_instances, '{"images": [], "annotations": [{"id": 1, '
+                                                               '"image_id": 1, "category_id": NaN}]}'),
+         Raises(DataFileError, ("{tmp}/annotations/instances_val2014.json:1:", "NaN is not valid JSON"))),
+    Case("jsonl/predictions/nan", partial(predictions, _lines('{"key": "1", "answer": NaN}')),
+         Raises(DataFileError, ("{tmp}/pope_random_answers.jsonl:1:", "NaN is not valid JSON"))),
+    Case("jsonl/predictions/not-utf8", partial(predictions, b'{"key": "1", "answer": "' + CAFE_LATIN1 + b'"}\n'),
+         Raises(DataFileError, ("pope_random_answers.jsonl:1: not UTF-8 text",))),
+]
+
+EXPECTED_VALUES = {  # what the Holds rows above return
+    "json/caption/duplicate-image-ids": 2,
+    "jsonl/chair-captions/duplicate-image-id": [{"image_id": 3, "caption": "a"}, {"image_id": 3, "caption": "b"}],
+    "json/caption/utf8-bom": 1,
+    "jsonl/pope-questions/utf8-bom": [Q],
+    "jsonl/pope-answers/utf8-bom": ["no", "no"],
+    "jsonl/chair-captions/utf8-bom": [{"image_id": 1, "caption": "a"}],
+    "json/chair-image-list/utf8-bom": ["1", "2"],
+}
