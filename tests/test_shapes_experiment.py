@@ -149,48 +149,71 @@ def test_progress_line_is_redrawn_in_place_on_a_terminal(monkeypatch):
 
 
 def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, capsys, monkeypatch):
-    """The README's experiment on 48 train / 6 val images: every step runs, the report has every model and
-    both worlds, and a rerun reuses every step."""
+    """The README's experiment on 48 train / 6 val images: the default plan in full (--dry-run), then a run of
+    the base model, linear-CE and AdaVIB on the probe world with POPE's random split alone: every step runs, the
+    report has every model with its Figure-1 correlation, and a rerun with a second seed reuses every step."""
     monkeypatch.chdir(ROOT)  # the script moves there itself; this restores the directory afterwards
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     experiment = _script("shapes_experiment")
     monkeypatch.setattr(experiment, "WORLD_ARGS", {"num_train": 48, "num_val": 6})  # as small_worlds built them
     monkeypatch.setattr(experiment, "PLAIN_EVERY_S", 0.0)  # no terminal here: show every progress line
     out = tmp_path / "exp"
-    argv = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
-            "run.log_every=1"]
-    assert experiment.main(argv) == 0
+    common = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
+              "run.log_every=1"]
+    # The default plan: base, then per variant its training and its two evaluations, then Figure 1 per world.
+    assert experiment.main(common + ["--dry-run"]) == 0
+    plan = re.findall(r"^  \[\d+/13\] run   (\w+) +(.+?) \| \S+ (\S+)", capsys.readouterr().out, re.M)
+    variants = ("linear-CE", "VIB fixed β", "AdaVIB")
+    assert plan == ([("eval", "base model", "evaluate.py")] * 2
+                    + [step for v in variants for step in [("train", f"seed 0, {v}", "train.py")]
+                       + [("eval", f"seed 0, {v}", "evaluate.py")] * 2]
+                    + [("entropy", "Figure 1: H/log V of the visual tokens", "scripts/visual_entropy.py")] * 2)
+    assert not out.exists()  # a dry run runs nothing
+    probe = ["--worlds", "co_occurrence_probe", "--eval-options", "eval.pope.splits=[random]"]
+    assert experiment.main(common + probe + ["--variants", "AdaVIB"]) == 0
     printed = capsys.readouterr().out
     # Where the run stands: step k of N with the elapsed time and what is left, after every step ...
-    assert "plan: 11 steps (11 to run, 0 finished before and reused)" in printed  # 2 + 3 variants × 3
-    done = re.findall(r"^  \[(\d+)/11\] done   (train|eval) in \d+ s · elapsed \d+:\d\d · (.*)$", printed, re.M)
-    assert [int(k) for k, _, _ in done] == list(range(1, 12))
-    assert done[0][2].endswith("left (10 steps)")
+    assert "plan: 6 steps (6 to run, 0 finished before and reused)" in printed  # base, 2 × (train, eval), Figure 1
+    done = re.findall(r"^  \[(\d+)/6\] done   (train|eval|entropy) in \d+ s · elapsed \d+:\d\d · (.*)$", printed,
+                      re.M)
+    assert [(int(k), kind) for k, kind, _ in done] == list(enumerate(
+        ["eval", "train", "eval", "train", "eval", "entropy"], start=1))
+    assert done[0][2].endswith("left (5 steps)")
     assert all(re.fullmatch(r"about \d+:\d\d left \(\d+ steps?\)", left) for _, _, left in done[:-1])
     assert done[-1][2] == "nothing left"
     # ... each step's own progress line as it runs (here the tqdm bars of training and generation) ...
-    assert re.search(r"^  \[3/11\]   │ train: +\d+%", printed, re.M)
-    assert re.search(r"^  \[1/11\]   │ .*\d+/\d+", printed, re.M)
+    assert re.search(r"^  \[2/6\]   │ train: +\d+%", printed, re.M)
+    assert re.search(r"^  \[1/6\]   │ .*\d+/\d+", printed, re.M)
     # ... and the full output of every step in its log file.
     assert "train: 100%" in (out / "seed0" / "linear_ce.train.log").read_text()
     report = (out / "results.md").read_text()
-    for name in ("base", "linear-CE", "VIB fixed β", "AdaVIB", "in-distribution", "co-occurrence probe"):
-        assert name in report
+    for row in ("| base |", "| linear-CE |", "| AdaVIB |", "co-occurrence probe val"):
+        assert row in report
+    assert "in-distribution val" not in report and "| VIB fixed β |" not in report
     summary = json.loads((out / "results.json").read_text())
+    assert set(summary["worlds"]) == {"co-occurrence probe"}
     diffs = summary["worlds"]["co-occurrence probe"]["paired_differences_to_linear_ce"]
-    assert set(diffs) == {"base", "VIB fixed β", "AdaVIB"}
-    assert compare_eval_dirs(out / "seed0/adavib/eval_in_distribution",
-                             out / "seed0/adavib/eval_in_distribution")["chair_i"]["diff"] == 0.0
+    assert set(diffs) == {"base", "AdaVIB"} and "pope random accuracy" in diffs["AdaVIB"][0]
+    assert "pope popular accuracy" not in diffs["AdaVIB"][0]  # not evaluated: its cells say "–"
+    assert re.search(r"^\| AdaVIB \|([^|]*\|){5} – \| – \|", report, re.M)  # POPE pop / adv acc
+    assert compare_eval_dirs(out / "seed0/adavib/eval_co_occurrence_probe",
+                             out / "seed0/adavib/eval_co_occurrence_probe")["chair_i"]["diff"] == 0.0
+    probe_world = small_worlds / "shapes_world_probe"
+    _check_figure1(experiment, out, probe_world, summary["worlds"]["co-occurrence probe"]["figure1"], report,
+                   summary["figure1_finding"])
     capsys.readouterr()
-    # Two seeds, one variant: seed 0's steps are reused, seed 1 runs, and the report turns into mean ± std.
-    assert experiment.main(argv + ["--seeds", "0", "1", "--variants", "AdaVIB"]) == 0
+    # Two seeds, linear-CE alone: seed 0's steps are reused, seed 1 and Figure 1 run, the report turns into mean ± std.
+    assert experiment.main(common + probe + ["--seeds", "0", "1", "--variants", "linear-CE"]) == 0
     printed = capsys.readouterr().out
-    assert len(re.findall(r"^  \[\d+/14\] reuse ", printed, re.M)) == 2 + 2 * 3
-    assert len(re.findall(r"^  \[\d+/14\] run ", printed, re.M)) == 2 * 3
+    assert len(re.findall(r"^  \[\d+/6\] reuse ", printed, re.M)) == 3
+    assert len(re.findall(r"^  \[\d+/6\] run ", printed, re.M)) == 3
     report = (out / "results.md").read_text()
-    assert "mean ± std over seeds [0, 1]" in report and "VIB fixed β" not in report
+    assert "mean ± std over seeds [0, 1]" in report and "| AdaVIB |" not in report
     summary = json.loads((out / "results.json").read_text())
-    assert len(summary["worlds"]["in-distribution"]["paired_differences_to_linear_ce"]["base"]) == 2
+    world = summary["worlds"]["co-occurrence probe"]
+    assert len(world["paired_differences_to_linear_ce"]["base"]) == 2
+    assert [r["seed"] for r in world["figure1"]["by_model"]["linear-CE"]] == [0, 1]
+    _check_figure1(experiment, out, probe_world, world["figure1"], report, summary["figure1_finding"])
     # The visual-token readout beside the model's own trap counts (scripts/partner_readout.py).
     readout_json = tmp_path / "readout.json"
     assert _script("partner_readout").main([
@@ -203,6 +226,41 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     # A world folder holding another build is refused, naming what differs, instead of being reused.
     with pytest.raises(RuntimeError, match="val_cooccurrence: 0.9 instead of 0.0"):
         experiment.ensure_world(small_worlds / "shapes_world", 0.0)
+
+
+def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: str, finding: str) -> None:
+    """The Figure-1 numbers: H/log V as vib.py computes it on the model evaluate.py builds, joined to each
+    row's own CHAIR captions, and the report's text made from them."""
+    import math
+
+    from minigpt4.datasets.images import load_rgb
+    from minigpt4.eval import entropy_correlation as fig1
+    from minigpt4.models.from_config import build_model
+    from minigpt4.models.vib import pool_tokens, similarity_entropy
+    from minigpt4.processors.image import build_image_processor
+
+    entropy = json.loads(Path(figure1["entropy_file"]).read_text())
+    base = entropy["models"]["base"]["entropy_ratio"]
+    assert len(entropy["images"]) == len(base) == 6 and all(0.0 < r <= 1.0 for r in base)
+    model = build_model(_eval_model_section()).eval()
+    image = build_image_processor({"name": "blip2_image_eval", "image_size": 64})(
+        load_rgb(world / "images" / f"{int(entropy['images'][2]):0>12}.jpg"))
+    with torch.no_grad():
+        tokens, _ = model.project(model.encode_images(image[None]))
+        expected = similarity_entropy(pool_tokens(tokens), model.embed_weight) / math.log(model.embed_weight.shape[0])
+    assert base[2] == pytest.approx(float(expected), abs=1e-6)
+    assert entropy["models"]["seed 0, linear-CE"]["entropy_ratio"] != base  # its own fine-tuned projector
+    for row, results in figure1["by_model"].items():
+        for result in results:
+            run_dir = out / "base" if result["seed"] is None else out / f"seed{result['seed']}" / experiment.slug(row)
+            assert result["eval_dir"] == str(run_dir / "eval_co_occurrence_probe")
+            chair = json.loads((run_dir / "eval_co_occurrence_probe" / "chair.json").read_text())
+            assert result["n_hallucinated"] == chair["n_hallucinated_captions"] and result["n_captions"] == 6
+            by_image = dict(zip(entropy["images"], entropy["models"][result["model"]]["entropy_ratio"]))
+            again = fig1.entropy_hallucination_correlation(*fig1.caption_rows(chair, by_image))
+            assert again["spearman"] == result["spearman"] and again["auc"] == result["auc"]
+            assert fig1.verdict(result) in report
+    assert finding in report and (out / "figure1.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_evaluate_without_arguments_uses_the_embedded_base_model(tmp_path, monkeypatch):
