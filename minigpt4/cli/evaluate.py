@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         if lock is not None:
             lock.release()
+        dist.cleanup()  # leave the process group on the way out too, as train.py does
         return 2
     if rank == 0:
         results["protocol"] = protocol_label(runs, settings)

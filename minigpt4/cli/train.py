@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     rank, world, device = dist.init_command_processes(run.device)
     torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
-    lock = None
+    lock = runner = model = None
     try:
         lock = claim_output_dir(run.output_dir, "run.output_dir")  # one run at a time in a folder
         dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
@@ -112,12 +112,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if lock is not None:
             lock.release()
+        # On every way out, exit 2 included: the DDP wrapper goes before the process group (see dist.cleanup),
+        # and the group is left, or a rank that stops on an error can abort at exit (gloo's threads still up).
+        del runner, model
+        dist.cleanup()
     if rank == 0:
         logging.info("done: %s", {k: v for k, v in summary.items() if not isinstance(v, (dict, list))})
         logging.info("outputs in %s (metrics.jsonl, checkpoints/, final/trainable.safetensors)",
                      os.path.abspath(run.output_dir))
-    del runner, model  # the DDP wrapper must go before the process group (see dist.cleanup)
-    dist.cleanup()
     return 0
 
 if __name__ == "__main__":
