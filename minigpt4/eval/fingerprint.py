@@ -1,6 +1,6 @@
 """What decides an answer, recorded next to the answers, so that a resume never mixes two models' answers.
 
-    planned = planned_items(settings)                                 # tasks.py: answers file -> its items
+    planned = planned_items(settings)                                 # benchmark_runs.py: answers file -> its items
     fingerprints = guard_resume(model_cfg, settings, planned, device)  # before the model is built; refuses
     write_fingerprints(settings.output_dir, fingerprints)             # rank 0, before the first answer
 

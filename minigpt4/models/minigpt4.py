@@ -2,7 +2,7 @@
 
 One readable file in the spirit of nanoGPT: encode image -> project -> splice the visual tokens into the
 prompt -> LM loss, or generate. The VIB math lives in `vib.py`; weight loading in `checkpoints.py`; building
-from a config in `builder.py`.
+from a config in `from_config.py`.
 """
 from __future__ import annotations
 
