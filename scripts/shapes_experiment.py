@@ -62,6 +62,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     "VIB fixed β": ("VIB fixed β", []),
     "AdaVIB": ("AdaVIB", []),
     "base + VCD": (None, ["eval.decoding=vcd"]),  # decode-time mitigation (minigpt4/models/contrastive_decoding.py)
+    # VCD's control: its sampling and plausibility cut-off without the contrast to the distorted image
+    "base + VCD α=0": (None, ["eval.decoding=vcd", "eval.vcd.alpha=0"]),
     "AdaVIB + VCD": ("AdaVIB", ["eval.decoding=vcd"]),
 }
 BASELINE = "linear-CE"

@@ -150,8 +150,9 @@ def test_progress_line_is_redrawn_in_place_on_a_terminal(monkeypatch):
 
 def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, capsys, monkeypatch):
     """The README's experiment on 48 train / 6 val images: the default plan in full (--dry-run), then a run of
-    the base model, linear-CE and AdaVIB on the probe world with POPE's random split alone: every step runs, the
-    report has every model with its Figure-1 correlation, and a rerun with a second seed reuses every step."""
+    the base model, linear-CE, AdaVIB and AdaVIB + VCD on the probe world with POPE's random split alone: every
+    step runs, the report has every model with its Figure-1 correlation, and a rerun with a second seed reuses
+    every step."""
     monkeypatch.chdir(ROOT)  # the script moves there itself; this restores the directory afterwards
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     experiment = _script("shapes_experiment")
@@ -160,40 +161,49 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     out = tmp_path / "exp"
     common = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
               "run.log_every=1"]
-    # The default plan: base, then per variant its training and its two evaluations, then Figure 1 per world.
+    # The default plan: base (greedy, VCD, VCD's α = 0 control), then per fine-tune its training and its two evaluations (AdaVIB's
+    # greedy, then VCD), then Figure 1 per world.
     assert experiment.main(common + ["--dry-run"]) == 0
-    plan = re.findall(r"^  \[\d+/13\] run   (\w+) +(.+?) \| \S+ (\S+)", capsys.readouterr().out, re.M)
-    variants = ("linear-CE", "VIB fixed β", "AdaVIB")
-    assert plan == ([("eval", "base model", "evaluate.py")] * 2
-                    + [step for v in variants for step in [("train", f"seed 0, {v}", "train.py")]
+    plan = re.findall(r"^  \[\d+/19\] run   (\w+) +(.+?) \| \S+ (\S+)", capsys.readouterr().out, re.M)
+    fine_tunes = ("linear-CE", "VIB fixed β", "AdaVIB")
+    assert plan == ([("eval", "base model", "evaluate.py")] * 2 + [("eval", "base + VCD", "evaluate.py")] * 2
+                    + [("eval", "base + VCD α=0", "evaluate.py")] * 2
+                    + [step for v in fine_tunes for step in [("train", f"seed 0, {v}", "train.py")]
                        + [("eval", f"seed 0, {v}", "evaluate.py")] * 2]
+                    + [("eval", "seed 0, AdaVIB + VCD", "evaluate.py")] * 2
                     + [("entropy", "Figure 1: H/log V of the visual tokens", "scripts/visual_entropy.py")] * 2)
     assert not out.exists()  # a dry run runs nothing
     probe = ["--worlds", "co_occurrence_probe", "--eval-options", "eval.pope.splits=[random]"]
-    assert experiment.main(common + probe + ["--variants", "AdaVIB"]) == 0
+    assert experiment.main(common + probe + ["--variants", "AdaVIB", "AdaVIB + VCD"]) == 0
     printed = capsys.readouterr().out
     # Where the run stands: step k of N with the elapsed time and what is left, after every step ...
-    assert "plan: 6 steps (6 to run, 0 finished before and reused)" in printed  # base, 2 × (train, eval), Figure 1
-    done = re.findall(r"^  \[(\d+)/6\] done   (train|eval|entropy) in \d+ s · elapsed \d+:\d\d · (.*)$", printed,
+    assert "plan: 7 steps (7 to run, 0 finished before and reused)" in printed  # base, 2 × (train, eval), VCD, Fig. 1
+    done = re.findall(r"^  \[(\d+)/7\] done   (train|eval|entropy) in \d+ s · elapsed \d+:\d\d · (.*)$", printed,
                       re.M)
     assert [(int(k), kind) for k, kind, _ in done] == list(enumerate(
-        ["eval", "train", "eval", "train", "eval", "entropy"], start=1))
-    assert done[0][2].endswith("left (5 steps)")
+        ["eval", "train", "eval", "train", "eval", "eval", "entropy"], start=1))
+    assert done[0][2].endswith("left (6 steps)")
     assert all(re.fullmatch(r"about \d+:\d\d left \(\d+ steps?\)", left) for _, _, left in done[:-1])
     assert done[-1][2] == "nothing left"
     # ... each step's own progress line as it runs (here the tqdm bars of training and generation) ...
-    assert re.search(r"^  \[2/6\]   │ train: +\d+%", printed, re.M)
-    assert re.search(r"^  \[1/6\]   │ .*\d+/\d+", printed, re.M)
+    assert re.search(r"^  \[2/7\]   │ train: +\d+%", printed, re.M)
+    assert re.search(r"^  \[1/7\]   │ .*\d+/\d+", printed, re.M)
     # ... and the full output of every step in its log file.
     assert "train: 100%" in (out / "seed0" / "linear_ce.train.log").read_text()
     report = (out / "results.md").read_text()
-    for row in ("| base |", "| linear-CE |", "| AdaVIB |", "co-occurrence probe val"):
+    for row in ("| base |", "| linear-CE |", "| AdaVIB |", "| AdaVIB + VCD |", "co-occurrence probe val"):
         assert row in report
+    # The VCD row decoded with VCD (its label names the source's parameters), from AdaVIB's own fine-tune.
+    vcd_metrics = json.loads((out / "seed0/adavib/eval_adavib_vcd_co_occurrence_probe/metrics.json").read_text())
+    assert "+vcd(α=1,β=0.1,t=500,sample)" in vcd_metrics["protocols"]["chair"]["label"]
+    assert "+vcd(α=1,β=0.2,t=500,sample)" in vcd_metrics["protocols"]["pope"]["label"]
+    greedy_metrics = json.loads((out / "seed0/adavib/eval_co_occurrence_probe/metrics.json").read_text())
+    assert "vcd" not in greedy_metrics["protocols"]["chair"]["label"]
     assert "in-distribution val" not in report and "| VIB fixed β |" not in report
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["worlds"]) == {"co-occurrence probe"}
     diffs = summary["worlds"]["co-occurrence probe"]["paired_differences_to_linear_ce"]
-    assert set(diffs) == {"base", "AdaVIB"} and "pope random accuracy" in diffs["AdaVIB"][0]
+    assert set(diffs) == {"base", "AdaVIB", "AdaVIB + VCD"} and "pope random accuracy" in diffs["AdaVIB"][0]
     assert "pope popular accuracy" not in diffs["AdaVIB"][0]  # not evaluated: its cells say "–"
     assert re.search(r"^\| AdaVIB \|([^|]*\|){5} – \| – \|", report, re.M)  # POPE pop / adv acc
     assert compare_eval_dirs(out / "seed0/adavib/eval_co_occurrence_probe",
@@ -252,9 +262,12 @@ def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: st
     assert entropy["models"]["seed 0, linear-CE"]["entropy_ratio"] != base  # its own fine-tuned projector
     for row, results in figure1["by_model"].items():
         for result in results:
-            run_dir = out / "base" if result["seed"] is None else out / f"seed{result['seed']}" / experiment.slug(row)
-            assert result["eval_dir"] == str(run_dir / "eval_co_occurrence_probe")
-            chair = json.loads((run_dir / "eval_co_occurrence_probe" / "chair.json").read_text())
+            fine_tune = experiment.VARIANTS[row][0]  # a row with options of its own evaluates its fine-tune's model
+            run_dir = out / "base" if fine_tune is None else out / f"seed{result['seed']}" / experiment.slug(fine_tune)
+            folder = "eval_co_occurrence_probe" if row == (fine_tune or "base") else \
+                f"eval_{experiment.slug(row)}_co_occurrence_probe"
+            assert result["eval_dir"] == str(run_dir / folder)
+            chair = json.loads((run_dir / folder / "chair.json").read_text())
             assert result["n_hallucinated"] == chair["n_hallucinated_captions"] and result["n_captions"] == 6
             by_image = dict(zip(entropy["images"], entropy["models"][result["model"]]["entropy_ratio"]))
             again = fig1.entropy_hallucination_correlation(*fig1.caption_rows(chair, by_image))
