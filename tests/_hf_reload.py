@@ -30,7 +30,7 @@ import transformers  # noqa: E402
 from PIL import Image  # noqa: E402
 from transformers import AutoProcessor  # noqa: E402
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # a tiny model: more threads only wait for each other on a busy machine (tests/conftest.py)
 
 
 def run_one(model, processor, image, question: str, spec: dict) -> dict:

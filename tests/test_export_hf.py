@@ -332,3 +332,20 @@ def test_formats_follow_what_the_model_is():
         choose_formats(patches, ["blip2-hf"])
     with pytest.raises(ExportError, match="2-layer MLP"):
         choose_formats(OmegaConf.create({"arch": "llava15"}), ["minigpt4-pth"])
+
+
+def test_image_processor_settings_take_the_eval_transform_or_refuse_another():
+    from minigpt4.export.hf_parts import image_processor_settings
+    from minigpt4.export.source import ExportError
+    from minigpt4.processors.image import CLIP_MEAN, CLIP_STD
+
+    vis, normalisation = image_processor_settings(None, "clip_image_eval", 28, "llava-hf processor", "CLIP tower")
+    assert vis == {"name": "clip_image_eval", "image_size": 28}
+    assert normalisation == {"image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD)}
+    own = {"name": "blip2_image_eval", "image_size": 64, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+    assert image_processor_settings(own, "blip2_image_eval", 64, "BLIP-2 processor", "ViT") == (
+        own, {"image_mean": [0.5, 0.5, 0.5], "image_std": [0.25, 0.25, 0.25]})
+    for wrong in ({"name": "clip_image_eval", "image_size": 64}, {"name": "blip2_image_eval", "image_size": 32}):
+        with pytest.raises(ExportError, match=r"the BLIP-2 processor holds blip2_image_eval at the ViT's 64 px; "
+                                              "export with that transform"):
+            image_processor_settings(wrong, "blip2_image_eval", 64, "BLIP-2 processor", "ViT")
