@@ -14,7 +14,6 @@ scripts/results_table.py), plus pope.json / chair.json with per-split / per-capt
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
+from minigpt4.common.jsonfiles import write_json
 from minigpt4.eval.eval_logging import check_backends, log_evaluation
 from minigpt4.eval.protocol_runs import protocol_runs
 from minigpt4.eval.settings import EvalSettings, validate_eval_settings
@@ -128,11 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         results["config"] = OmegaConf.to_container(cfg, resolve=True)
         for task in ("pope", "chair"):
             if task in results:
-                _write_json(os.path.join(out_dir, f"{task}.json"), results[task])
+                write_json(os.path.join(out_dir, f"{task}.json"), results[task])
         summary = {k: v for k, v in results.items() if k != "config"}
         if "chair" in summary:  # per-caption detail stays in chair.json
             summary["chair"] = {k: v for k, v in summary["chair"].items() if k != "per_caption"}
-        _write_json(os.path.join(out_dir, "metrics.json"), summary)
+        write_json(os.path.join(out_dir, "metrics.json"), summary)
         logging.info("results in %s", os.path.abspath(os.path.join(out_dir, "metrics.json")))
         if settings.tensorboard or settings.wandb:  # views of the files just written (eval/eval_logging.py)
             log_evaluation(out_dir, results, tensorboard=settings.tensorboard, wandb=settings.wandb,
@@ -173,13 +173,6 @@ def projector_label(model_cfg) -> str:
         return "linear"
     kind = "adavib" if model_cfg.vib.adaptive else "vib-fixed-beta"
     return f"{kind} (β={model_cfg.vib.beta:g}, S={model_cfg.vib.num_samples})"
-
-
-def _write_json(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -56,7 +56,7 @@ from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.eval import pattern_singularize
 from minigpt4.eval.nltk_setup import ensure_punkt
 from minigpt4.common.files import require_regular_file, sha256_file
-from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl
+from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -469,8 +469,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     print(format_table(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, result)
     return 0
 
 

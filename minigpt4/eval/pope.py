@@ -43,7 +43,6 @@ splits (POPE's splits share their images), recomputing every split's metrics and
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -52,7 +51,7 @@ import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.common.files import sha256_file
-from minigpt4.common.jsonfiles import DataFileError, read_jsonl
+from minigpt4.common.jsonfiles import DataFileError, read_jsonl, write_json
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -398,8 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(format_table(result))
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+        write_json(args.out, result)
     return 0
 
 
