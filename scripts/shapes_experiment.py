@@ -1,6 +1,6 @@
 """The shapes-world AdaVIB experiment: does the VIB projector make the base model hallucinate less?
 
-    python scripts/shapes_experiment.py                    # one seed: ~3 min on 2 CPU cores
+    python scripts/shapes_experiment.py                    # one seed: 16 min measured on 2 busy CPU cores
     python scripts/shapes_experiment.py --seeds 0 1 2      # three seeds, mean ± std over seeds
     python scripts/shapes_experiment.py --dry-run          # print the plan (every command line), run nothing
 
