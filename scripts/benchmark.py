@@ -350,14 +350,14 @@ def vcd_rows(bench: Bench) -> None:
     """VCD (eval.decoding = vcd, the source's POPE defaults) against greedy decoding on the same POPE questions in the
     same run: throughput batched and latency at batch 1. The "speedup" column is greedy / VCD, i.e. what VCD costs.
     Batched VCD is also checked against batch-1 VCD (identical answers on the CPU)."""
-    from minigpt4.eval.vcd import SOURCE_BETA
-    from minigpt4.models.contrastive_decoding import ContrastiveDecoding
+    from minigpt4.eval.settings import EvalSettings
+    from minigpt4.eval.vcd import decoding_label, resolve_decoding
 
     bench.say("VCD rows")
     model, preset, workdir, report = bench.model, bench.preset, bench.workdir, bench.report
     items = pope_items(bench.eval_paths[:preset["pope_images"]], preset["pope_per_image"])[:preset["vcd_items"]]
     subset = items[:preset["vcd_baseline_items"]]
-    vcd = ContrastiveDecoding(alpha=1.0, beta=SOURCE_BETA["pope"], noise_step=500, seed=55)
+    vcd = resolve_decoding(EvalSettings(decoding="vcd"), "pope")  # eval.vcd's defaults: the source's POPE values
     pope = dict(max_new_tokens=10, image_size=bench.image_size)
     batch = preset["pope_batch"]
     time_generation(model, items[:batch], workdir, "vcd_warmup", batch_size=batch, decoding=vcd, **pope)
@@ -369,7 +369,7 @@ def vcd_rows(bench: Bench) -> None:
         "greedy": variant("vcd_greedy_batched", items, batch), "vcd": variant("vcd_batched", items, batch, vcd),
         "greedy_b1": variant("vcd_greedy_b1", subset, 1), "vcd_b1": variant("vcd_b1", subset, 1, vcd),
     }, preset["repeats"], "items_per_s")
-    label = f"VCD (α=1, β={vcd.beta:g}, t=500, sampled)"
+    label = decoding_label(vcd)
     for value in timed.values():
         value[1]["mean_answer_words"] = sum(len(a.split()) for a in value[0].values()) / max(len(value[0]), 1)
     report.add("VCD: throughput vs greedy", "questions/s", timed["greedy"][1], timed["vcd"][1], "items_per_s",

@@ -16,9 +16,7 @@ minigpt4/eval/entropy_correlation.py relates it to CHAIR's per-caption verdicts 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,16 +95,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     from minigpt4.common.errors import USER_FACING_ERRORS
+    from minigpt4.common.jsonfiles import write_json
 
     try:
         result = measure(args)
     except (ValueError, *USER_FACING_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    partial = args.out.with_name(args.out.name + ".partial")  # a killed run leaves no file that looks finished
-    partial.write_text(json.dumps(result, indent=1), encoding="utf-8")
-    os.replace(partial, args.out)
+    write_json(args.out, result, indent=1)  # atomic: a killed run leaves no file that looks finished
     log.info("wrote %s", args.out)
     return 0
 

@@ -120,16 +120,6 @@ def _cache_argument(llm) -> str:
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
 
-def _visual_tokens(model, features: torch.Tensor) -> torch.Tensor:
-    """The projector's eval-mode visual tokens (μ for VIB / AdaVIB), as MiniGPT4.generate uses them."""
-    was_training = model.training
-    model.eval()
-    try:
-        return model.project(features)[0]
-    finally:
-        model.train(was_training)
-
-
 @torch.no_grad()
 def contrastive_token_ids(model, prompts: list[str], features: torch.Tensor, distorted_features: torch.Tensor,
                           decoding: ContrastiveDecoding, *, row_seeds: list[int], max_new_tokens: int,
@@ -140,7 +130,7 @@ def contrastive_token_ids(model, prompts: list[str], features: torch.Tensor, dis
         raise ValueError(f"{len(row_seeds)} row seeds for {len(prompts)} prompts")
     rows, tokenizer = len(prompts), model.tokenizer
     with model.autocast():
-        tokens = _visual_tokens(model, torch.cat([features, distorted_features]))
+        tokens = model.generation_visual_tokens(torch.cat([features, distorted_features]))
         text = model.build_generation_text(prompts).to(model.device)
         both = text.repeat(2)  # the same prompt for both streams
         embeds = model.embed(both, tokens)  # rows 0..B-1: v, rows B..2B-1: v′

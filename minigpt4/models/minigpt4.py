@@ -152,6 +152,16 @@ class MiniGPT4(nn.Module):
         return self.projector(features.to(device=proj_param.device, dtype=proj_param.dtype),
                               embed_weight=self.embed_weight, num_samples=num_samples)
 
+    def generation_visual_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """The visual tokens every decoding uses: the projection in eval mode (a VIB's μ, no sample), whatever
+        mode the model is in; the mode is put back afterwards."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.project(features)[0]
+        finally:
+            self.train(was_training)
+
     def _features(self, batch: dict) -> torch.Tensor:
         if batch.get("image_features") is not None:  # cached Q-Former outputs (feature cache)
             return batch["image_features"]
@@ -263,12 +273,7 @@ class MiniGPT4(nn.Module):
         id is hard-coded) or EOS; `stop_strings=[]` runs to EOS or max_new_tokens, as OPERA's beam search does.
         Returns the answers cut at the first end string, special tokens removed."""
         features = image_features if image_features is not None else self.encode_images(images)
-        was_training = self.training
-        self.eval()
-        try:
-            tokens, _ = self.project(features)  # eval mode: μ, no sample
-        finally:
-            self.train(was_training)
+        tokens = self.generation_visual_tokens(features)
         text = self.build_generation_text(prompts).to(self.device)
         embeds = self.embed(text, tokens)
         sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else dict(do_sample=False)
