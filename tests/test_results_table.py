@@ -76,7 +76,7 @@ def test_cli_writes_the_table(tmp_path, capsys):
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"projector": "vib", "protocol": "p", "pope": {}}, "needs a non-empty string 'model'"),
+        ({"projector": "vib", "protocol": "p", "pope": {}}, "has no .model."),
         ({"model": "m", "projector": "vib", "protocol": "p"}, "neither a 'chair' nor a 'pope'"),
     ],
 )

@@ -29,10 +29,11 @@ does not have is shown as "–".
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from minigpt4.eval.metrics_file import load_metrics_file
 
 MISSING = "–"
 CHAIR_COLUMNS = (("CHAIR_S", "chair_s", 100.0), ("CHAIR_I", "chair_i", 100.0),
@@ -40,19 +41,9 @@ CHAIR_COLUMNS = (("CHAIR_S", "chair_s", 100.0), ("CHAIR_I", "chair_i", 100.0),
 
 
 def load_metrics(path: str | Path) -> dict:
-    """One metrics.json, checked for the keys the table needs."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: not valid JSON ({error})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
-    for key in ("model", "projector", "protocol"):
-        if not isinstance(data.get(key), str) or not data[key]:
-            raise ValueError(f"{path}: needs a non-empty string {key!r}")
-    if "chair" not in data and "pope" not in data:
-        raise ValueError(f"{path}: has neither a 'chair' nor a 'pope' result")
-    return data
+    """One metrics.json, checked against what evaluate.py writes (minigpt4/eval/metrics_file.py): a wrong type or a
+    missing key is a DataFileError naming the file and the key."""
+    return load_metrics_file(path)
 
 
 def _pope_splits(pope: dict) -> dict[str, dict]:

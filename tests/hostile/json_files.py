@@ -50,6 +50,29 @@ def chair_items_from(images: str | None, env: Env) -> list:
     return chair_items(EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=path)))
 
 
+def results_table_cli(data: Any, env: Env) -> tuple[int, str]:
+    """scripts/results_table.py's main on one metrics.json holding `data` (text as it is, anything else as JSON)."""
+    from minigpt4.eval.results_table import main
+
+    path = write_file(env, "metrics.json", data if isinstance(data, (str, bytes)) else json.dumps(data))
+    return main([str(path)]), ""
+
+
+def metrics_with(change) -> dict:
+    """A metrics.json as evaluate.py writes it (CHAIR and three POPE splits), changed by `change`."""
+    ci = {"ci": {"accuracy": [0.8, 0.9], "f1": [0.8, 0.9]}, "n_resamples": 100, "level": 0.95}
+    split = {"n": 30, "accuracy": 0.85, "precision": 0.8, "recall": 0.9, "f1": 0.85, "yes_ratio": 0.5,
+             "tp": 14, "fp": 3, "tn": 12, "fn": 1, "bootstrap": ci}
+    data = {"model": "m", "projector": "linear", "protocol": "p",
+            "chair": {"chair_s": 0.2, "chair_i": 0.06, "recall": 0.9, "mean_length": 17.4, "n_images": 10,
+                      "bootstrap": {"ci": {"chair_s": [0.0, 0.45], "mean_length": [15.6, 19.4]}}},
+            "pope": {"rule": "reference", "splits": {name: json.loads(json.dumps(split))
+                                                     for name in ("random", "popular", "adversarial")},
+                     "mean": {"accuracy": 0.85, "f1": 0.85}}}
+    change(data)
+    return data
+
+
 def _lines(*rows: Any) -> str:
     return "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
 
@@ -208,6 +231,64 @@ JSON_CASES = [
          Raises(DataFileError, ("pope_random_answers.jsonl:1: not UTF-8 text",))),
 ]
 
+
+def _set(path: str, value: Any):
+    """A change for metrics_with: the dotted key `path` set to `value`."""
+    def change(data: dict) -> None:
+        *parents, last = path.split(".")
+        for key in parents:
+            data = data[key]
+        data[last] = value
+    return change
+
+
+def _metrics_case(name: str, path: str, value: Any, *fragments: str) -> Case:
+    return Case(f"json/metrics/{name}", partial(results_table_cli, metrics_with(_set(path, value))),
+                Exits2(("metrics.json: " + fragments[0],) + fragments[1:], prefix="error: "))
+
+
+# metrics.json given to scripts/results_table.py (and the exporter's --metrics): minigpt4/eval/metrics_file.py
+JSON_CASES += [
+    _metrics_case("chair-s-a-string", "chair.chair_s", "0.318",
+                  "chair.chair_s: expected a number, got the string '0.318'"),
+    _metrics_case("pope-splits-a-list", "pope.splits", [{"accuracy": 0.8, "f1": 0.8}],
+                  "pope.splits: expected a JSON object (a mapping), got a list"),
+    _metrics_case("interval-one-number", "chair.bootstrap.ci.chair_s", 0.1,
+                  "chair.bootstrap.ci.chair_s: expected an interval [low, high] of two numbers, got the number 0.1"),
+    _metrics_case("interval-three-numbers", "pope.splits.random.bootstrap.ci.f1", [0.1, 0.2, 0.3],
+                  "pope.splits.random.bootstrap.ci.f1: expected an interval [low, high] of two numbers"),
+    _metrics_case("interval-reversed", "chair.bootstrap.ci.chair_s", [0.45, 0.1],
+                  "chair.bootstrap.ci.chair_s: expected an interval [low, high] with low <= high, "
+                  "got the list [0.45, 0.1]"),
+    _metrics_case("interval-in-percent", "pope.splits.popular.bootstrap.ci.accuracy", [80, 90],
+                  "pope.splits.popular.bootstrap.ci.accuracy: expected an interval inside [0, 1]"),
+    _metrics_case("interval-strings", "chair.bootstrap.ci.mean_length", ["15", "19"],
+                  "chair.bootstrap.ci.mean_length: expected an interval [low, high] of two numbers"),
+    _metrics_case("accuracy-a-boolean", "pope.splits.adversarial.accuracy", True,
+                  "pope.splits.adversarial.accuracy: expected a number, got the boolean true"),
+    _metrics_case("accuracy-in-percent", "pope.mean.accuracy", 85.0,
+                  "pope.mean.accuracy: expected a number in [0.0, 1.0], got the number 85.0"),
+    _metrics_case("split-not-an-object", "pope.splits.random", "0.85",
+                  "pope.splits.random: expected a JSON object (a mapping), got the string '0.85'"),
+    _metrics_case("count-a-float", "pope.splits.random.n", 30.5,
+                  "pope.splits.random.n: expected an integer >= 0, got the number 30.5"),
+    _metrics_case("chair-a-list", "chair", [0.2, 0.06], "chair: expected a JSON object (a mapping)"),
+    _metrics_case("model-null", "model", None, "model: expected a non-empty string, got null"),
+    _metrics_case("bootstrap-level-percent", "chair.bootstrap.level", 95,
+                  "chair.bootstrap.level: expected a number in (0, 1), got the number 95"),
+    Case("json/metrics/missing-chair-metric",
+         partial(results_table_cli, metrics_with(lambda d: d["chair"].pop("recall"))),
+         Exits2(("metrics.json: chair: has no 'recall'",), prefix="error: ")),
+    Case("json/metrics/top-level-a-list", partial(results_table_cli, "[1, 2]"),
+         Exits2(("metrics.json: expected a JSON object (a metrics.json written by evaluate.py), "
+                 "got the list [1, 2]",), prefix="error: ")),
+    Case("json/metrics/nan", partial(results_table_cli, '{"model": "m", "projector": "p", "protocol": "x", '
+                                                        '"chair": {"chair_s": NaN}}'),
+         Exits2(("metrics.json:1:", "NaN is not valid JSON"), prefix="error: ")),
+    Case("json/metrics/as-evaluate-writes-it", partial(results_table_cli, metrics_with(lambda d: None)),
+         Holds("read and tabulated, exit 0")),
+]
+
 EXPECTED_VALUES = {  # what the Holds rows above return
     "json/caption/duplicate-image-ids": 2,
     "jsonl/chair-captions/duplicate-image-id": [{"image_id": 3, "caption": "a"}, {"image_id": 3, "caption": "b"}],
@@ -216,4 +297,5 @@ EXPECTED_VALUES = {  # what the Holds rows above return
     "jsonl/pope-answers/utf8-bom": ["no", "no"],
     "jsonl/chair-captions/utf8-bom": [{"image_id": 1, "caption": "a"}],
     "json/chair-image-list/utf8-bom": ["1", "2"],
+    "json/metrics/as-evaluate-writes-it": (0, ""),
 }
