@@ -248,12 +248,26 @@ def test_caption_json_error_mode_names_the_bad_file(tmp_path):
 
 
 def test_skip_count_is_shared_with_dataloader_workers(tmp_path):
-    ann_path, image_dir, _ = _mixed_quality_fixture(tmp_path)
+    ann_path, image_dir, kinds = _mixed_quality_fixture(tmp_path)
     dataset, collate = build_train_dataset({"caption_json": {
         "ann_path": str(ann_path), "image_dir": str(image_dir), "vis_processor": EVAL, "on_bad_image": "skip"}})
     loader = DataLoader(dataset, batch_size=2, num_workers=2, collate_fn=collate, multiprocessing_context="fork")
     assert sum(len(batch["id"]) for batch in loader) == len(dataset)
-    assert dataset.num_skipped >= len(BAD_IMAGES)
+    # Skip events are counted per process: each worker counts every bad file it meets once (its own known-bad set).
+    # The loader hands batch k to worker k % 2; a bad index walks on to the next readable one, meeting the bad files
+    # in between. Worker 0 (indices 0, 1, 4, 5, 8, 9) meets 4 bad files, worker 1 (2, 3, 6, 7, 10, 11) meets 5.
+    bad = {i for i, kind in enumerate(kinds.values()) if kind in BAD_IMAGES}
+    batches = [list(range(start, start + 2)) for start in range(0, len(kinds), 2)]
+    expected = 0
+    for worker in range(2):
+        met = set()
+        for index in (i for batch in batches[worker::2] for i in batch):
+            while index in bad:
+                met.add(index)
+                index = (index + 1) % len(kinds)
+        expected += len(met)
+    assert (len(bad), expected) == (5, 9)  # more than the 5 bad files: two processes met the same ones
+    assert dataset.num_skipped == expected
 
 
 def test_missing_image_files(tmp_path):
