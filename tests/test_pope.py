@@ -212,3 +212,61 @@ def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     answers = write_jsonl(tmp_path / "a.jsonl", [{"answer": "yes"}])
     assert main(["--questions", str(questions), "--answers", str(answers)]) == 2
     assert "matched by line order" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Answers keyed to the wrong questions (issue 22): an answer row's own image / question fields must agree
+
+
+def with_fields(**fields) -> list[dict]:
+    """One "yes" answer per question, each carrying the question's own fields as evaluate.py writes them."""
+    return [{"question_id": q["question_id"], "image": q["image"], "answer": "yes",
+             "prompt": f"###Human: <Img><ImageHere></Img> {q['text']} ###Assistant: ", **fields} for q in QUESTIONS]
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        # question 3's answer is about image 1 (another split's question 3, say)
+        (lambda rows: rows[2].update(image="COCO_val2014_000000000001.jpg"),
+         r"answers\.jsonl:3: question_id 3: the answer is about image 'COCO_val2014_000000000001\.jpg' but the "
+         r"question in .*random\.jsonl is about image 'COCO_val2014_000000000002\.jpg'"),
+        (lambda rows: rows[1].update(prompt="###Human: <Img><ImageHere></Img> Is there a dog in the image? ###"),
+         r"answers\.jsonl:2: question_id 2: the answer's prompt .*dog.* does not contain the question .*"
+         r"'Is there a cat in the image\?'"),
+        (lambda rows: rows[3].update(question="Is there a train in the image?"),
+         r"answers\.jsonl:4: question_id 4: the answer's question 'Is there a train in the image\?' is not the "
+         r"question .*'Is there a bus in the image\?'"),
+        (lambda rows: rows[0].update(text="Is there a sofa in the image?"),  # beside "answer", "text" is the question
+         r"answers\.jsonl:1: question_id 1: the answer's text 'Is there a sofa in the image\?' is not"),
+    ],
+)
+def test_answers_contradicting_their_question_are_refused(tmp_path, change, message):
+    questions = write_jsonl(tmp_path / "random.jsonl", QUESTIONS)
+    rows = with_fields()
+    change(rows)
+    with pytest.raises(ValueError, match=message):
+        score_pope([questions], [write_jsonl(tmp_path / "answers.jsonl", rows)])
+
+
+def test_answers_of_another_split_by_line_order_are_refused(tmp_path, capsys):
+    """Line-order answers (no question_id) of shuffled questions: each line names another question's image."""
+    questions = write_jsonl(tmp_path / "random.jsonl", QUESTIONS)
+    shuffled = [QUESTIONS[i] for i in (2, 3, 0, 1)]
+    answers = write_jsonl(tmp_path / "answers.jsonl", [{"image": q["image"], "answer": q["label"]} for q in shuffled])
+    assert main(["--questions", str(questions), "--answers", str(answers)]) == 2
+    err = capsys.readouterr().err
+    assert "answers.jsonl:1: question_id 1 (matched by line order): the answer is about image" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_answers_naming_their_question_in_other_forms_are_scored(tmp_path):
+    """The same image as a bare id or a path, the question cleaned (blip_caption) or inside a longer prompt."""
+    questions = write_jsonl(tmp_path / "random.jsonl", QUESTIONS)
+    rows = with_fields()
+    rows[0]["image"] = 1
+    rows[1]["image"] = "/data/coco/val2014/COCO_val2014_000000000001.jpg"
+    rows[2]["question"] = "is there a car in the image"
+    rows[3]["prompt"] = "USER: <image>\nIs there a bus in the image?\nAnswer with one word. ASSISTANT:"
+    result = score_pope([questions], [write_jsonl(tmp_path / "answers.jsonl", rows)])
+    assert result["n"] == 4 and result["yes_ratio"] == 1.0

@@ -9,7 +9,10 @@ Inputs. A questions file has one JSON object per line: {"question_id", "image", 
 with label "yes" or "no". The i-th answers file belongs to the i-th questions file; its lines carry
 the answer text under "answer" (or "text", as POPE/LLaVA answer files do) and, normally, the
 "question_id" they answer. Answer lines without any "question_id" are matched to questions by line
-order. Missing, extra or duplicate answers are errors that name the file and line.
+order. Missing, extra or duplicate answers are errors that name the file and line. An answer line that names its
+image ("image") or repeats its question ("question", "prompt", or "text" beside an "answer") must agree with the
+question it is matched to (the same image, in any of its forms; the same words): answers of another question file
+would otherwise be scored against the wrong labels.
 
 Answer -> label (every result names its rule):
   1. delete the special tokens "<s>", "</s>", "<unk>", "<pad>" (text decoded with special tokens
@@ -43,15 +46,17 @@ splits (POPE's splits share their images), recomputing every split's metrics and
 from __future__ import annotations
 
 import argparse
+import os
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.common.files import sha256_file
 from minigpt4.common.jsonfiles import DataFileError, read_jsonl, write_json
+from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -138,10 +143,11 @@ def _answer_text(row: dict, path: str | Path, line_number: int) -> str:
     return text
 
 
-def match_answers(
+def _rows_in_question_order(
     questions: list[dict], questions_path: str | Path, answers_path: str | Path
-) -> list[str]:
-    """The answer text for each question, in question order."""
+) -> list[tuple[int, dict]]:
+    """(line number, answer row) for each question, in question order: by question_id, or by line order when no
+    answer line has one."""
     rows = _read_jsonl_numbered(answers_path)
     with_id = [line for line, row in rows if "question_id" in row]
     if not with_id:
@@ -151,29 +157,27 @@ def match_answers(
                 f"{answers_path}: {len(rows)} answers without question_id but {questions_path} "
                 f"has {len(questions)} questions; such answers are matched by line order"
             )
-        return [_answer_text(row, answers_path, line) for line, row in rows]
+        return rows
     if len(with_id) != len(rows):
         first_missing = next(line for line, row in rows if "question_id" not in row)
         raise DataFileError(
             f"{answers_path}:{first_missing}: answer has no question_id while other lines do"
         )
     question_ids = {str(q["question_id"]) for q in questions}
-    by_id: dict[str, str] = {}
-    line_of: dict[str, int] = {}
+    by_id: dict[str, tuple[int, dict]] = {}
     for line, row in rows:
         key = str(row["question_id"])
-        if key in line_of:
+        if key in by_id:
             raise DataFileError(
                 f"{answers_path}:{line}: duplicate answer for question_id {row['question_id']!r} "
-                f"(first on line {line_of[key]})"
+                f"(first on line {by_id[key][0]})"
             )
         if key not in question_ids:
             raise DataFileError(
                 f"{answers_path}:{line}: question_id {row['question_id']!r} is not in "
                 f"{questions_path}"
             )
-        line_of[key] = line
-        by_id[key] = _answer_text(row, answers_path, line)
+        by_id[key] = (line, row)
     missing = [q["question_id"] for q in questions if str(q["question_id"]) not in by_id]
     if missing:
         raise DataFileError(
@@ -181,6 +185,69 @@ def match_answers(
             f"e.g. question_id {missing[:5]}"
         )
     return [by_id[str(q["question_id"])] for q in questions]
+
+
+def _words(text: str) -> str:
+    """Lower-case words and digits only: a question compared this way survives the protocols' cleaning (LAVIS's
+    blip_caption drops punctuation and case) and a prompt template around it."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
+
+
+def _image_number(name: str) -> str | None:
+    """The COCO image number of a file name or id ("COCO_val2014_000000000042.jpg", "42" -> "42"), else None."""
+    stem = os.path.splitext(os.path.basename(name))[0].rsplit("_", 1)[-1]
+    return str(int(stem)) if stem.isdigit() else None
+
+
+def _same_image(stored: object, asked: object) -> bool:
+    stored, asked = str(stored), str(asked)
+    if stored == asked or os.path.basename(stored) == os.path.basename(asked):
+        return True
+    number = _image_number(stored)
+    return number is not None and number == _image_number(asked)
+
+
+def _question_fields(row: dict) -> list[tuple[str, str, str]]:
+    """(field, its value, how it must relate to the question text) for each question-text field of an answer row:
+    "question", "text" when the answer is under "answer" (else "text" is the answer), and "prompt" (contains it)."""
+    fields = [("question", row.get("question"), "equal")]
+    if "answer" in row:
+        fields.append(("text", row.get("text"), "equal"))
+    fields.append(("prompt", row.get("prompt"), "contain"))
+    return [(name, value, how) for name, value, how in fields if isinstance(value, str)]
+
+
+def check_answer_agrees(question: dict, row: dict, questions_path: str | Path, answers_path: str | Path,
+                        line: int) -> None:
+    """An answer row that names its image or repeats its question must name the image and question of the question
+    it is matched to; otherwise it answers another question, and scoring it against this label is wrong."""
+    where = f"{answers_path}:{line}: question_id {question['question_id']!r}"
+    if "question_id" not in row:
+        where += " (matched by line order)"
+    if "image" in row and not _same_image(row["image"], question["image"]):
+        raise DataFileError(f"{where}: the answer is about image {row['image']!r} but the question in "
+                            f"{questions_path} is about image {question['image']!r}; the answers belong to other "
+                            "questions (another question file or split?)")
+    asked = question.get("text")
+    if not isinstance(asked, str) or not _words(asked):
+        return
+    for name, value, how in _question_fields(row):
+        stored, wanted = _words(value), _words(asked)
+        if (how == "equal" and stored != wanted) or (how == "contain" and wanted not in stored):
+            relation = "is not" if how == "equal" else "does not contain"
+            raise DataFileError(f"{where}: the answer's {name} {value!r} {relation} the question in {questions_path}, "
+                                f"{asked!r}; the answers belong to other questions (another question file or split?)")
+
+
+def match_answers(
+    questions: list[dict], questions_path: str | Path, answers_path: str | Path
+) -> list[str]:
+    """The answer text for each question, in question order. An answer row's own "image", "question", "prompt"
+    (and "text" beside an "answer") must agree with the question it is matched to (`check_answer_agrees`)."""
+    matched = _rows_in_question_order(questions, questions_path, answers_path)
+    for question, (line, row) in zip(questions, matched):
+        check_answer_agrees(question, row, questions_path, answers_path, line)
+    return [_answer_text(row, answers_path, line) for line, row in matched]
 
 
 # ---------------------------------------------------------------------------------------------
