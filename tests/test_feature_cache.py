@@ -116,16 +116,33 @@ def test_concurrent_writers_never_expose_a_torn_entry(tmp_path):
     cache = FeatureCache(tmp_path / "cache", {"test": 1})
     values = [torch.full((4, 8), float(i)) for i in range(4)]
     stop = threading.Event()
+    # An assert or exception inside a thread only becomes a pytest warning: every thread records what went wrong
+    # (and the reader what it read), and the main thread asserts on that.
+    problems: list[str] = []
+    reads: list[int] = []
 
     def writer(i):
-        for _ in range(25):
-            cache.put("same-image", values[i])
+        try:
+            for _ in range(25):
+                cache.put("same-image", values[i])
+        except Exception as err:  # reported below, in the main thread
+            problems.append(f"writer {i}: {type(err).__name__}: {err}")
+
+    def read_once():
+        got = cache.get("same-image")
+        if got is None:
+            return
+        reads.append(1)
+        if not any(torch.equal(got, v) for v in values):
+            problems.append(f"reader saw an entry no writer wrote: {got.flatten()[:8].tolist()}")
 
     def reader():
-        while not stop.is_set():
-            got = cache.get("same-image")
-            if got is not None:
-                assert any(torch.equal(got, v) for v in values)
+        try:
+            while not stop.is_set():
+                read_once()
+            read_once()  # once more after every writer has finished: the entry must be there and whole
+        except Exception as err:  # reported below, in the main thread
+            problems.append(f"reader: {type(err).__name__}: {err}")
 
     threads = [threading.Thread(target=writer, args=(i,)) for i in range(4)]
     watcher = threading.Thread(target=reader)
@@ -136,6 +153,8 @@ def test_concurrent_writers_never_expose_a_torn_entry(tmp_path):
         t.join()
     stop.set()
     watcher.join()
+    assert problems == []
+    assert reads, "the reader never read the entry"
     assert cache.corrupt == 0
     leftovers = [p.name for p in (tmp_path / "cache").rglob("*") if p.is_file() and p.suffix == ".tmp"]
     assert leftovers == []
