@@ -85,6 +85,22 @@ def test_evaluate_end_to_end_then_results_table(fixture_root, tiny_tokenizer_dir
     assert set(metrics["pope"]["splits"]) == {"random", "adversarial"}
     for key in ("chair_s", "chair_i", "recall", "mean_length"):
         assert key in metrics["chair"]
+    # The POPE numbers are those of the answers written, recomputed here by hand. The reference rule: an answer is
+    # "no" when one of its words (split on spaces after dropping "." and ",") is No, no, not or NO, or ends in n't.
+    assert metrics["pope"]["rule"] == "reference"
+    for split in ("random", "adversarial"):
+        labels = {q["question_id"]: q["label"]
+                  for q in map(json.loads, (fixture_root / "pope" / f"{split}.jsonl").read_text().splitlines())}
+        said = {a["question_id"]: a["answer"].split("###")[0].strip()
+                for a in map(json.loads, (out / f"pope_{split}_answers.jsonl").read_text().splitlines())}
+        assert set(said) == set(labels)
+        words = {qid: answer.replace(".", "").replace(",", "").split(" ") for qid, answer in said.items()}
+        said_yes = {qid: not any(w in ("No", "no", "not", "NO") or w.endswith("n't") for w in ws)
+                    for qid, ws in words.items()}
+        scored = metrics["pope"]["splits"][split]
+        assert scored["accuracy"] == pytest.approx(
+            sum(said_yes[qid] == (label == "yes") for qid, label in labels.items()) / len(labels))
+        assert scored["yes_ratio"] == pytest.approx(sum(said_yes.values()) / len(said_yes))
     lines = (out / "pope_random_answers.jsonl").read_text().splitlines()
     assert len(lines) == 8 and len({json.loads(x)["question_id"] for x in lines}) == 8
     assert len((out / "chair_captions.jsonl").read_text().splitlines()) == 3
