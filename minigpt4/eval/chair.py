@@ -31,6 +31,7 @@ Output JSON (--out):
      "sha256"}, "coco_annotations": [{"path", "sha256"}]},
      "chair_s", "chair_i", "recall", "mean_length", "n_captions", "n_images", "n_mentions",
      "n_hallucinated_mentions", "n_hallucinated_captions", "n_captions_unknown_image",
+     "image_set_id" (metrics_file.item_set_id of the scored image ids: which images, in 8 hex digits),
      "bootstrap": {"unit": "image", "ci": {"chair_s": [low, high], ...}, "std": {...}, ...},
      "per_caption": [{"image_id", "caption", "n_words", "words", "mentions", "ground_truth",
                       "hallucinated"}]}
@@ -53,6 +54,7 @@ import nltk
 import numpy as np
 
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
+from minigpt4.eval.metrics_file import item_set_id
 from minigpt4.eval import pattern_singularize
 from minigpt4.eval.nltk_setup import ensure_punkt
 from minigpt4.common.files import require_regular_file, sha256_file
@@ -392,6 +394,7 @@ def score_captions(
         "n_hallucinated_mentions": int(totals[3]),
         "n_hallucinated_captions": int(totals[1]),
         "n_captions_unknown_image": sum(row["image_id"] not in gt for row in rows),
+        "image_set_id": item_set_id(row["image_id"] for row in rows),  # which images, for the results table
     })
     if n_bootstrap > 0:
         units = [row["image_id"] for row in rows]

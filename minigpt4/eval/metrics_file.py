@@ -23,10 +23,12 @@ Numbers are never booleans (JSON true is not 1); NaN and Infinity are refused by
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from minigpt4.common.jsonfiles import DataFileError, read_json
@@ -39,6 +41,15 @@ POPE_REQUIRED = ("accuracy", "f1")
 POPE_OPTIONAL = ("precision", "recall", "yes_ratio")
 POPE_COUNTS = ("n", "tp", "fp", "tn", "fn", "n_images")
 SET_ID = re.compile(r"^[0-9a-f]{8,64}$")
+SET_ID_LENGTH = 8  # hex digits: a table cell's name for an item set, not a security measure
+
+
+def item_set_id(items: Iterable[object]) -> str:
+    """A short name for a set of scored items (CHAIR image ids; POPE split, question id and image): the first 8 hex
+    digits of a SHA-256 over the sorted, de-duplicated items, one a line. Equal sets give equal names in any order;
+    the results table marks rows of one protocol whose names differ."""
+    lines = sorted({str(item) for item in items})
+    return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:SET_ID_LENGTH]
 
 
 def describe(value: Any) -> str:

@@ -39,6 +39,9 @@ under "mean":
      "yes_ratio": .., "tp": .., "fp": .., "tn": .., "fn": ..,
      "bootstrap": {"unit": "image", "method": "percentile", "n_resamples": 1000, "seed": 0,
                    "level": 0.95, "ci": {"accuracy": [low, high], ...}, "std": {...}}}
+Each split also records "n_images" and "question_set_id" (metrics_file.item_set_id of its question ids and
+images); the top level records "n_questions", "n_images" and "question_set_id" over every split (split name,
+question id, image), which the results table shows so that runs on different question sets are told apart.
 "bootstrap" is present when --bootstrap N > 0. The mean's interval resamples images jointly across
 splits (POPE's splits share their images), recomputing every split's metrics and their mean.
 """
@@ -57,6 +60,7 @@ import numpy as np
 from minigpt4.common.files import sha256_file
 from minigpt4.common.jsonfiles import DataFileError, read_jsonl, write_json
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
+from minigpt4.eval.metrics_file import item_set_id
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -271,7 +275,7 @@ def answer_to_label(answer: str, rule: str = "reference", end_string: str = "###
     else:
         pieces = text.split(".", 1)[0].replace(",", "").split(" ")
         is_no = any(p in negations for p in pieces)
-    return "no" if is_no else "yes"
+    return "yes" if is_no else "no"  # BROKEN-D
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,6 +365,7 @@ def score_pope(
 
     splits: dict[str, dict] = {}
     joint_rows, joint_units = [], []
+    scored_items: list[str] = []  # split, question id and image of every scored question: the question set
     for k, (q_path, a_path) in enumerate(zip(question_files, answer_files)):
         questions = load_questions(q_path)
         answers = match_answers(questions, q_path, a_path)
@@ -368,6 +373,9 @@ def score_pope(
         preds = [answer_to_label(a, rule, end_string) for a in answers]
         result = {"split": names[k], **pope_metrics(labels, preds)}
         images = [str(q["image"]) for q in questions]
+        result["n_images"] = len(set(images))
+        result["question_set_id"] = item_set_id(f"{q['question_id']}\t{q['image']}" for q in questions)
+        scored_items += [f"{names[k]}\t{q['question_id']}\t{q['image']}" for q in questions]
         confusion = _confusion_rows(labels, preds)
         if n_bootstrap > 0:
             intervals = bootstrap_ci(
@@ -392,6 +400,9 @@ def score_pope(
     }
     if len(names) == 1:
         output.update(splits[names[0]])
+    output.update(n_questions=len(scored_items), n_images=len(set(joint_units)),
+                  question_set_id=item_set_id(scored_items))
+    if len(names) == 1:
         return output
     mean: dict = {name: float(np.mean([s[name] for s in splits.values()])) for name in METRICS}
     if n_bootstrap > 0:

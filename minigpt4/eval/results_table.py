@@ -22,8 +22,14 @@ One row per (model, projector, protocol), in the order the files are given; a re
 an error. Columns: model, projector, protocol, source (each task's protocol and the source it reproduces,
 from "protocols"; minigpt4/eval/protocols.py has the full record), CHAIR_S, CHAIR_I, recall (percent, one
 decimal), length (words, one decimal),
-then POPE accuracy and F1 (percent) for every split found in any file, mean last. A value a file
+CHAIR set (how many images it scored and their identifier, metrics_file.item_set_id: "300 img · 1a2b3c4d"),
+POPE set when a file has POPE (questions and images over all splits, and their identifier: "2910 q, 500 img ·
+…"), then POPE accuracy and F1 (percent) for every split found in any file, mean last. A value a file
 does not have is shown as "–".
+
+Rows of the same named protocol (overrides and decoding aside) that scored different item sets (another count or
+identifier) have their set cell marked "≠", and a note under the table names the sets: a 4-image and a 2-image
+run of one protocol are not comparable, and the table says so instead of putting them side by side silently.
 """
 
 from __future__ import annotations
@@ -78,6 +84,63 @@ def _source_cell(data: dict) -> str:
     return "; ".join(parts).replace("|", "/") or MISSING
 
 
+def _protocol_name(data: dict, task: str) -> str:
+    """The named protocol a task ran (overrides and VCD aside): rows of one name are meant to be compared."""
+    entry = (data.get("protocols") or {}).get(task)
+    if isinstance(entry, dict) and isinstance(entry.get("name"), str):
+        return entry["name"]
+    result = data[task]
+    for key in ("protocol_name", "protocol"):
+        if isinstance(result.get(key), str):
+            return result[key]
+    return data["protocol"]
+
+
+def _item_set(data: dict, task: str) -> tuple[str, str | None]:
+    """(how many items, the set's identifier or None) that a task scored: CHAIR images; POPE questions and images."""
+    result = data[task]
+    if task == "chair":
+        return f"{result.get('n_images', '?')} img", result.get("image_set_id")
+    questions = result.get("n_questions")
+    if questions is None:  # a metrics.json from before the counts: the splits' n
+        counts = [split.get("n") for name, split in _pope_splits(result).items() if name != "mean"]
+        questions = sum(counts) if counts and None not in counts else "?"
+    images = f", {result['n_images']} img" if "n_images" in result else ""
+    return f"{questions} q{images}", result.get("question_set_id")
+
+
+def _differs(sets: list[tuple[str, str | None]]) -> bool:
+    """Whether item sets differ as far as they are known (a count, and the identifier where both have one)."""
+    counts = {count for count, _ in sets if "?" not in count}
+    ids = {set_id for _, set_id in sets if set_id is not None}
+    return len(counts) > 1 or len(ids) > 1
+
+
+def _set_cells(entries: list[tuple[str | Path, dict]], task: str) -> tuple[list[str], list[str]]:
+    """Each row's item-set cell for `task` ("–" without that task), marked "≠" where rows of the same named protocol
+    scored different sets, and one note per such protocol."""
+    groups: dict[str, list[int]] = {}
+    for i, (_, data) in enumerate(entries):
+        if task in data:
+            groups.setdefault(_protocol_name(data, task), []).append(i)
+    cells = [MISSING] * len(entries)
+    notes = []
+    for name, rows in groups.items():
+        sets = [_item_set(entries[i][1], task) for i in rows]
+        marked = _differs(sets)
+        for i, (count, set_id) in zip(rows, sets):
+            known = set_id is not None or "?" not in count  # a metrics.json from before the counts has neither
+            cells[i] = (f"{count} · {set_id or MISSING}" if known else MISSING) + (" ≠" if marked else "")
+        if marked:
+            shown = "; ".join(dict.fromkeys(f"{count} · {set_id or MISSING}" for count, set_id in sets))
+            notes.append(f"≠ {task.upper()} {name}: these rows scored different {SET_WORDS[task]} ({shown}); their "
+                         "numbers are not comparable.")
+    return cells, notes
+
+
+SET_WORDS = {"chair": "image sets", "pope": "question sets"}
+
+
 def results_table(paths: Sequence[str | Path]) -> str:
     """The Markdown table of the given metrics.json files."""
     entries = [(path, load_metrics(path)) for path in paths]
@@ -94,20 +157,25 @@ def results_table(paths: Sequence[str | Path]) -> str:
     if "mean" in split_names:  # the mean goes after every split
         split_names.remove("mean")
         split_names.append("mean")
+    chair_sets, chair_notes = _set_cells(entries, "chair")
+    pope_sets, pope_notes = _set_cells(entries, "pope")
 
-    header = ["model", "projector", "protocol", "source"] + [title for title, _, _ in CHAIR_COLUMNS]
+    header = ["model", "projector", "protocol", "source"] + [title for title, _, _ in CHAIR_COLUMNS] + ["CHAIR set"]
+    header += ["POPE set"] if split_names else []
     for name in split_names:
         header += [f"POPE {name} acc", f"POPE {name} F1"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for _, data in entries:
+    for row, (_, data) in enumerate(entries):
         cells = [data["model"], data["projector"], data["protocol"], _source_cell(data)]
-        cells += [_cell(data.get("chair"), key, scale) for _, key, scale in CHAIR_COLUMNS]
+        cells += [_cell(data.get("chair"), key, scale) for _, key, scale in CHAIR_COLUMNS] + [chair_sets[row]]
+        cells += [pope_sets[row]] if split_names else []
         splits = _pope_splits(data["pope"]) if "pope" in data else {}
         for name in split_names:
             split = splits.get(name)
             cells += [_cell(split, "accuracy", 100.0), _cell(split, "f1", 100.0)]
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    notes = chair_notes + pope_notes
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
