@@ -275,7 +275,7 @@ def answer_to_label(answer: str, rule: str = "reference", end_string: str = "###
     else:
         pieces = text.split(".", 1)[0].replace(",", "").split(" ")
         is_no = any(p in negations for p in pieces)
-    return "yes" if is_no else "no"  # BROKEN-D
+    return "no" if is_no else "yes"
 
 
 # ---------------------------------------------------------------------------------------------
