@@ -18,8 +18,6 @@ import hashlib
 import json
 import logging
 import math
-import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -33,6 +31,7 @@ from tqdm import tqdm
 
 from minigpt4.common import dist
 from minigpt4.common.errors import CheckpointError
+from minigpt4.common.signals import install_sigterm_handler, restore_sigterm_handler
 from minigpt4.models.checkpoints import load_trainable_tensors, trainable_tensors
 from minigpt4.runners import checkpointing as ckpt
 from minigpt4.runners.config import RunConfig
@@ -396,8 +395,7 @@ class Runner:
         try:
             last_record, preempted = self._loop(stop_at, writer, bar)
         finally:
-            if previous_handler is not None:
-                signal.signal(signal.SIGTERM, previous_handler)
+            restore_sigterm_handler(previous_handler)
             if writer is not None:
                 writer.close()
             if bar is not None:
@@ -480,11 +478,7 @@ class Runner:
 
     def _install_sigterm_handler(self) -> Any:
         """On SIGTERM (preemption) only set a flag; the loop checkpoints and returns at the next step boundary."""
-        if threading.current_thread() is not threading.main_thread():
-            return None
-
         def request_stop(signum: int, frame: Any) -> None:
             self._preempt_requested = True
 
-        previous = signal.signal(signal.SIGTERM, request_stop)
-        return previous if previous is not None else signal.SIG_DFL
+        return install_sigterm_handler(request_stop)
