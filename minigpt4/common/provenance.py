@@ -128,6 +128,25 @@ def listing_record(paths: Iterable[str | os.PathLike], *, root: str | os.PathLik
     return record
 
 
+def without_folders(record: Mapping[str, Any]) -> dict[str, Any]:
+    """A file_record with the file's name in place of its absolute path ("file"), for records that leave this
+    machine (a model card, metrics.json): local folders name users and home directories."""
+    public = {k: v for k, v in record.items() if k != "path"}
+    if record.get("path"):
+        public = {"file": Path(record["path"]).name, **public}
+    return public
+
+
+def weight_digests(paths: Mapping[str, Any], cache_path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """{config key: file_record without folders} of weight files: the SHA-256 of each file (a folder: of every
+    file in it), which a result records to say which weights made it (hashes come from the cache that
+    provenance.json filled, so nothing is read again)."""
+    cache = HashCache(cache_path)
+    digests = {name: without_folders(file_record(path, cache)) for name, path in _named(paths).items()}
+    cache.save()
+    return digests
+
+
 def data_record(path: str | os.PathLike, cache: HashCache) -> dict[str, Any]:
     """A data file is hashed; a data folder (images) is recorded by its listing."""
     path = Path(path)
