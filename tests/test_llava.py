@@ -276,9 +276,10 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
     import yaml
 
     import evaluate
-    from minigpt4.eval.settings import EvalSettings
     from minigpt4.eval.benchmark_runs import ImageLoader
+    from minigpt4.eval.settings import EvalSettings
     from minigpt4.models.from_config import build_model
+    from minigpt4.models.llava import Llava15
 
     monkeypatch.setenv("HOME", str(tmp_path))  # CHAIR GT cache goes under ~/.cache
     names = [f"COCO_val2014_{i:012d}.jpg" for i in range(1, 4)]
@@ -296,13 +297,30 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
          "annotations": [{"id": 1, "image_id": 1, "category_id": 18}]}))
     (tmp_path / "ann" / "captions_val2014.json").write_text(json.dumps(
         {"images": imgs, "annotations": [{"id": i, "image_id": i, "caption": "a dog"} for i in (1, 2, 3)]}))
-    # A "fine-tuned" projector: the loaded model's, perturbed, saved as trainable tensors.
+    # A "fine-tuned" projector: the loaded model's, perturbed, saved as trainable tensors. Its visual tokens differ
+    # from the folder's own projector's for every image; the tiny random LLM gives the same greedy answers with
+    # either, so the tokens evaluate.py projects are what shows which projector it used.
     model_cfg = dict(arch="llava15", llava_path=str(llava_dir), mm_projector_type="vib", prompt_template="llava15",
                      llm_dtype="fp32")
     trained = build_model(model_cfg)
+    loader = ImageLoader(EvalSettings(vis_processor={"name": "clip_image_eval", "image_size": 28}))
+    pixels = torch.stack([loader(str(tmp_path / "val2014" / name)) for name in names])
     with torch.no_grad():
+        features = trained.encode_images(pixels)
+        own_tokens = trained.generation_visual_tokens(features)
         trained.projector.llama_proj.linear_2.bias.add_(0.5)
+        tuned_tokens = trained.generation_visual_tokens(features)
+    assert (tuned_tokens - own_tokens).abs().min() > 0.4
     save_trainable(tmp_path / "trainable.safetensors", trainable_tensors(trained))
+    projected = []  # every image's visual tokens as evaluate.py's model projects them
+
+    def record_projection(model, image_features):
+        tokens = real_projection(model, image_features)
+        projected.extend(tokens.detach().clone())
+        return tokens
+
+    real_projection = Llava15.generation_visual_tokens
+    monkeypatch.setattr(Llava15, "generation_visual_tokens", record_projection)
     cfg = {"model": {**model_cfg, "ckpt": str(tmp_path / "trainable.safetensors")},
            "eval": {"tasks": ["pope", "chair"], "output_dir": str(tmp_path / "out"), "name": "tiny-llava",
                     "image_dir": str(tmp_path / "val2014"), "batch_size": 3, "device": "cpu", "bootstrap": 20,
@@ -318,12 +336,26 @@ def test_evaluate_pope_and_chair_with_a_trained_projector(tmp_path, llava_dir, m
     assert {"chair_s", "chair_i", "recall", "mean_length"} <= set(metrics["chair"])
     answers = [json.loads(x) for x in (tmp_path / "out" / "pope_random_answers.jsonl").read_text().splitlines()]
     assert len(answers) == 4 and answers[0]["prompt"].startswith(LLAVA_SYSTEM + " USER: <ImageHere>\nIs there")
-    # The answers are those of the fine-tuned projector, not of the folder's own.
+    # The answers are those of the fine-tuned projector, not of the folder's own: every visual token evaluate.py
+    # fed the LLM is the fine-tuned projector's for one of the images, and none is the folder projector's.
+    assert projected, "evaluate.py never projected visual tokens through generation_visual_tokens"
+    for tokens in projected:
+        assert any(torch.allclose(tokens, tuned, atol=1e-5) for tuned in tuned_tokens), "not the tuned projection"
+        assert not any(torch.allclose(tokens, own, atol=0.1) for own in own_tokens), "the folder's own projector"
     trained.eval()
     first = answers[0]
-    loader = ImageLoader(EvalSettings(vis_processor={"name": "clip_image_eval", "image_size": 28}))
-    image = loader(str(tmp_path / "val2014" / first["image"])).unsqueeze(0)
+    image = pixels[names.index(first["image"])].unsqueeze(0)
     assert trained.generate([first["prompt"]], image, max_new_tokens=3) == [first["answer"]]
+    # The POPE numbers are those of the answers written (the reference rule, recomputed by hand: "no" when a word,
+    # after dropping "." and ",", is No, no, not or NO, or ends in n't).
+    assert metrics["pope"]["rule"] == "reference"
+    labels = {0: "yes", 1: "no", 2: "no", 3: "yes"}
+    said_yes = {a["question_id"]: not any(w in ("No", "no", "not", "NO") or w.endswith("n't") for w in
+                                          a["answer"].strip().replace(".", "").replace(",", "").split(" "))
+                for a in answers}
+    assert metrics["pope"]["accuracy"] == pytest.approx(
+        sum(said_yes[qid] == (label == "yes") for qid, label in labels.items()) / 4)
+    assert metrics["pope"]["yes_ratio"] == pytest.approx(sum(said_yes.values()) / 4)
     assert len((tmp_path / "out" / "chair_captions.jsonl").read_text().splitlines()) == 3
 
 
