@@ -530,10 +530,15 @@ def test_input_diagnosis_names_samples_whose_pixels_or_embeddings_are_not_finite
 
 
 def test_bf16_autocast_on_cpu_and_fp16_refused(tmp_path):
-    summary, _ = toy.main([str(tmp_path / "bf16"), "--iters", "2", "--epochs", "1", "--amp", "bf16",
-                           "--max-grad-norm", "1.0"])
+    model = toy.ToyModel()
+    matmul_dtypes = []  # what autocast changes: the Linear layers inside the step compute in bf16
+    for layer in (model.encoder[0], model.mean_head):
+        layer.register_forward_hook(lambda module, args, out: matmul_dtypes.append(out.dtype))
+    summary = _runner(tmp_path / "bf16", model, amp="bf16", iters_per_epoch=2, max_grad_norm=1.0).train()
     assert summary["completed"] and np.isfinite(summary["last_metrics"]["loss"])
     assert summary["last_metrics"]["grad_norm"] is not None
+    assert matmul_dtypes and set(matmul_dtypes) == {torch.bfloat16}, matmul_dtypes
+    assert model.mean_head.weight.dtype == torch.float32  # the weights themselves stay fp32
     with pytest.raises(ValueError, match="fp16 needs a GPU"):
         _runner(tmp_path / "fp16", toy.ToyModel(), amp="fp16")
 
