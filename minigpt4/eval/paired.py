@@ -1,4 +1,4 @@
-"""Paired bootstrap of the difference between two models evaluated on the same images.
+"""Paired bootstrap of the difference between two models evaluated on the same items under the same protocol.
 
 Two models scored on the same 300 images have correlated errors: most images are easy for both.
 Comparing their separate 95 % intervals throws that away and calls many real differences "overlapping".
@@ -7,52 +7,42 @@ the interval of B − A reflects only how the two disagree. Every CHAIR and POPE
 uses the same draws.
 
     python -m minigpt4.eval.paired out/eval/linear out/eval/adavib      # B − A for every shared metric
+    python -m minigpt4.eval.paired A B --allow-different-decoding          # B decoded with VCD, A greedy
+    python -m minigpt4.eval.paired A B --allow-different-protocol          # any protocol difference, named above
 
 Each argument is an `evaluate.py` output folder: CHAIR is read from chair.json (its per_caption rows),
-POPE from pope.json (the question and answer files it names, its rule and end string).
+POPE from pope.json (the question and answer files it names, its rule and end string), the settings from the
+answers' fingerprints. Only the same items under the same protocol are paired (minigpt4/eval/paired_runs.py):
+other items (fewer questions, other images or pictures, other ground truth) are refused, and so is another
+protocol or setting unless a flag allows it, in which case the output's header names every difference.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from minigpt4.eval.bootstrap import resample_totals, safe_divide
-from minigpt4.eval.chair import parse_image_id
+from minigpt4.eval.paired_runs import (
+    CHAIR_COLUMNS,
+    NotPairedError,
+    chair_counts,
+    check_pairable,
+    describe_items,
+    image_key,
+    load_eval_run,
+)
 from minigpt4.eval.pope import answered_questions
 
-# Per-image count columns of a CHAIR result, and the metrics made of them.
-CHAIR_COLUMNS = ("captions", "hallucinated_captions", "mentions", "hallucinated_mentions", "recalled", "ground_truth")
+__all__ = ["CHAIR_COLUMNS", "NotPairedError", "PairedComparison", "chair_counts", "compare", "compare_eval_dirs",
+           "image_key", "load_eval_counts", "paired_difference", "pope_counts"]
+
 CHAIR_METRICS = {"chair_s": ("hallucinated_captions", "captions"), "chair_i": ("hallucinated_mentions", "mentions"),
                  "recall": ("recalled", "ground_truth")}
-
-
-def image_key(raw: object) -> str:
-    """One key per image whatever the naming: CHAIR rows carry COCO ids, POPE rows file names."""
-    try:
-        return str(parse_image_id(raw))
-    except ValueError:
-        return str(raw)
-
-
-def chair_counts(chair_result: dict, source: str = "chair.json") -> dict[str, np.ndarray]:
-    """{image key: counts in CHAIR_COLUMNS order} from a scored CHAIR result with per_caption rows."""
-    rows = chair_result.get("per_caption")
-    if not rows:
-        raise ValueError(f"{source}: no per_caption rows (score with minigpt4.eval.chair, which writes them)")
-    counts: dict[str, np.ndarray] = {}
-    for row in rows:
-        truth, mentions = set(row["ground_truth"]), row["mentions"]
-        hallucinated = row["hallucinated"]
-        values = np.array([1, bool(hallucinated), len(mentions), len(hallucinated), len(set(mentions) & truth),
-                           len(truth)], dtype=np.float64)
-        key = image_key(row["image_id"])
-        counts[key] = counts[key] + values if key in counts else values
-    return counts
 
 
 def pope_counts(pope_result: dict) -> dict[str, dict[str, np.ndarray]]:
@@ -68,17 +58,7 @@ def pope_counts(pope_result: dict) -> dict[str, dict[str, np.ndarray]]:
 
 def load_eval_counts(eval_dir: str | Path) -> dict[str, dict[str, np.ndarray]]:
     """{"chair": counts, "pope <split>": counts, ...} of one evaluate.py output folder."""
-    eval_dir = Path(eval_dir)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    chair_path = eval_dir / "chair.json"
-    if chair_path.is_file():
-        out["chair"] = chair_counts(json.loads(chair_path.read_text(encoding="utf-8")), str(chair_path))
-    pope_path = eval_dir / "pope.json"
-    if pope_path.is_file():
-        out.update(pope_counts(json.loads(pope_path.read_text(encoding="utf-8"))))
-    if not out:
-        raise FileNotFoundError(f"{eval_dir}: neither chair.json nor pope.json (an evaluate.py output folder?)")
-    return out
+    return load_eval_run(eval_dir).counts
 
 
 def _metrics(totals: np.ndarray, layout: list[tuple[str, int]]) -> dict[str, np.ndarray]:
@@ -138,29 +118,68 @@ def paired_difference(a: dict[str, dict[str, np.ndarray]], b: dict[str, dict[str
     return out
 
 
-def compare_eval_dirs(dir_a: str | Path, dir_b: str | Path, n_resamples: int = 1000, seed: int = 0) -> dict:
-    return paired_difference(load_eval_counts(dir_a), load_eval_counts(dir_b), n_resamples, seed)
+@dataclass
+class PairedComparison:
+    """B − A per metric, what was paired and the protocol differences a flag allowed (empty: none)."""
+
+    metrics: dict[str, dict]
+    items: str
+    allowed_differences: list[str] = field(default_factory=list)
+
+
+def compare(dir_a: str | Path, dir_b: str | Path, n_resamples: int = 1000, seed: int = 0, *,
+            allow_different_protocol: bool = False, allow_different_decoding: bool = False) -> PairedComparison:
+    """The paired comparison of two evaluate.py output folders; NotPairedError when they cannot be paired."""
+    a, b = load_eval_run(dir_a), load_eval_run(dir_b)
+    allowed = check_pairable(a, b, allow_protocol=allow_different_protocol, allow_decoding=allow_different_decoding)
+    metrics = paired_difference(a.counts, b.counts, n_resamples, seed)
+    return PairedComparison(metrics, describe_items(a, [part for part in a.counts if part in b.counts]), allowed)
+
+
+def compare_eval_dirs(dir_a: str | Path, dir_b: str | Path, n_resamples: int = 1000, seed: int = 0, *,
+                      allow_different_protocol: bool = False, allow_different_decoding: bool = False) -> dict:
+    """{metric: {"a", "b", "diff", "ci"}} of `compare`."""
+    return compare(dir_a, dir_b, n_resamples, seed, allow_different_protocol=allow_different_protocol,
+                   allow_different_decoding=allow_different_decoding).metrics
+
+
+def header_lines(comparison: PairedComparison) -> list[str]:
+    """What was paired and, when a flag allowed it, every protocol difference: the numbers' header."""
+    lines = [f"paired over: {comparison.items}"]
+    if comparison.allowed_differences:
+        lines.append("NOT THE SAME PROTOCOL (allowed by a flag): B − A is the difference of model and protocol "
+                     "together: " + "; ".join(comparison.allowed_differences))
+    return lines
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Paired bootstrap of B − A over the images both were scored on")
+    parser = argparse.ArgumentParser(description="Paired bootstrap of B − A over the items both were scored on")
     parser.add_argument("a", help="evaluate.py output folder of model A (the reference)")
     parser.add_argument("b", help="evaluate.py output folder of model B")
     parser.add_argument("--resamples", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    parser.add_argument("--allow-different-protocol", action="store_true",
+                        help="compare runs of different protocols or settings (the header names each difference)")
+    parser.add_argument("--allow-different-decoding", action="store_true",
+                        help="compare runs that differ only in eval.decoding / eval.vcd.* (e.g. VCD against greedy)")
     args = parser.parse_args(argv)
     try:
-        result = compare_eval_dirs(args.a, args.b, args.resamples, args.seed)
-    except (OSError, ValueError, KeyError) as error:
+        comparison = compare(args.a, args.b, args.resamples, args.seed,
+                             allow_different_protocol=args.allow_different_protocol,
+                             allow_different_decoding=args.allow_different_decoding)
+    except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    result = comparison.metrics
     if args.markdown:
+        print("\n".join(header_lines(comparison)) + "\n")
         print("| metric | A | B | B − A | 95 % paired interval |\n|---|---|---|---|---|")
         for name, r in result.items():
             print(f"| {name} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
                   f"[{100 * r['ci'][0]:+.1f}, {100 * r['ci'][1]:+.1f}] |")
         return 0
+    print("\n".join(header_lines(comparison)))
     print(f"{'metric':<28}{'A':>8}{'B':>8}{'B − A':>9}   95% paired CI (percentage points)")
     for name, r in result.items():
         print(f"{name:<28}{100 * r['a']:8.1f}{100 * r['b']:8.1f}{100 * r['diff']:+9.1f}   "

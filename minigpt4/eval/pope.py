@@ -49,8 +49,6 @@ splits (POPE's splits share their images), recomputing every split's metrics and
 from __future__ import annotations
 
 import argparse
-import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,6 +59,7 @@ from minigpt4.common.files import sha256_file
 from minigpt4.common.jsonfiles import DataFileError, read_jsonl, write_json
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
 from minigpt4.eval.metrics_file import item_set_id
+from minigpt4.eval.pope_answer_check import check_answer_agrees
 
 RULES = ("reference", "first-sentence")
 SPECIAL_TOKENS = ("<s>", "</s>", "<unk>", "<pad>")
@@ -189,58 +188,6 @@ def _rows_in_question_order(
             f"e.g. question_id {missing[:5]}"
         )
     return [by_id[str(q["question_id"])] for q in questions]
-
-
-def _words(text: str) -> str:
-    """Lower-case words and digits only: a question compared this way survives the protocols' cleaning (LAVIS's
-    blip_caption drops punctuation and case) and a prompt template around it."""
-    return " ".join(re.sub(r"[^0-9a-z]+", " ", text.lower()).split())
-
-
-def _image_number(name: str) -> str | None:
-    """The COCO image number of a file name or id ("COCO_val2014_000000000042.jpg", "42" -> "42"), else None."""
-    stem = os.path.splitext(os.path.basename(name))[0].rsplit("_", 1)[-1]
-    return str(int(stem)) if stem.isdigit() else None
-
-
-def _same_image(stored: object, asked: object) -> bool:
-    stored, asked = str(stored), str(asked)
-    if stored == asked or os.path.basename(stored) == os.path.basename(asked):
-        return True
-    number = _image_number(stored)
-    return number is not None and number == _image_number(asked)
-
-
-def _question_fields(row: dict) -> list[tuple[str, str, str]]:
-    """(field, its value, how it must relate to the question text) for each question-text field of an answer row:
-    "question", "text" when the answer is under "answer" (else "text" is the answer), and "prompt" (contains it)."""
-    fields = [("question", row.get("question"), "equal")]
-    if "answer" in row:
-        fields.append(("text", row.get("text"), "equal"))
-    fields.append(("prompt", row.get("prompt"), "contain"))
-    return [(name, value, how) for name, value, how in fields if isinstance(value, str)]
-
-
-def check_answer_agrees(question: dict, row: dict, questions_path: str | Path, answers_path: str | Path,
-                        line: int) -> None:
-    """An answer row that names its image or repeats its question must name the image and question of the question
-    it is matched to; otherwise it answers another question, and scoring it against this label is wrong."""
-    where = f"{answers_path}:{line}: question_id {question['question_id']!r}"
-    if "question_id" not in row:
-        where += " (matched by line order)"
-    if "image" in row and not _same_image(row["image"], question["image"]):
-        raise DataFileError(f"{where}: the answer is about image {row['image']!r} but the question in "
-                            f"{questions_path} is about image {question['image']!r}; the answers belong to other "
-                            "questions (another question file or split?)")
-    asked = question.get("text")
-    if not isinstance(asked, str) or not _words(asked):
-        return
-    for name, value, how in _question_fields(row):
-        stored, wanted = _words(value), _words(asked)
-        if (how == "equal" and stored != wanted) or (how == "contain" and wanted not in stored):
-            relation = "is not" if how == "equal" else "does not contain"
-            raise DataFileError(f"{where}: the answer's {name} {value!r} {relation} the question in {questions_path}, "
-                                f"{asked!r}; the answers belong to other questions (another question file or split?)")
 
 
 def match_answers(
@@ -420,13 +367,23 @@ def score_pope(
 # Command line
 
 
-def answered_questions(result: dict):
-    """(split, question row, predicted label) for every question of a score_pope result, read back from the
-    question and answer files it names (for analyses that need per-question outcomes)."""
+def answered_rows(result: dict, locate=lambda path: path):
+    """(split, question row, answer row, predicted label) for every question of a score_pope result, read back from
+    the question and answer files it names (`locate` maps a recorded path to where the file is now)."""
     for q_file, a_file in zip(result["files"]["questions"], result["files"]["answers"], strict=True):
-        questions = load_questions(q_file["path"])
-        for question, answer in zip(questions, match_answers(questions, q_file["path"], a_file["path"]), strict=True):
-            yield Path(q_file["path"]).stem, question, answer_to_label(answer, result["rule"], result["end_string"])
+        q_path, a_path = locate(q_file["path"]), locate(a_file["path"])
+        questions = load_questions(q_path)
+        matched = _rows_in_question_order(questions, q_path, a_path)
+        for question, (line, row) in zip(questions, matched, strict=True):
+            check_answer_agrees(question, row, q_path, a_path, line)
+            predicted = answer_to_label(_answer_text(row, a_path, line), result["rule"], result["end_string"])
+            yield Path(q_file["path"]).stem, question, row, predicted
+
+
+def answered_questions(result: dict):
+    """(split, question row, predicted label) for every question of a score_pope result (see `answered_rows`)."""
+    for split, question, _, predicted in answered_rows(result):
+        yield split, question, predicted
 
 
 def format_table(result: dict) -> str:
