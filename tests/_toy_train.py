@@ -20,12 +20,12 @@ import random
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset, IterableDataset
-
 
 from minigpt4.common import dist  # noqa: E402
 from minigpt4.common.errors import USER_FACING_ERRORS  # noqa: E402
@@ -47,6 +47,16 @@ class ToyModel(nn.Module):
         self.prompt_bias = nn.Parameter(torch.zeros(NUM_PROMPTS))  # 1-D: no weight decay
         self.noise, self.step_sleep, self.nan_calls = noise, step_sleep, nan_calls
         self.calls = 0
+        # --hold-after-step: this forward call waits until release() is true (the kill tests signal the run there)
+        self.hold_call: int | None = None
+        self.release: Callable[[], bool] = lambda: False
+
+    def _hold(self, limit_s: float = 120.0) -> None:
+        deadline = time.monotonic() + limit_s
+        while not self.release():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"held at forward call {self.calls} for {limit_s:.0f} s and nobody released it")
+            time.sleep(0.01)
 
     def train(self, mode: bool = True) -> "ToyModel":
         super().train(mode)
@@ -55,6 +65,8 @@ class ToyModel(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         self.calls += 1
+        if self.calls == self.hold_call:
+            self._hold()
         if self.step_sleep:
             time.sleep(self.step_sleep)
         h = self.encoder(batch["x"])
@@ -130,6 +142,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-noise", action="store_true", help="deterministic: no model noise, no augmentation")
     p.add_argument("--iterable", action="store_true")
     p.add_argument("--step-sleep", type=float, default=0.0, help="seconds slept per forward (to be killable)")
+    p.add_argument("--hold-after-step", type=int, default=None,
+                   help="after this optimizer step, wait in the next forward until SIGTERM (or SIGKILL) comes")
     p.add_argument("--dump-dir", default=None)
     p.add_argument("--amp", default="none")
     p.add_argument("--max-grad-norm", type=float, default=None)
@@ -165,6 +179,9 @@ def main(argv: list[str]) -> tuple[dict, Runner]:
         resume=args.resume, progress_bar=False,
     )
     runner = Runner(model, dataset, collate, cfg, config_to_save={"toy": True})
+    if args.hold_after_step is not None:  # released by the runner's own SIGTERM flag
+        model.hold_call = args.hold_after_step * args.accum + 1
+        model.release = lambda: runner._preempt_requested
     if args.fail_save_at is not None and runner.rank == 0:
         _fill_disk_at(args.fail_save_at)
     summary = runner.train()

@@ -20,6 +20,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from minigpt4.models.checkpoints import CheckpointError, load_trainable_tensors
 from minigpt4.runners import checkpointing
 from minigpt4.runners.checkpointing import (
     CheckpointWriteError,
@@ -30,7 +31,6 @@ from minigpt4.runners.checkpointing import (
 from minigpt4.runners.config import RunConfig
 from minigpt4.runners.data_order import EpochBatchSampler, EpochSlice, epoch_micro_batches
 from minigpt4.runners.metrics import TIMING_FIELDS, read_metrics, truncate_metrics
-from minigpt4.models.checkpoints import CheckpointError, load_trainable_tensors
 from minigpt4.runners.runner import Runner
 
 REPO = Path(__file__).resolve().parents[1]
@@ -136,50 +136,74 @@ def test_resume_is_bitwise_identical(tmp_path, reference):
     assert_same_run(out, reference)
 
 
+# The kill tests signal a real run at a seeded step. The run is held in the forward after that step (the toy's
+# --hold-after-step) until the signal comes, so it can neither finish first nor be signalled too early however
+# loaded the machine is; the tests wait for what the run writes once the step is done, and fail saying so if that
+# never comes.
+KILL_SEED = 26
+READY_LIMIT_S = 120.0
+
+
+def _toy_process(out: Path, log: Path, *args: str) -> subprocess.Popen:
+    with open(log, "w") as stderr:  # a file, not a pipe: a full pipe would block the run
+        return subprocess.Popen([sys.executable, str(TOY_SCRIPT), str(out), *args], cwd=REPO,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True)
+
+
+def _wait_for(proc: subprocess.Popen, ready, what: str, log: Path) -> None:
+    deadline = time.monotonic() + READY_LIMIT_S
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"the toy run exited ({proc.returncode}) before {what}; its stderr: {log.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the toy run did not reach {what} within {READY_LIMIT_S:.0f} s; its stderr: "
+                        f"{log.read_text()[-2000:]}")
+        time.sleep(0.01)
+
+
+def _latest_step(out: Path) -> int | None:
+    pointer = out / "checkpoints" / "latest"  # replaced atomically once a checkpoint is complete
+    return int(pointer.read_text().strip().split("_")[1]) if pointer.is_file() else None
+
+
 def test_sigkill_then_resume_matches_uninterrupted(tmp_path, reference):
     out = tmp_path / "killed"
-    target = random.randint(2, 5)
-    proc = subprocess.Popen(
-        [sys.executable, str(TOY_SCRIPT), str(out), *RUN_ARGS, "--step-sleep", "0.15"],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
+    target = random.Random(KILL_SEED).randint(2, 5)  # seeded: the same kill point on every run
+    log = tmp_path / "toy.log"
+    proc = _toy_process(out, log, *RUN_ARGS, "--hold-after-step", str(target))
     try:
-        deadline = time.time() + 30
-        while time.time() < deadline and proc.poll() is None:
-            pointer = out / "checkpoints" / "latest"
-            if pointer.is_file() and int(pointer.read_text().strip().split("_")[1]) >= target:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"the toy run ended before it could be killed: {proc.stderr.read()!r}"
-        proc.send_signal(signal.SIGKILL)
+        _wait_for(proc, lambda: _latest_step(out) == target, f"checkpoint {target} (checkpoints/latest)", log)
+        proc.send_signal(signal.SIGKILL)  # during step target + 1, before its checkpoint
     finally:
+        proc.kill()
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL
     assert not (out / "final").exists()
-    killed_at = int(latest_checkpoint(out).name.split("_")[1])
-    assert target <= killed_at < 8
+    assert latest_checkpoint(out).name == f"step_{target:08d}"
     summary, _ = run_toy(out, "--resume")
-    assert summary["completed"], f"killed after checkpoint {killed_at}"
+    assert summary["completed"], f"killed after checkpoint {target}"
     assert_same_run(out, reference)
 
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(tmp_path, reference):
     out = tmp_path / "preempted"
-    proc = subprocess.Popen(
-        [sys.executable, str(TOY_SCRIPT), str(out), "--iters", "4", "--epochs", "2", "--accum", "2",
-         "--step-sleep", "0.15"],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    deadline = time.time() + 30
-    while time.time() < deadline and proc.poll() is None and len(read_metrics(out / "metrics.jsonl")) < 2:
-        time.sleep(0.01)
-    assert proc.poll() is None, "the toy run ended before it could be preempted"
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=30)
-    assert proc.returncode == 0, stderr
+    log = tmp_path / "toy.log"
+    proc = _toy_process(out, log, "--iters", "4", "--epochs", "2", "--accum", "2", "--hold-after-step", "2")
+    try:  # The handler is installed before step 1, so once step 2's metrics line is written it is in place.
+        _wait_for(proc, lambda: len(read_metrics(out / "metrics.jsonl")) == 2, "step 2 (its metrics line)", log)
+        proc.send_signal(signal.SIGTERM)
+        stdout, _ = proc.communicate(timeout=READY_LIMIT_S)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 0, f"exit {proc.returncode}; stderr: {log.read_text()[-2000:]}"
     summary = json.loads(stdout.strip().splitlines()[-1])
-    assert summary["preempted"] and not summary["completed"] and summary["global_step"] < 8
-    assert latest_checkpoint(out).name == f"step_{summary['global_step']:08d}"
-    assert len(read_metrics(out / "metrics.jsonl")) == summary["global_step"]
+    # SIGTERM came during step 3: that step finishes, is checkpointed, and the run stops.
+    assert summary["preempted"] and not summary["completed"] and summary["global_step"] == 3
+    assert latest_checkpoint(out).name == "step_00000003"
+    assert len(read_metrics(out / "metrics.jsonl")) == 3
     run_toy(out, "--resume")
     assert_same_run(out, reference)
 
