@@ -6,7 +6,8 @@ into a fresh home folder and without `pattern` installed. Every other console co
 It builds a real environment, so it takes a while (the timings are printed, run with -s to see them). pip runs
 with --no-compile: byte-compiling every installed file of torch and transformers up front was more than half of the
 install time (measured 40 s -> 17 s), and it changes nothing that is installed; the commands below compile what they
-import on first use, as any Python does. Marked `install`: it runs by default, `-m "not install"` skips it.
+import on first use, as any Python does. Marked `install`: it runs by default, `-m "not install"` skips it. Where
+pip cannot fetch a package (no package index and no find-links folder answers), it skips and says why.
 """
 from __future__ import annotations
 
@@ -46,6 +47,24 @@ def _run_all(commands: list[list[str]], **kwargs) -> float:
     return time.monotonic() - start
 
 
+# A small package that `pip install .` needs anyway: when pip cannot fetch it, the install cannot work either.
+PROBE_PACKAGE = "tqdm"
+
+
+def _skip_unless_pip_can_fetch(python: Path, scratch: Path) -> None:
+    """Skip, saying why, when no package index (nor pip's find-links) answers; a fetch that works goes on."""
+    command = [str(python), "-m", "pip", "download", "-q", "--disable-pip-version-check", "--no-deps",
+               "--no-cache-dir", "--timeout", "10", "--retries", "0", "--dest", str(scratch), PROBE_PACKAGE]
+    try:
+        probe = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.skip(f"needs a package index: `pip download {PROBE_PACKAGE}` got no answer within 120 s")
+    if probe.returncode != 0:
+        said = " ".join(probe.stderr.split())[-400:]
+        pytest.skip(f"needs a package index: `pip download {PROBE_PACKAGE}` failed here (exit {probe.returncode}: "
+                    f"{said}); set PIP_INDEX_URL or PIP_FIND_LINKS to a reachable one to run it")
+
+
 def _source_copy(target: Path) -> Path:
     """What `pip install .` reads, copied so the build writes nothing into the shared working tree."""
     target.mkdir()
@@ -61,6 +80,7 @@ def test_fresh_venv_pip_install_gives_a_working_chair_command(tmp_path):
     timings = {}
     venv = tmp_path / "venv"
     timings["venv"] = _run([sys.executable, "-m", "venv", str(venv)])
+    _skip_unless_pip_can_fetch(venv / "bin" / "python", tmp_path / "probe")
     pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-compile"]
     timings["pip install torch"] = _run(pip + [TORCH_SPEC])
     timings["pip install ."] = _run(pip + [str(_source_copy(tmp_path / "src"))])
