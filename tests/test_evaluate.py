@@ -36,7 +36,8 @@ def _write_fixture(root, tiny_model_factory):
     imgs = [{"id": i, "file_name": f"COCO_val2014_{i:012d}.jpg"} for i in range(1, 5)]
     inst = {"images": imgs, "categories": [{"id": c, "name": n} for c, n in CATS],
             "annotations": [{"id": i, "image_id": i, "category_id": 18 if i % 2 else 1} for i in range(1, 5)]}
-    caps = {"images": imgs, "annotations": [{"id": i, "image_id": i, "caption": "a dog and a man"} for i in range(1, 5)]}
+    caps = {"images": imgs,
+            "annotations": [{"id": i, "image_id": i, "caption": "a dog and a man"} for i in range(1, 5)]}
     (ann / "instances_val2014.json").write_text(json.dumps(inst))
     (ann / "captions_val2014.json").write_text(json.dumps(caps))
     model = tiny_model_factory("vib", seed=3)
@@ -194,7 +195,9 @@ def test_resume_refuses_answers_of_another_model_or_settings_and_reuses_its_own(
 
     out = fixture_root / "fp"
     cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
-    run = lambda *options: evaluate.main(["--cfg-path", str(cfg), "--options", "eval.bootstrap=0", *options])
+    def run(*options):
+        return evaluate.main(["--cfg-path", str(cfg), "--options", "eval.bootstrap=0", *options])
+
     assert run() == 0
     stored = {p.name: p.read_text() for p in out.iterdir() if p.suffix in (".jsonl", ".json")}
     assert (out / "pope_random_answers.fingerprint.json").is_file()
@@ -257,7 +260,9 @@ def test_resume_refuses_a_changed_question_for_a_stored_answer(fixture_root, tin
 
     out = fixture_root / "fq"
     cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
-    run = lambda: evaluate.main(["--cfg-path", str(cfg), "--options", "eval.tasks=[pope]", "eval.bootstrap=0"])
+    def run():
+        return evaluate.main(["--cfg-path", str(cfg), "--options", "eval.tasks=[pope]", "eval.bootstrap=0"])
+
     assert run() == 0
     questions = fixture_root / "pope" / "random.jsonl"
     rows = [json.loads(line) for line in questions.read_text().splitlines()]
@@ -284,8 +289,8 @@ def test_protocol_label_follows_the_settings(fixture_root, tiny_tokenizer_dir):
     assert metrics["protocols"]["pope"]["label"] == "adavib-pope"  # 10 is the protocol's own value: no override
     assert "jiaqi5598/AdaVIB" in metrics["protocols"]["pope"]["source"]
     assert metrics["protocols"]["chair"]["label"] == metrics["chair"]["protocol"] == "describe-sampled-500+overrides"
-    assert metrics["chair"]["protocol_overrides"] == {
-        "eval.chair.num_images": {"protocol": 500, "used": 3}, "eval.chair.max_new_tokens": {"protocol": 512, "used": 8}}
+    assert metrics["chair"]["protocol_overrides"] == {"eval.chair.num_images": {"protocol": 500, "used": 3},
+                                                      "eval.chair.max_new_tokens": {"protocol": 512, "used": 8}}
     assert metrics["protocol"] == f"adavib-pope (dir {fixture_root / 'pope'}) + describe-sampled-500+overrides"
     captions = [json.loads(x) for x in (out / "chair_captions.jsonl").read_text().splitlines()]
     assert all("\x1f" not in row["prompt"] for row in captions)  # one string after the image
@@ -296,3 +301,135 @@ def test_protocol_label_follows_the_settings(fixture_root, tiny_tokenizer_dir):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["chair"]["protocol_overrides"]["eval.chair.num_images"] == {"protocol": 500, "used": 2}
     assert metrics["chair"]["n_captions"] == 2
+
+
+def _counting_generate(monkeypatch) -> list:
+    """Every prompt MiniGPT4.generate is asked from now on."""
+    from minigpt4.models.minigpt4 import MiniGPT4
+
+    asked, original = [], MiniGPT4.generate
+
+    def counting(self, prompts, *args, **kwargs):
+        asked.extend(prompts)
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(MiniGPT4, "generate", counting)
+    return asked
+
+
+def _answer_lines(out) -> dict:
+    return {p.name: p.read_text().splitlines() for p in out.glob("*.jsonl")}
+
+
+def test_a_smaller_rerun_keeps_every_stored_answer_and_the_larger_one_generates_nothing(
+        fixture_root, tiny_tokenizer_dir, monkeypatch):
+    """Issue 22 item 1: rerunning a finished folder with fewer CHAIR images or POPE questions rewrote the answers
+    files with only those (4 captions became 2, 120 answers 48). Now every stored answer stays, only the asked ones
+    are scored, the result counts the others, and the full run afterwards has nothing left to generate."""
+    import evaluate
+
+    out = fixture_root / "subset"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    small = fixture_root / "pope_small"  # the first 3 questions of each split
+    small.mkdir()
+    for split in ("random", "adversarial"):
+        lines = (fixture_root / "pope" / f"{split}.jsonl").read_text().splitlines(keepends=True)
+        (small / f"{split}.jsonl").write_text("".join(lines[:3]))
+    def run(*options):
+        return evaluate.main(["--cfg-path", str(cfg), "--options", "eval.bootstrap=0", *options])
+
+    assert run() == 0
+    stored, full_metrics = _answer_lines(out), json.loads((out / "metrics.json").read_text())
+    assert full_metrics["chair"]["stored_answers_not_in_this_run"] == 0
+    assert full_metrics["pope"]["stored_answers_not_in_this_run"] == {"random": 0, "adversarial": 0}
+
+    asked = _counting_generate(monkeypatch)
+    assert run(f"eval.pope.dir={small}", "eval.chair.num_images=2") == 0
+    assert asked == []  # every asked item was stored
+    after = _answer_lines(out)
+    assert {name: sorted(lines) for name, lines in after.items()} == \
+        {name: sorted(lines) for name, lines in stored.items()}  # nothing dropped, nothing added
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["chair"]["n_captions"] == 2 and metrics["chair"]["stored_answers_not_in_this_run"] == 1
+    assert metrics["pope"]["stored_answers_not_in_this_run"] == {"random": 5, "adversarial": 5}
+    assert all(split["n"] == 3 for split in metrics["pope"]["splits"].values())
+    assert len((out / "pope_scored_answers" / "random.jsonl").read_text().splitlines()) == 3
+
+    assert run() == 0  # the full run again: all of it is stored
+    assert asked == []
+    assert _answer_lines(out) == stored  # merged back into the items' order
+    assert json.loads((out / "metrics.json").read_text()) == full_metrics
+    assert not (out / "pope_scored_answers" / "random.jsonl").exists()  # the smaller run's copy is not left behind
+
+
+def test_resume_refuses_answers_to_images_replaced_under_the_same_names(fixture_root, tiny_tokenizer_dir, capsys,
+                                                                        monkeypatch):
+    """Issue 22 item 2: new pictures under the old file names were scored with the old captions (the fingerprint
+    knew only the folder). Each answer records its image's SHA-256; a replaced image is refused like a changed
+    prompt, before the model is built. A file only touched (same bytes, new mtime) still resumes."""
+    import evaluate
+    from minigpt4.models import from_config as builder
+
+    out = fixture_root / "replaced"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    def run():
+        return evaluate.main(["--cfg-path", str(cfg), "--options", "eval.bootstrap=0"])
+
+    assert run() == 0
+    stored = _answer_lines(out)
+    assert all(len(json.loads(line)["image_sha256"]) == 64 for lines in stored.values() for line in lines)
+
+    images = sorted((fixture_root / "val2014").iterdir())
+    for path in images:  # same bytes, later mtime: hashed again, and the same
+        os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    asked = _counting_generate(monkeypatch)
+    assert run() == 0 and asked == []
+
+    rng = np.random.default_rng(1)
+    for path in images:  # other pictures, same names
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(path)
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(builder, "build_model", lambda *_, **__: pytest.fail("refusing must not need the model"))
+        assert run() == 2
+    err = _last_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and "pope_random_answers.jsonl: the stored answer for key '1'" in err, err
+    assert "was made for another image_sha256" in err and f"the image file {images[0]} was replaced" in err, err
+    assert f"delete {out}" in err and _answer_lines(out) == stored
+
+
+def test_a_prompt_longer_than_the_llm_positions_is_refused_before_generation(fixture_root, tiny_tokenizer_dir,
+                                                                             capsys, monkeypatch):
+    """Issue 22 item 2: a question beyond max_position_embeddings was answered with exit 0. The prompt's tokens
+    (visual ones included) plus max_new_tokens must fit the LLM's positions; refused naming the item and both."""
+    import evaluate
+
+    out = fixture_root / "long"
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, out)
+    asked = _counting_generate(monkeypatch)
+    capsys.readouterr()
+    assert evaluate.main(["--cfg-path", str(cfg), "--options", "eval.tasks=[pope]",
+                          "eval.pope.question_suffix='" + " and a dog" * 200 + "'"]) == 2
+    err = _last_line(capsys.readouterr().err)
+    assert err.startswith("error: ") and f"{fixture_root / 'pope' / 'random.jsonl'}: question_id 1, image " \
+        "'COCO_val2014_000000000001.jpg': the prompt is " in err, err
+    assert "(with 4 visual tokens) + eval.pope.max_new_tokens = 4 = " in err, err
+    assert "positions, more than the LLM's max_position_embeddings = 512" in err, err
+    assert asked == [] and not list(out.glob("*.jsonl"))
+
+
+def test_prompt_length_check_counts_prompt_visual_and_new_tokens(tiny_model_factory):
+    """The bound: len(prompt tokens, BOS and visual tokens included) + max_new_tokens <= max_position_embeddings."""
+    from minigpt4.common.config import ConfigError
+    from minigpt4.eval.generate import check_prompt_lengths
+
+    model = tiny_model_factory("linear")
+    item = GenerationItem(key="7", image="x.jpg", extra={"question_id": 7},
+                          prompt="###Human: <Img><ImageHere></Img> Is there a dog?###Assistant:")
+    before, after = model.prompt_tokenizer.prompt_ids(item.prompt)
+    used = len(before) + model.num_query_tokens + len(after)
+    limit = model.llm.config.max_position_embeddings
+    check_prompt_lengths(model, [item], limit - used, "eval.pope.max_new_tokens", "q.jsonl")  # exactly full: fine
+    with pytest.raises(ConfigError, match=rf"q.jsonl: question_id 7: the prompt is {used} tokens .* = {limit + 1} "
+                                          rf"positions, more than the LLM's max_position_embeddings = {limit}"):
+        check_prompt_lengths(model, [item], limit - used + 1, "eval.pope.max_new_tokens", "q.jsonl")

@@ -28,7 +28,6 @@ from minigpt4.eval.eval_logging import check_backends, log_evaluation
 from minigpt4.eval.protocol_runs import protocol_runs
 from minigpt4.eval.settings import EvalSettings, validate_eval_settings
 
-
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: eval_configs/, assets/, data/
 # With no --cfg-path: the committed shapes-world base model on the shapes-world val split, so a newcomer
 # sees real CHAIR/POPE numbers without downloading anything (the world is generated in seconds if missing).
@@ -88,12 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from minigpt4.common import dist
+    from minigpt4.common.errors import USER_FACING_ERRORS
     from minigpt4.common.output_dir import claim_output_dir
     from minigpt4.common.provenance import write_provenance
+    from minigpt4.eval.benchmark_runs import check_planned_prompt_lengths, run_chair, run_pope
     from minigpt4.eval.fingerprint import guard_resume, write_fingerprints
     from minigpt4.eval.settings import files_to_record as benchmark_files
-    from minigpt4.eval.benchmark_runs import run_chair, run_pope
-    from minigpt4.common.errors import USER_FACING_ERRORS
     from minigpt4.models.from_config import build_model
     from minigpt4.models.loading import files_to_record as weight_files
 
@@ -104,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         # answers already in the folder must come from these weights and settings: refused here, before the model
         fingerprints = guard_resume(OmegaConf.to_container(cfg.model, resolve=True), settings, planned, device.type)
         model = build_model(cfg.model, device=device).eval()
+        check_planned_prompt_lengths(model, settings, planned, runs)  # every task's, before the first answer
         out_dir = settings.output_dir
         os.makedirs(out_dir, exist_ok=True)
         if rank == 0:  # commit, versions and SHA-256 of the weights and benchmark files
@@ -123,37 +123,52 @@ def main(argv: list[str] | None = None) -> int:
         dist.cleanup()  # leave the process group on the way out too, as train.py does
         return 2
     if rank == 0:
-        results["protocol"] = protocol_label(runs, settings)
-        results["protocols"] = {task: run.summary() for task, run in runs.items()}
-        results["config"] = OmegaConf.to_container(cfg, resolve=True)
-        for task in ("pope", "chair"):
-            if task in results:
-                write_json(os.path.join(out_dir, f"{task}.json"), results[task])
-        summary = {k: v for k, v in results.items() if k != "config"}
-        if "chair" in summary:  # per-caption detail stays in chair.json
-            summary["chair"] = {k: v for k, v in summary["chair"].items() if k != "per_caption"}
-        write_json(os.path.join(out_dir, "metrics.json"), summary)
-        logging.info("results in %s", os.path.abspath(os.path.join(out_dir, "metrics.json")))
-        if settings.tensorboard or settings.wandb:  # views of the files just written (eval/eval_logging.py)
-            log_evaluation(out_dir, results, tensorboard=settings.tensorboard, wandb=settings.wandb,
-                           wandb_project=settings.wandb_project, config=results["config"])
+        write_results(results, cfg, settings, runs)
     lock.release()
     dist.cleanup()
     return 0
 
 
+def write_results(results: dict, cfg, settings: EvalSettings, runs: dict) -> None:
+    """Rank 0: pope.json / chair.json with their detail, metrics.json (read by scripts/results_table.py) and the
+    TensorBoard / W&B views of them."""
+    from minigpt4.common.provenance import weight_digests
+    from minigpt4.models.loading import files_to_record as weight_files
+
+    out_dir = settings.output_dir
+    results["protocol"] = protocol_label(runs, settings)
+    results["protocols"] = {task: run.summary() for task, run in runs.items()}
+    results["config"] = OmegaConf.to_container(cfg, resolve=True)
+    for task in ("pope", "chair"):
+        if task in results:
+            write_json(os.path.join(out_dir, f"{task}.json"), results[task])
+    summary = {k: v for k, v in results.items() if k != "config"}
+    # the weights these numbers describe (SHA-256, file names only): the exporter's --metrics checks them
+    summary["weights"] = weight_digests(weight_files(results["config"]["model"]))
+    if "chair" in summary:  # per-caption detail stays in chair.json
+        summary["chair"] = {k: v for k, v in summary["chair"].items() if k != "per_caption"}
+    write_json(os.path.join(out_dir, "metrics.json"), summary)
+    logging.info("results in %s", os.path.abspath(os.path.join(out_dir, "metrics.json")))
+    if settings.tensorboard or settings.wandb:  # views of the files just written (eval/eval_logging.py)
+        log_evaluation(out_dir, results, tensorboard=settings.tensorboard, wandb=settings.wandb,
+                       wandb_project=settings.wandb_project, config=results["config"])
+
+
 def read_benchmark_items(settings: EvalSettings, runs: dict) -> dict:
     """Every answers file's generation items, read now from the POPE question files and the CHAIR image list:
-    a malformed or empty file, an image name outside eval.image_dir or (on_bad_image=error) a CHAIR image missing
-    from it stops the run before the model is built."""
-    from minigpt4.eval.benchmark_runs import planned_items
+    a malformed or empty file, an image name outside eval.image_dir, a CHAIR list entry that names no COCO image or
+    one named twice, (on_bad_image=error) a CHAIR image missing from it, or an eval.bootstrap too large for these
+    images stops the run before the model is built."""
+    from minigpt4.eval.benchmark_runs import check_bootstrap_size, planned_items
 
     try:
-        return planned_items(settings, runs)
+        planned = planned_items(settings, runs)
     except ConfigError:
         raise
     except ValueError as err:  # the readers' errors name the file and line
         raise ConfigError(str(err)) from None
+    check_bootstrap_size(settings, planned)  # the resampling arrays for these images must fit, before generation
+    return planned
 
 
 def protocol_label(runs: dict, settings: EvalSettings) -> str:

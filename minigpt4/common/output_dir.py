@@ -134,15 +134,26 @@ def _holder(fd: int) -> str:
         return ""
 
 
+def _cannot_write(out: Path, key: str, err: OSError, needed: int) -> OutputDirError:
+    """The refusal for a lock file that could not be made or written: a full disk says how much it needed."""
+    if err.errno in SPACE_ERRNOS:
+        free = free_bytes(out)
+        room = f" ({human_bytes(free)} free there)" if free is not None else ""
+        return OutputDirError(f"cannot write the lock file {out / LOCK_FILE} ({key}): {err.strerror}; it needs "
+                              f"about {human_bytes(needed)}{room}; free space there or choose another {key}")
+    return OutputDirError(f"cannot write in the output folder {out} ({key}): {err.strerror}; make it "
+                          f"writable or choose another {key}")
+
+
 def _acquire(out: Path, key: str) -> OutputLock:
     path = out / LOCK_FILE
+    holder = f"pid {os.getpid()} on {socket.gethostname()}\n".encode()
     while True:
         try:
             out.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as err:
-            raise OutputDirError(f"cannot write in the output folder {out} ({key}): {err.strerror}; make it "
-                                 f"writable or choose another {key}") from None
+            raise _cannot_write(out, key, err, len(holder)) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -161,8 +172,12 @@ def _acquire(out: Path, key: str) -> OutputLock:
     stale = _holder(fd)
     if stale:
         log.info("%s was left by a run that has ended (%s); taking it over", path, stale)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, holder, 0)
+    except OSError as err:  # a disk that had room for the file's name but not for its line
+        OutputLock(path, fd).release()
+        raise _cannot_write(out, key, err, len(holder)) from None
     lock = OutputLock(path, fd)
     _HELD[str(path)] = lock
     return lock

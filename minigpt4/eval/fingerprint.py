@@ -23,8 +23,9 @@ prompt or max_new_tokens returned the old model's answers and metrics with exit 
     actually used, so a key given on top of a protocol or a changed protocol record is seen. So is the decoding:
     under eval.decoding = vcd, `eval.decoding` and every VCD parameter as the task runs it (eval.vcd.beta null is
     recorded as the task's β), so a VCD run never resumes a greedy one, nor the reverse.
-Per answer, generate.check_done_items also compares the stored prompt and image with the item now asked (a
-changed question file, question text or cleaning).
+Per answer, generate.check_done_items also compares the stored prompt, image name and image content (the file's
+SHA-256, benchmark_runs.with_image_hashes) with the item now asked: a changed question file, question text or
+cleaning, or a picture replaced under the same file name.
 
 Left out because they do not change an answer: batch size, length sorting, the KV cache switch, the number of
 ranks, the output folder, the model name and protocol label, on_bad_image, which images or questions are asked
@@ -44,10 +45,10 @@ from minigpt4.common import dist
 from minigpt4.common.config import PATH_KEYS
 from minigpt4.common.errors import USER_FACING_ERRORS
 from minigpt4.common.provenance import HashCache, file_record
+from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
 from minigpt4.eval.protocol_runs import protocol_runs
 from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, VCDSettings
-from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
 from minigpt4.models.loading import files_to_record as weight_files_of
 
 FORMAT = 1
