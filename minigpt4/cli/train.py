@@ -42,6 +42,7 @@ _RUN_AMP_FOLLOWS_PRECISION = {"run": {"amp": None}}
 def load_train_config(cfg_path: str, options: list[str] | None = None, *, resume: bool = False):
     """-> (resolved DictConfig, RunConfig): each section merged into its schema and checked by its one
     validate (model, datasets, run), before any model is built. Raises ConfigError naming the offending key."""
+    from minigpt4.common.dist import device_problem
     from minigpt4.datasets.builders import validate_datasets
 
     options = list(options or [])
@@ -54,6 +55,8 @@ def load_train_config(cfg_path: str, options: list[str] | None = None, *, resume
     try:
         validate_datasets(cfg.datasets)
         run = RunConfig(**training_run_settings(cfg.model.precision, OmegaConf.to_container(cfg.run, resolve=True)))
+        if (problem := device_problem(run.device)) is not None:  # cuda where torch sees no GPU
+            raise ConfigError(problem)
     except ConfigError as err:
         raise ConfigError(f"{cfg_path}: {err}") from None
     OmegaConf.update(cfg, "run.amp", run.amp)  # recorded as trained: the amp model.precision chose
@@ -75,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     import torch
+    from torch.utils.data import IterableDataset
 
     from minigpt4.common import dist
     from minigpt4.common.errors import USER_FACING_ERRORS
@@ -90,8 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(run.seed)  # model init (projector std head, prior) is the same on every rank
     lock = runner = model = None
     try:
-        lock = claim_output_dir(run.output_dir, "run.output_dir")  # one run at a time in a folder
         dataset, collate = build_train_dataset(cfg.datasets, rank=rank, world_size=world, seed=run.seed)
+        # an epoch with no optimizer step is refused before the model is built and the output folder made
+        run.check_dataset_size(None if isinstance(dataset, IterableDataset) else len(dataset), world)
+        lock = claim_output_dir(run.output_dir, "run.output_dir")  # one run at a time in a folder
         model = build_model(cfg.model, device=device)
         runner = Runner(model, dataset, collate, run, config_to_save=OmegaConf.to_container(cfg, resolve=True))
         runner.prepare()  # refuses an old run without --resume, another data order, no complete checkpoint

@@ -29,14 +29,26 @@ def _env_int(name: str) -> int | None:
         raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
 
 
-def resolve_device(device: str) -> str:
+DEVICES = ("cuda", "cpu", "auto")
+
+
+def device_problem(device: str, key: str = "run.device") -> str | None:
+    """Why `device`, the value of the config key `key`, cannot run on this machine (not one of DEVICES, or cuda
+    where torch sees no GPU); None when it can. train.py / evaluate.py ask before anything is built."""
+    if device not in DEVICES:
+        return f"{key} = {device!r}; expected one of {', '.join(DEVICES)}"
+    if device == "cuda" and not torch.cuda.is_available():
+        return f"{key} = 'cuda' but torch sees no GPU on this machine; use cpu (or auto: a GPU where there is one)"
+    return None
+
+
+def resolve_device(device: str, key: str = "run.device") -> str:
     """'auto' -> 'cuda' when a GPU is visible, else 'cpu'. 'cuda' without a GPU is an error, not a fallback."""
+    problem = device_problem(device, key)
+    if problem is not None:
+        raise (ValueError if device not in DEVICES else RuntimeError)(problem)
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
-    if device not in ("cuda", "cpu"):
-        raise ValueError(f"run.device must be 'cuda', 'cpu' or 'auto', got {device!r}")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("run.device is 'cuda' but torch sees no GPU; use device: cpu (or auto)")
     return device
 
 

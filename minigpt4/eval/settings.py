@@ -11,6 +11,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from minigpt4.common.config import ConfigError, check_paths
+from minigpt4.common.dist import device_problem
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval.protocol_runs import protocol_runs
@@ -107,6 +108,8 @@ def validate_eval_settings(ev, template: str = DEFAULT_TEMPLATE) -> None:
     for key, value, low in [("batch_size", ev.batch_size, 1), ("bootstrap", ev.bootstrap, 0)]:
         if value < low:
             raise ConfigError(f"eval.{key} = {value}; expected an integer >= {low}")
+    if (problem := device_problem(ev.device, "eval.device")) is not None:  # cuda without a GPU: before anything
+        raise ConfigError(problem)
     vis = OmegaConf.to_container(ev.vis_processor) if isinstance(ev.vis_processor, DictConfig) else ev.vis_processor
     try:
         build_image_processor(vis)

@@ -132,5 +132,24 @@ class RunConfig:
         if self.num_workers < 0 or self.warmup_steps < 0:
             raise ConfigError("run.num_workers and run.warmup_steps must be >= 0")
 
+    def check_dataset_size(self, dataset_size: int | None, world_size: int) -> None:
+        """An epoch has optimizer steps to take: a map-style dataset of `dataset_size` samples (None: a streamed one)
+        fills one micro-batch of run.batch_size on each of `world_size` ranks, and without run.iters_per_epoch
+        run.grad_accum_steps of them. train.py asks before the model is built or the output folder made."""
+        if dataset_size is None:
+            if self.iters_per_epoch is None:
+                raise ConfigError("run.iters_per_epoch must be set when the training dataset is streamed (webdataset "
+                                  "shards): an epoch is that many optimizer steps")
+            return
+        per_pass = dataset_size // (self.batch_size * world_size)  # micro-batches per rank, tail dropped
+        needed = 1 if self.iters_per_epoch is not None else self.grad_accum_steps
+        if per_pass < needed:
+            accum = "" if needed == 1 else f" × run.grad_accum_steps ({self.grad_accum_steps})"
+            raise ConfigError(
+                f"run.batch_size = {self.batch_size}: the training dataset has {dataset_size} samples, fewer than "
+                f"run.batch_size{accum} × {world_size} rank(s) = {self.batch_size * needed * world_size}, so an "
+                f"epoch would hold no optimizer step; lower run.batch_size"
+                + (" or run.grad_accum_steps" if needed > 1 else "") + " or add data")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
