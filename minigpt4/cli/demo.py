@@ -21,8 +21,10 @@ public link.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -37,7 +39,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     "eval.chair.synonyms, the shapes world's for the shapes default, else COCO's)")
     ap.add_argument("--gpu-id", type=int, default=0, help="CUDA device index; the CPU is used without CUDA, or with -1")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    ap.add_argument("--port", type=int, default=7860)
+    ap.add_argument("--port", type=int, default=7860, help="TCP port, 1-65535, free (checked before the model loads)")
     ap.add_argument("--share", action="store_true", help="create a public Gradio share link")
     ap.add_argument("--max-pixels", type=int, default=None, help="refuse larger uploads (default 40 MP)")
     ap.add_argument("--max-new-tokens", type=int, default=None, help="default of the slider (64, tiny model 32)")
@@ -46,6 +48,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--examples", nargs="+", metavar="IMAGE", help="example images shown on the page (default: "
                     "four shapes-world scenes when the default shapes-world model runs)")
     return ap.parse_args(argv)
+
+
+def listen_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port, or None: checked before the model is loaded (minutes at 7B),
+    not when Gradio starts after it. The probe binds as uvicorn does (SO_REUSEADDR, so a port in TIME_WAIT is free,
+    one with a live listener is not) and closes at once; a port taken between this check and the launch is caught
+    at the launch."""
+    if not 1 <= port <= 65535:
+        return f"--port {port}: expected a TCP port number from 1 to 65535"
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        return f"--host {host!r}: not an address or a name this machine can resolve ({err.strerror})"
+    family, kind, proto, _, address = addresses[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                return (f"--port {port}: another program already listens on {host}:{port} (a demo still running?); "
+                        f"stop it or choose another --port, e.g. --port {port + 1 if port < 65535 else port - 1}")
+            if err.errno == errno.EACCES:
+                return f"--port {port}: permission denied on {host} (ports below 1024 need administrator rights)"
+            if err.errno == errno.EADDRNOTAVAIL:
+                return f"--host {host!r}: not an address of this machine"
+            return f"cannot listen on {host}:{port}: {err.strerror}"
+    return None
 
 
 def example_images(args: argparse.Namespace, loading) -> list[str]:
@@ -64,14 +94,17 @@ def example_images(args: argparse.Namespace, loading) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if (problem := listen_problem(args.host, args.port)) is not None:  # before minutes of model loading
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
 
     from minigpt4.common.config import ConfigError
     from minigpt4.demo import loading
     from minigpt4.demo.chat import DEMO_MAX_PIXELS, DecodingSettings, DemoEngine
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import CheckpointError
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(args.seed)
     try:
@@ -112,8 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     demo = build_demo(engine, model_description=loading.describe_model(cfg), compare_description=args.compare_ckpt,
                       defaults=DecodingSettings(max_new_tokens=max_new), examples=examples)
     logging.info("serving on http://%s:%d (device %s)", args.host, args.port, device)
-    demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb",
-                show_error=False, **launch_options())
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=args.share, max_file_size="50mb",
+                    show_error=False, **launch_options())
+    except OSError as err:  # the port was taken while the model loaded
+        print(f"error: cannot listen on {args.host}:{args.port}: {err}", file=sys.stderr)
+        return 2
     return 0
 
 

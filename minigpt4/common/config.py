@@ -113,14 +113,18 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
     """
     cfg = OmegaConf.structured(schema)
     plain = OmegaConf.create()
+    shape = OmegaConf.to_container(cfg, resolve=False)  # which keys hold mappings (sections, sub-sections)
     try:
         for layer in layers:
+            source = where
             if isinstance(layer, (str, os.PathLike)):
-                layer = load_yaml(layer)
+                source, layer = str(layer), load_yaml(layer)
+            check_sections(shape, layer, source)
             cfg = OmegaConf.merge(cfg, layer)
             plain = OmegaConf.merge(plain, layer)
         if options:
             dotlist = parse_options(options)
+            check_sections(shape, dotlist, "--options")
             cfg = OmegaConf.merge(cfg, dotlist)
             plain = OmegaConf.merge(plain, dotlist)
     except OmegaConfBaseException as err:
@@ -132,6 +136,33 @@ def merge(schema: Any, *layers: Any, options: list[str] | None = None, where: st
         OmegaConf.update(cfg, key, None, force_add=True)
     _refuse_non_finite_settings(cfg, plain, where)
     return cfg
+
+
+def describe_value(value: Any) -> str:
+    """A config value as an error message shows it: null, a list, or the value itself."""
+    if value is None:
+        return "null (nothing after the colon)"
+    if isinstance(value, (list, tuple)):
+        return f"a list ({len(value)} items)"
+    return f"the value {value!r}"
+
+
+def check_sections(shape: dict, layer: Any, where: str, prefix: str = "") -> None:
+    """A key that the schema holds as a mapping (model:, run:, eval.pope:, model.vib:, ...) must be a mapping in
+    `layer` too: `model: 3`, `eval: [..]` or an empty `run:` is a ConfigError naming the key, where OmegaConf would
+    say 'Merge error: int is not a subclass of ModelConfig' (or the demo fail with an AttributeError)."""
+    values = OmegaConf.to_container(layer, resolve=False) if OmegaConf.is_config(layer) else layer
+    if not isinstance(values, dict):
+        return
+    for key, value in values.items():
+        if key not in shape or not isinstance(shape[key], dict):
+            continue  # unknown keys and plain values: merge names them
+        if OmegaConf.is_config(value):  # a DictConfig inside a plain dict layer
+            value = OmegaConf.to_container(value, resolve=False)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: {prefix}{key}: expected a mapping of its settings (indented `key: value` "
+                              f"lines), got {describe_value(value)}")
+        check_sections(shape[key], value, where, f"{prefix}{key}.")
 
 
 def _refuse_non_finite_settings(cfg: DictConfig, plain: DictConfig, where: str) -> None:
@@ -150,8 +181,9 @@ def load_yaml(path: str | os.PathLike) -> DictConfig:
     """A YAML config file through omegaconf's loader (which refuses duplicate keys), as a DictConfig.
 
     ConfigError naming `file:line:column` for a syntax error (a tab included: YAML indents with spaces), a
-    duplicate key, a second document, or a top level that is not a mapping (a list or a single value, which
-    OmegaConf would otherwise load as a ListConfig or, for a word, as `{word: null}`).
+    duplicate key, a second document, or a top level that is not a mapping, of any YAML type: an empty file, a
+    list, a set, a number, a string, null, a date, binary data (OmegaConf would load a list as a ListConfig, a
+    word as `{word: null}`, and fail on a number with an OSError); a null key or a !!set value names the file.
     """
     if not os.path.exists(path):
         raise ConfigError(f"config file not found: {path}")
@@ -161,6 +193,7 @@ def load_yaml(path: str | os.PathLike) -> DictConfig:
         raise ConfigError(str(err)) from None
     try:
         top = yaml.compose(text, Loader=yaml.SafeLoader)  # the node tree: what the top level is, and where
+        _require_mapping(path, top)  # before OmegaConf, which fails on a number or a set with an OSError
         loaded = OmegaConf.load(io.StringIO(text))
     except yaml.MarkedYAMLError as err:
         raise ConfigError(_explain_yaml(path, text, err)) from None
@@ -169,11 +202,37 @@ def load_yaml(path: str | os.PathLike) -> DictConfig:
         code = err.character if isinstance(err.character, int) else ord(err.character)
         raise ConfigError(f"{path}:{line}: not valid YAML: character U+{code:04X} is not allowed "
                           f"({err.reason})") from None
-    if top is not None and not isinstance(top, yaml.MappingNode):
-        kind = "a list" if isinstance(top, yaml.SequenceNode) else f"a single value ({top.value!r})"
-        raise ConfigError(f"{path}:{top.start_mark.line + 1}: the top level is {kind}; expected a mapping of "
-                          "sections (model:, run:, datasets:, eval:)")
+    except OmegaConfBaseException as err:  # a null key (~: 1), a !!set value: YAML that is no config
+        where = f"under {err.full_key!r}" if getattr(err, "full_key", None) else "at the top level"
+        reason = str(err).split("\n", 1)[0]
+        raise ConfigError(f"{path}: {where}: {reason}; config keys are names and values are numbers, strings, "
+                          "booleans, lists or mappings") from None
     return loaded
+
+
+_YAML_TAG = "tag:yaml.org,2002:"
+SCALAR_KINDS = {"null": "null (an empty document)", "bool": "a boolean", "int": "a number", "float": "a number",
+                "binary": "binary data (!!binary)", "timestamp": "a date"}
+
+
+def _require_mapping(path: str | os.PathLike, top: yaml.Node | None) -> None:
+    """ConfigError unless the document's top level is a plain mapping: an empty file, a list, a set, a number, a
+    string, null, a date or binary data all name what they are and the line they start on."""
+    expected = "expected a mapping of sections (model:, run:, datasets:, eval:)"
+    if top is None:
+        raise ConfigError(f"{path}: the file holds no YAML document (empty, or comments only); {expected}")
+    if isinstance(top, yaml.MappingNode) and top.tag == _YAML_TAG + "map":
+        return
+    tag = top.tag[len(_YAML_TAG):] if top.tag.startswith(_YAML_TAG) else top.tag
+    if isinstance(top, yaml.SequenceNode):
+        kind = "a list"
+    elif isinstance(top, yaml.MappingNode):  # !!set, !!python/object:..., !custom
+        kind = f"a mapping tagged {'!!' + tag if top.tag.startswith(_YAML_TAG) else tag}, not a plain mapping"
+    elif tag in SCALAR_KINDS:
+        kind = SCALAR_KINDS[tag] + ("" if tag in ("null", "binary") else f" ({top.value})")
+    else:
+        kind = f"a single value ({top.value!r})"
+    raise ConfigError(f"{path}:{top.start_mark.line + 1}: the top level is {kind}; {expected}")
 
 
 def _explain_yaml(path: str | os.PathLike, text: str, err: yaml.MarkedYAMLError) -> str:

@@ -25,7 +25,15 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from minigpt4.common.config import PATH_KEYS, ConfigError, ModelConfig, load_yaml, merge, validate_model_config
+from minigpt4.common.config import (
+    PATH_KEYS,
+    ConfigError,
+    ModelConfig,
+    describe_value,
+    load_yaml,
+    merge,
+    validate_model_config,
+)
 from minigpt4.common.tiny_models import tiny_model_config, train_tokenizer
 from minigpt4.models.checkpoints import load_state_file, load_trainable
 from minigpt4.models.minigpt4 import MiniGPT4
@@ -67,6 +75,10 @@ def _model_section(path: Path) -> DictConfig:
     raw = load_yaml(path)  # a mapping, or a ConfigError naming file:line (duplicate key, tab, syntax)
     if "model" in raw:
         section = raw.model
+        if not isinstance(section, DictConfig):  # model: 3, a list, an empty model: (the lookups below would fail)
+            value = OmegaConf.to_container(section) if OmegaConf.is_config(section) else section
+            raise ConfigError(f"{path}: model: expected a mapping of its settings (indented `key: value` lines), "
+                              f"got {describe_value(value)}")
     elif set(raw.keys()) <= set(OmegaConf.structured(ModelConfig).keys()):
         section = raw  # the file is a model section itself (assets/shapes_base/model.yaml may be)
     else:

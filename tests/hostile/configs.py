@@ -188,3 +188,91 @@ CONFIG_CASES = [
     Case("config/train/internal-error-keeps-traceback", internal_error_in_train,
          Raises(RuntimeError, ("an internal bug, not a user mistake",))),
 ]
+
+
+# ------------------------------------------------------------------------- top level of any YAML type (issue 22)
+
+
+def demo_main(args: list[str], env: Env) -> tuple[int, str]:
+    """demo.py's main with `args`; a model build would fail the row (everything here stops before one)."""
+    from minigpt4.cli import demo
+
+    with no_model_build():
+        return demo.main(args), ""
+
+
+def demo_with_config(text: str, env: Env) -> tuple[int, str]:
+    return demo_main(["--cfg-path", str(write_file(env, "recipe.yaml", text))], env)
+
+
+def demo_on_a_taken_port(env: Env) -> tuple[int, str]:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        rc, _ = demo_main(["--port", str(port), "--cfg-path", str(env.tmp / "never-read.yaml")], env)
+    return rc, ""
+
+
+EXPECTED_MAPPING = "expected a mapping of sections (model:, run:, datasets:, eval:)"
+# (row name, file text, what the message says the top level is)
+TOP_LEVELS = [
+    ("empty-file", "", ": the file holds no YAML document (empty, or comments only)"),
+    ("comments-only", "# model: {}\n", ": the file holds no YAML document (empty, or comments only)"),
+    ("null", "null\n", ":1: the top level is null (an empty document)"),
+    ("tilde", "~\n", ":1: the top level is null (an empty document)"),
+    ("empty-document", "---\n...\n", ":2: the top level is null (an empty document)"),
+    ("integer", "3\n", ":1: the top level is a number (3)"),
+    ("float", "1.5e-4\n", ":1: the top level is a number (1.5e-4)"),
+    ("boolean", "yes\n", ":1: the top level is a boolean (yes)"),
+    ("date", "2024-01-31\n", ":1: the top level is a date (2024-01-31)"),
+    ("quoted-string", '"model"\n', ":1: the top level is a single value ('model')"),
+    ("block-string", "|\n  model: {}\n", ":1: the top level is a single value ('model: {}\\n')"),
+    ("binary", "!!binary aGVsbG8=\n", ":1: the top level is binary data (!!binary)"),
+    ("flow-list", "[model, run]\n", ":1: the top level is a list"),
+    ("ordered-map", "!!omap [model: {}, run: {}]\n", ":1: the top level is a list"),
+    ("set", "!!set {model, run}\n", ":1: the top level is a mapping tagged !!set, not a plain mapping"),
+    ("custom-tag", "!recipe {model: {}}\n", ":1: the top level is a mapping tagged !recipe, not a plain mapping"),
+]
+CONFIG_CASES += [
+    Case(f"config/yaml/top-level-{name}/{program}", partial(main, "run.seed=1" if program == "train" else
+                                                             "eval.batch_size=2", recipe=text),
+         Exits2((f"recipe.yaml{says}", EXPECTED_MAPPING)))
+    for name, text, says in TOP_LEVELS for program, main in (("train", train_main), ("evaluate", evaluate_main))
+] + [
+    Case(f"config/yaml/top-level-{name}/demo", partial(demo_with_config, text),
+         Exits2((f"recipe.yaml{says}", EXPECTED_MAPPING), prefix="error: "))
+    for name, text, says in TOP_LEVELS
+] + [
+    # a section that is not a mapping (OmegaConf: "Merge error: int is not a subclass of ModelConfig")
+    Case("config/yaml/model-section-a-number", partial(train_main, "run.seed=1", recipe="model: 3\n"),
+         Exits2(("recipe.yaml: model: expected a mapping of its settings", "got the value 3"))),
+    Case("config/yaml/eval-section-a-list", partial(evaluate_main, "eval.batch_size=2", recipe="eval: [1, 2]\n"),
+         Exits2(("recipe.yaml: eval: expected a mapping of its settings", "got a list (2 items)"))),
+    Case("config/yaml/vib-subsection-a-string", partial(train_main, "run.seed=1", recipe="model:\n  vib: adaptive\n"),
+         Exits2(("recipe.yaml: model.vib: expected a mapping of its settings", "got the value 'adaptive'"))),
+    Case("config/yaml/model-section-empty/demo", partial(demo_with_config, "model:\n"),
+         Exits2(("recipe.yaml: model: expected a mapping of its settings", "got null"), prefix="error: ")),
+    Case("config/yaml/model-section-a-list/demo", partial(demo_with_config, "model: [arch, minigpt4]\n"),
+         Exits2(("recipe.yaml: model: expected a mapping of its settings", "got a list"), prefix="error: ")),
+    Case("config/options/section-a-number", partial(train_main, "model=3"),
+         Exits2(("--options: model: expected a mapping of its settings",))),
+    # keys and values YAML has but a config does not
+    Case("config/yaml/null-key", partial(train_main, "run.seed=1", recipe="~: 1\n"),
+         Exits2(("recipe.yaml: at the top level: Incompatible key type 'NoneType'",))),
+    Case("config/yaml/set-value", partial(evaluate_main, "eval.batch_size=2", recipe="eval: {pope: !!set {a}}\n"),
+         Exits2(("recipe.yaml: under 'eval.pope'", "not a supported primitive type"))),
+    # demo.py --port / --host: checked before the model is loaded
+    Case("config/demo/port-out-of-range", partial(demo_main, ["--port", "70000"]),
+         Exits2(("--port 70000: expected a TCP port number from 1 to 65535",), prefix="error: ")),
+    Case("config/demo/port-zero", partial(demo_main, ["--port", "0"]),
+         Exits2(("--port 0: expected a TCP port number from 1 to 65535",), prefix="error: ")),
+    Case("config/demo/port-negative", partial(demo_main, ["--port", "-5"]),
+         Exits2(("--port -5: expected a TCP port number",), prefix="error: ")),
+    Case("config/demo/port-in-use", demo_on_a_taken_port,
+         Exits2(("another program already listens on 127.0.0.1:", "choose another --port"), prefix="error: ")),
+    Case("config/demo/host-not-of-this-machine", partial(demo_main, ["--host", "192.0.2.1", "--port", "7861"]),
+         Exits2(("--host '192.0.2.1': not an address of this machine",), prefix="error: ")),
+]
