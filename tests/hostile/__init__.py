@@ -5,11 +5,13 @@ from __future__ import annotations
 from hostile.captions import CAPTION_CASES
 from hostile.checkpoints import CHECKPOINT_CASES
 from hostile.configs import CONFIG_CASES
+from hostile.evaluation import EVALUATION_CASES
 from hostile.images import IMAGE_CASES
 from hostile.json_files import EXPECTED_VALUES, JSON_CASES
 from hostile.outputs import OUTPUT_CASES
 from hostile.tokenizers import TOKENIZER_CASES
 
-CORPUS = IMAGE_CASES + JSON_CASES + CONFIG_CASES + CHECKPOINT_CASES + OUTPUT_CASES + CAPTION_CASES + TOKENIZER_CASES
+CORPUS = (IMAGE_CASES + JSON_CASES + CONFIG_CASES + CHECKPOINT_CASES + OUTPUT_CASES + CAPTION_CASES + TOKENIZER_CASES
+          + EVALUATION_CASES)
 
 __all__ = ["CORPUS", "EXPECTED_VALUES"]
