@@ -94,3 +94,10 @@ def test_bad_inputs_are_named():
         resample_totals(np.ones((3, 1)), ["a", "b"])
     with pytest.raises(ValueError, match="n_resamples"):
         resample_totals(np.ones((1, 1)), ["a"], n_resamples=0)
+
+
+def test_too_many_resamples_are_refused_before_any_allocation():
+    """10^11 resamples of 6 images would be a 4 TiB draw: a ValueError naming the most that fit, not a MemoryError."""
+    with pytest.raises(ValueError, match=r"100000000000 resamples of 6 images need .* GiB .* use at most 44739242 "):
+        resample_totals(np.ones((6, 2)), list("abcdef"), n_resamples=10 ** 11)
+    assert resample_totals(np.ones((6, 2)), list("abcdef"), n_resamples=44739242 // 1000).shape == (44739, 2)
