@@ -102,8 +102,8 @@ def shapes_images() -> list[Image.Image]:
 def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
     """A 'trained' VIB run on the shapes base model: run/final/{trainable.safetensors, config.json}."""
     from minigpt4.demo.loading import load_model_config
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)
     model = build_model(load_model_config(SHAPES_YAML, ["model.mm_projector_type=vib"])).eval()
@@ -117,8 +117,18 @@ def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
                     "datasets": {"shapes_qa": {"root": "data/shapes_world"}},
                     "run": {"init_lr": 1e-3, "batch_size": 32, "seed": 0, "max_epoch": 1}}
     (run / "final" / "config.json").write_text(json.dumps(train_config))
-    (run / "metrics.json").write_text(json.dumps(METRICS))
+    weights = evaluated_weights(["model.mm_projector_type=vib", f"model.ckpt={run}/final/trainable.safetensors"])
+    (run / "metrics.json").write_text(json.dumps({**METRICS, "weights": weights}))
     return run, model
+
+
+def evaluated_weights(options: list[str], cfg_path: Path = SHAPES_YAML) -> dict:
+    """metrics.json's "weights" as evaluate.py writes it for the model config `cfg_path` + `options`."""
+    from minigpt4.common.provenance import weight_digests
+    from minigpt4.demo.loading import load_model_config
+    from minigpt4.export.records import weight_paths
+
+    return weight_digests(weight_paths(load_model_config(cfg_path, options)))
 
 
 @pytest.fixture(scope="module")
@@ -237,8 +247,8 @@ def llava_run(tmp_path_factory, tiny_tokenizer_dir):
 
     from minigpt4.common.config import ModelConfig, merge
     from minigpt4.common.tiny_models import TINY_LLM
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
+    from minigpt4.models.from_config import build_model
     from minigpt4.models.llava import llava_config_from
 
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=28,
@@ -316,6 +326,76 @@ def test_exporter_refuses_bad_input_with_one_line(case, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and expected in err and "Traceback" not in err
     assert not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written left behind
+
+
+# ------------------------------------------------------------------------------------ killed in the middle
+
+# An export that writes half its files into the staging folder, says so through the file argv[1] (written whole,
+# then renamed: the test never reads it half-written) and waits there until a signal stops it.
+STALLED_EXPORT = """
+import os, signal, sys
+from pathlib import Path
+from minigpt4.export import writer
+
+def stalled(source, formats, staging, dtype, notes):
+    (staging / "model.safetensors").write_bytes(bytes(1 << 20))
+    ready = Path(sys.argv[1])
+    ready.with_suffix(".tmp").write_text(str(staging))
+    os.replace(ready.with_suffix(".tmp"), ready)
+    while True:
+        signal.pause()
+
+writer._write_formats = stalled
+from minigpt4.export.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+READY_TIMEOUT_S = 240  # the import and model build, on a loaded 2-core machine
+
+
+def start_stalled_export(tmp_path: Path, out: Path) -> tuple[subprocess.Popen, Path, Path]:
+    """(the export process, its staging folder, its stderr file) once the export is stalled mid-way."""
+    import time
+
+    ready, stderr = tmp_path / "ready", tmp_path / "stderr.txt"
+    argv = [sys.executable, "-c", STALLED_EXPORT, str(ready), "--cfg-path", str(SHAPES_YAML), "--format",
+            "minigpt4-pth", "--out", str(out)]
+    with open(stderr, "w") as err:
+        proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready.exists():  # the readiness signal: the export's own marker file
+        if proc.poll() is not None:
+            pytest.fail(f"the export ended (status {proc.returncode}) before it stalled: {stderr.read_text()[-2000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            pytest.fail(f"the export did not stall within {READY_TIMEOUT_S} s: {stderr.read_text()[-2000:]}")
+        time.sleep(0.05)
+    staging = Path(ready.read_text())
+    assert staging.is_dir() and staging.parent == out.parent and (staging / "model.safetensors").is_file()
+    return proc, staging, stderr
+
+
+def test_sigterm_removes_the_staging_folder_and_exits_cleanly(tmp_path):
+    import signal
+
+    out = tmp_path / "exports" / "stopped"
+    proc, staging, stderr = start_stalled_export(tmp_path, out)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, stderr.read_text()[-2000:]
+    last = stderr.read_text().strip().splitlines()[-1]
+    assert last == f"stopped by SIGTERM; nothing was written to {out} (an export's staging folder is removed)"
+    assert "Traceback" not in stderr.read_text()
+    assert list((tmp_path / "exports").iterdir()) == []  # no staging folder, no half an export
+
+
+def test_sigkill_leaves_a_staging_folder_that_the_next_export_removes(tmp_path):
+    exports = tmp_path / "exports"
+    proc, staging, _ = start_stalled_export(tmp_path, exports / "killed")
+    proc.kill()
+    proc.wait(timeout=120)
+    assert staging.is_dir()  # SIGKILL cannot be handled: the folder stays until ...
+    assert cli.main(["--cfg-path", str(SHAPES_YAML), "--format", "minigpt4-pth", "--out", str(exports / "next")]) == 0
+    assert sorted(p.name for p in exports.iterdir()) == ["next"]  # ... the next export into that folder
 
 
 def test_formats_follow_what_the_model_is():

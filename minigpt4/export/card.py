@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from minigpt4.export.records import shown_name, without_local_paths
 from minigpt4.export.source import ExportSource
 
 USAGE = {
@@ -57,7 +58,8 @@ def projector_summary(cfg, train_config: dict | None) -> dict:
 
 
 def _sources_table(sources: dict) -> list[str]:
-    lines = ["| config key | path | SHA-256 |", "|---|---|---|"]
+    """Config key, file (its path with --record-full-paths) and SHA-256 of each base weight source."""
+    lines = ["| config key | file | SHA-256 |", "|---|---|---|"]
     for key, record in sources.items():
         if record.get("kind") == "file":
             digest = record["sha256"]
@@ -65,11 +67,11 @@ def _sources_table(sources: dict) -> list[str]:
             digest = f"{record['num_files']} files (each hashed in adavib_export.json)"
         else:
             digest = record.get("kind", "not hashed")
-        lines.append(f"| `{key}` | `{record.get('path')}` | `{digest}` |")
+        lines.append(f"| `{key}` | `{shown_name(record)}` | `{digest}` |")
     return lines
 
 
-def _training_section(source: ExportSource, projector: dict) -> list[str]:
+def _training_section(source: ExportSource, projector: dict, manifest: dict) -> list[str]:
     lines = ["## Training", ""]
     run = (source.train_config or {}).get("run") or {}
     lines.append(f"- projector: **{projector['label']}** ({projector['from']})")
@@ -85,20 +87,28 @@ def _training_section(source: ExportSource, projector: dict) -> list[str]:
     if source.train_config is None:
         lines += ["", "No resolved training config was found next to the checkpoint (pass --train-config)."]
         return lines
-    body = json.dumps(source.train_config, indent=2, default=str)
-    return lines + ["", f"<details><summary>Resolved training config ({source.train_config_path})</summary>", "",
+    config = source.train_config if manifest.get("full_paths") else without_local_paths(source.train_config)
+    body = json.dumps(config, indent=2, default=str)
+    record = manifest.get("training_config") or {}
+    where = f"`{shown_name(record)}`, sha256 `{record.get('sha256')}`"
+    paths = "" if manifest.get("full_paths") else "; absolute paths shortened to their file or folder name"
+    return lines + ["", f"<details><summary>Resolved training config ({where}{paths})</summary>", "",
                     "```json", body, "```", "</details>"]
 
 
-def _evaluation_section(metrics_path: str | None) -> list[str]:
+def _evaluation_section(metrics_path: str | None, manifest: dict) -> list[str]:
     if metrics_path is None:
         return ["## Evaluation", "", "Not given (export with `--metrics out/eval/<name>/metrics.json`)."]
-    from minigpt4.eval.results_table import load_metrics, results_table
+    from minigpt4.eval.metrics_file import load_metrics_file
+    from minigpt4.eval.results_table import results_table
 
-    metrics = load_metrics(metrics_path)
-    lines = ["## Evaluation", "", f"From `{metrics_path}` (evaluate.py, this project's scorers: CHAIR as Rohrbach et "
-             "al.'s reference, POPE with the rule named in the protocol; ± is half the 95 % bootstrap interval "
-             "over images).", "", f"- protocol: `{metrics['protocol']}`"]
+    metrics = load_metrics_file(metrics_path)
+    record = manifest.get("metrics") or {}
+    checked = (f" Its weight record ({record['weights_checked_against']}) matches the SHA-256 of every weight "
+               "file of this export." if record.get("weights_checked_against") else "")
+    lines = ["## Evaluation", "", f"From `{shown_name(record)}` (sha256 `{record.get('sha256')}`; evaluate.py, this "
+             "project's scorers: CHAIR as Rohrbach et al.'s reference, POPE with the rule named in the protocol; ± "
+             f"is half the 95 % bootstrap interval over images).{checked}", "", f"- protocol: `{metrics['protocol']}`"]
     chair = metrics.get("chair") or {}
     if chair:
         lines.append(f"- CHAIR: {chair.get('n_captions')} captions of {chair.get('n_images')} images")
@@ -140,8 +150,8 @@ def model_card(source: ExportSource, manifest: dict, metrics_path: str | None) -
                      "", "## Files", "", "| file | what |", "|---|---|"]
     lines += [f"| `{name}` | {what} |" for name, what in manifest["files"].items()]
     lines += ["", "## Base weights", ""] + _sources_table(manifest["sources"]) + [""]
-    lines += _training_section(source, projector) + [""]
-    lines += _evaluation_section(metrics_path) + [""]
+    lines += _training_section(source, projector, manifest) + [""]
+    lines += _evaluation_section(metrics_path, manifest) + [""]
     lines += ["## Use", ""]
     end = manifest.get("stop") or ""
     from minigpt4.models.encoders import LN_VISION_EPS

@@ -3,11 +3,11 @@ what was loaded: class, parameters, dtype, image tokens, the rendered chat templ
 grey image, and the side files. Any missing, unexpected or mis-shaped tensor is an error."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
+from minigpt4.export.folder import check_weight_files, json_object, read_manifest, read_projector_pth
 from minigpt4.export.source import ExportError
 
 CLASSES = {"llava": "LlavaForConditionalGeneration", "blip-2": "Blip2ForConditionalGeneration"}
@@ -18,11 +18,19 @@ def _load_model(folder: Path, model_type: str):
     import transformers
 
     cls = getattr(transformers, CLASSES[model_type])
-    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, dtype="auto")
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, dtype="auto")
+    except (OSError, ValueError) as err:  # a missing or unreadable file of the folder: transformers names it
+        raise ExportError(f"{folder}: {cls.__name__} cannot load it: {_first_line(err)}") from None
     problems = {k: sorted(map(str, v)) for k, v in info.items() if v}
     if problems:
         raise ExportError(f"{folder}: {cls.__name__} does not match the saved tensors: {problems}")
     return model.eval()
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _smoke_answer(model, processor, stop: str | None, max_new_tokens: int) -> dict:
@@ -49,11 +57,11 @@ def _side_files(folder: Path) -> dict:
         if not path.is_file():
             continue
         if name.endswith(".safetensors"):
-            from safetensors.torch import load_file
+            from minigpt4.models.checkpoints import load_state_file
 
-            tensors = load_file(str(path))
+            tensors = load_state_file(path, check_values=False)
         else:
-            tensors = torch.load(path, map_location="cpu", weights_only=True)["model"]
+            tensors = read_projector_pth(path)
         found[name] = {k: list(v.shape) for k, v in tensors.items()}
     return found
 
@@ -62,19 +70,25 @@ def check_export(folder: str | Path, max_new_tokens: int = 8) -> dict:
     """Reload `folder` and return the report (raises ExportError when it does not load cleanly)."""
     folder = Path(folder)
     config_path = folder / "config.json"
-    manifest_path = folder / "adavib_export.json"
-    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if not folder.is_dir():
+        raise ExportError(f"--check {folder}: not a folder")
+    manifest = read_manifest(folder, required=False)
     report: dict = {"folder": str(folder), "side_files": _side_files(folder)}
     if not config_path.is_file():
         if not report["side_files"]:
             raise ExportError(f"{folder}: no config.json and no export side files: not an export folder")
         return report  # a minigpt4-pth-only export
-    model_type = json.loads(config_path.read_text()).get("model_type")
+    model_type = json_object(config_path, "a transformers model config").get("model_type")
     if model_type not in CLASSES:
         raise ExportError(f"{config_path}: model_type {model_type!r}; --check reads {', '.join(CLASSES)} exports")
+    check_weight_files(folder)
     from transformers import AutoProcessor
 
-    processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+    try:
+        processor = AutoProcessor.from_pretrained(folder, local_files_only=True, backend="pil")
+    except (OSError, ValueError) as err:
+        raise ExportError(f"{folder}: its processor (tokenizer, image processor) cannot be loaded: "
+                          f"{_first_line(err)}") from None
     model = _load_model(folder, model_type)
     config = model.config
     report.update({

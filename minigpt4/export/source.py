@@ -156,9 +156,21 @@ def load_export_config(cfg_path: str, options: list[str], ckpt: str | None) -> t
     return cfg, vis_processor
 
 
-def load_source(cfg_path: str, options: list[str], ckpt: str | None, formats: list[str] | None,
-                train_config: str | None = None) -> tuple[ExportSource, tuple[str, ...]]:
-    """Config -> checks -> built model. Raises ExportError / ConfigError / CheckpointError with the reason."""
+@dataclass
+class ExportPlan:
+    """What an export will write, checked, before anything is built: the model config and the formats."""
+
+    cfg: DictConfig
+    formats: tuple[str, ...]
+    cfg_path: str
+    vis_processor: dict | None
+    train_config: dict | None
+    train_config_path: str | None
+
+
+def plan_export(cfg_path: str, options: list[str], ckpt: str | None, formats: list[str] | None,
+                train_config: str | None = None) -> ExportPlan:
+    """Config -> checks, without building the model. Raises ExportError / ConfigError / CheckpointError."""
     cfg, vis_processor = load_export_config(cfg_path, options, ckpt)
     chosen = choose_formats(cfg, formats)
     check_weight_sources(cfg, chosen)
@@ -169,8 +181,14 @@ def load_source(cfg_path: str, options: list[str], ckpt: str | None, formats: li
         if trained_kind not in (None, cfg.mm_projector_type):
             raise ExportError(f"{train_path} trained a {trained_kind} projector but the config asks for "
                               f"{cfg.mm_projector_type}; use the config of that run")
+    return ExportPlan(cfg, chosen, cfg_path, vis_processor, train, train_path)
+
+
+def build_source(plan: ExportPlan) -> ExportSource:
+    """The planned model, built on the CPU."""
     from minigpt4.models.from_config import build_model
 
+    cfg = plan.cfg
     log.info("building %s (%s projector) on the CPU for export", cfg.arch, cfg.mm_projector_type)
     model = build_model(cfg, device="cpu").eval()
-    return ExportSource(cfg, model, cfg_path, train, train_path, vis_processor), chosen
+    return ExportSource(cfg, model, plan.cfg_path, plan.train_config, plan.train_config_path, plan.vis_processor)
