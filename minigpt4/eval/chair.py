@@ -53,12 +53,12 @@ from pathlib import Path
 import nltk
 import numpy as np
 
-from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
-from minigpt4.eval.metrics_file import item_set_id
-from minigpt4.eval import pattern_singularize
-from minigpt4.eval.nltk_setup import ensure_punkt
 from minigpt4.common.files import require_regular_file, sha256_file
 from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl, write_json
+from minigpt4.eval import pattern_singularize
+from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
+from minigpt4.eval.metrics_file import item_set_id
+from minigpt4.eval.nltk_setup import ensure_punkt
 
 logger = logging.getLogger(__name__)
 

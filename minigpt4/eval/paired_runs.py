@@ -17,9 +17,9 @@ number is computed, `check_pairable` compares, per task both folders scored:
     as the protocol gives them to its family, the image folder and the feature cache switch.
 
 A difference in the items is always refused (NotPairedError, naming what differs). A difference in the protocol is
-refused unless allowed: `allow_decoding` allows only eval.decoding / eval.vcd.* (a decode-time method compared with
-greedy decoding of the same model), `allow_protocol` any; the allowed differences are returned, and the table
-names them in its header.
+refused unless allowed: `allow_decoding` allows only the decoding: eval.decoding, eval.vcd.*, eval.opera.* and the
+beams and stop rule OPERA runs with (a decode-time method compared with greedy decoding of the same model),
+`allow_protocol` any; the allowed differences are returned, and the table names them in its header.
 """
 from __future__ import annotations
 
@@ -43,6 +43,7 @@ FINGERPRINT_SUFFIX = ".fingerprint.json"
 IMAGE_HASH = "image_sha256"
 # Per-image count columns of a CHAIR result.
 CHAIR_COLUMNS = ("captions", "hallucinated_captions", "mentions", "hallucinated_mentions", "recalled", "ground_truth")
+CAPTION_LISTS = ("ground_truth", "mentions", "hallucinated")  # what a per_caption row must hold
 # Keys of protocol_overrides that choose the items, which are compared item by item instead.
 ITEM_SET_KEYS = frozenset({"eval.chair.images", "eval.chair.num_images", "eval.chair.sample_seed"})
 # Fingerprint fields that belong to the model, not the protocol: the protocol's prompt as given to the model's
@@ -81,11 +82,15 @@ def image_key(raw: object) -> str:
 
 def chair_counts(chair_result: dict, source: str = "chair.json") -> dict[str, np.ndarray]:
     """{image key: counts in CHAIR_COLUMNS order} from a scored CHAIR result with per_caption rows."""
-    rows = chair_result.get("per_caption")
-    if not rows:
+    rows = chair_result.get("per_caption") if isinstance(chair_result, dict) else None
+    if not rows or not isinstance(rows, list):
         raise DataFileError(f"{source}: no per_caption rows (score with minigpt4.eval.chair, which writes them)")
     counts: dict[str, np.ndarray] = {}
-    for row in rows:
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not all(isinstance(row.get(key), list) for key in CAPTION_LISTS) \
+                or "image_id" not in row:
+            raise DataFileError(f"{source}: per_caption[{index}]: expected an object with image_id and the lists "
+                                f"{', '.join(CAPTION_LISTS)} (as minigpt4.eval.chair writes it)")
         truth, mentions = set(row["ground_truth"]), row["mentions"]
         hallucinated = row["hallucinated"]
         values = np.array([1, bool(hallucinated), len(mentions), len(hallucinated), len(set(mentions) & truth),
@@ -152,8 +157,24 @@ def _load_chair(run: EvalRun, folder: Path) -> None:
     run.image_dirs["chair"] = (fingerprint or {}).get("eval.image_dir")
 
 
+def _pope_result(path: Path) -> dict:
+    """pope.json, checked for what reading its answers back needs."""
+    result = read_json(path)
+    files = result.get("files") if isinstance(result, dict) else None
+    lists = [files.get(kind) for kind in ("questions", "answers")] if isinstance(files, dict) else []
+    if (len(lists) != 2 or not all(isinstance(entries, list) and entries and all(
+            isinstance(entry, dict) and isinstance(entry.get("path"), str) for entry in entries) for entries in lists)
+            or len(lists[0]) != len(lists[1])):
+        raise DataFileError(f"{path}: files: expected {{'questions': [{{'path': ...}}], 'answers': [...]}}, one "
+                            "answers file per questions file (as minigpt4.eval.pope writes it)")
+    for key in ("rule", "end_string"):
+        if not isinstance(result.get(key), str):
+            raise DataFileError(f"{path}: {key}: expected a string (as minigpt4.eval.pope writes it)")
+    return result
+
+
 def _load_pope(run: EvalRun, folder: Path) -> None:
-    result = read_json(folder / "pope.json")
+    result = _pope_result(folder / "pope.json")
     fingerprint = None
     for split, question, row, predicted in answered_rows(result, _locate(folder)):
         part = f"pope {split}"
@@ -227,7 +248,9 @@ def _setting_differences(a: EvalRun, b: EvalRun, task: str) -> list[tuple[str, s
 
 
 def _is_decoding(key: str) -> bool:
-    return key in ("decoding", "eval.decoding") or key.startswith("eval.vcd.")
+    """eval.decoding and its parameters; OPERA also sets the task's beams and runs without a stop string."""
+    return (key in ("decoding", "eval.decoding", "eval.num_beams") or key.startswith(("eval.vcd.", "eval.opera."))
+            or key.endswith(".stop_at_end_string"))
 
 
 def check_pairable(a: EvalRun, b: EvalRun, *, allow_protocol: bool = False,

@@ -1,5 +1,6 @@
-"""Hostile configs through train.py / evaluate.py: unknown keys, wrong types, missing paths, out-of-range and
-non-finite values, YAML errors; one line, exit 2, before any model is built."""
+"""Hostile configs through train.py / evaluate.py (and demo.py): unknown keys, wrong types, missing paths,
+out-of-range and non-finite values, YAML errors, a top level or a section of any YAML type but a mapping, demo.py's
+--port / --host; one line, exit 2, before any model is built."""
 from __future__ import annotations
 
 import json
@@ -7,9 +8,9 @@ import re
 from functools import partial
 from pathlib import Path
 
-from minigpt4.common.config import merge
-
 from _hostile import TINY_RECIPE, Case, Env, Exits2, Holds, Raises, no_model_build, write_file
+
+from minigpt4.common.config import merge
 
 
 def train_main(option: str, env: Env, recipe: str | bytes | None = None) -> tuple[int, str]:

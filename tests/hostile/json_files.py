@@ -1,18 +1,20 @@
 """Hostile JSON / JSONL files: caption JSON, POPE questions and answers, CHAIR captions and image lists, COCO
-annotations and predictions, malformed, mistyped, with NaN / Infinity, not UTF-8, or with a byte-order mark."""
+annotations and predictions, malformed, mistyped, with NaN / Infinity, not UTF-8, or with a byte-order mark; POPE
+answers keyed to other questions; metrics.json files given to the results table, and output folders given to the
+paired comparison, with wrong types or missing parts."""
 from __future__ import annotations
 
 import json
 from functools import partial
 from typing import Any
 
+from _hostile import TINY_RECIPE, Case, Env, Exits2, Holds, Raises, caption_json, no_model_build, write_file
+
 from minigpt4.common.jsonfiles import DataFileError
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.generate import read_predictions
 from minigpt4.eval.settings import ChairSettings, EvalSettings
-
-from _hostile import TINY_RECIPE, Case, Env, Exits2, Holds, Raises, caption_json, no_model_build, write_file
 
 
 def pope_questions(text: str | bytes, env: Env, require_text: bool = False) -> list[dict]:
@@ -225,7 +227,8 @@ JSON_CASES = [
     Case("jsonl/chair-captions/not-utf8",
          partial(chair_captions, b'{"image_id": 1, "caption": "' + CAFE_LATIN1 + b'"}\n'),
          Raises(DataFileError, ("captions.jsonl:1: not UTF-8 text",))),
-    Case("jsonl/chair-captions/utf8-bom", partial(chair_captions, BOM + _lines({"image_id": 1, "caption": "a"}).encode()),
+    Case("jsonl/chair-captions/utf8-bom",
+         partial(chair_captions, BOM + _lines({"image_id": 1, "caption": "a"}).encode()),
          Holds("read as UTF-8, the mark dropped")),
     Case("json/chair-image-list/nan", partial(chair_image_list, '[{"image_id": NaN}]'),
          Raises(DataFileError, ("eval.chair.images", "{tmp}/images.json:1:15: NaN is not valid JSON"))),
@@ -309,3 +312,32 @@ EXPECTED_VALUES = {  # what the Holds rows above return
     "json/chair-image-list/utf8-bom": ["1", "2"],
     "json/metrics/as-evaluate-writes-it": (0, ""),
 }
+
+
+def paired_cli(files: dict[str, str], env: Env) -> tuple[int, str]:
+    """python -m minigpt4.eval.paired on an output folder holding `files`, compared with itself."""
+    from minigpt4.eval.paired import main
+
+    for name, text in files.items():
+        write_file(env, name, text)
+    return main([str(env.tmp), str(env.tmp), "--resamples", "10"]), ""
+
+
+# output folders given to python -m minigpt4.eval.paired (minigpt4/eval/paired_runs.py)
+JSON_CASES += [
+    Case("json/paired/no-results", partial(paired_cli, {}),
+         Exits2(("neither chair.json nor pope.json (an evaluate.py output folder?)",), prefix="error: ")),
+    Case("json/paired/pope-json-without-files", partial(paired_cli, {"pope.json": '{"rule": "reference"}'}),
+         Exits2(("pope.json: files: expected {'questions': [{'path': ...}], 'answers': [...]}",), prefix="error: ")),
+    Case("json/paired/pope-json-rule-a-number",
+         partial(paired_cli, {"pope.json": json.dumps({"rule": 1, "end_string": "###", "files": {
+             "questions": [{"path": "q.jsonl"}], "answers": [{"path": "a.jsonl"}]}})}),
+         Exits2(("pope.json: rule: expected a string",), prefix="error: ")),
+    Case("json/paired/chair-row-without-ground-truth",
+         partial(paired_cli, {"chair.json": json.dumps({"per_caption": [{"image_id": 1, "mentions": [],
+                                                                         "hallucinated": []}]})}),
+         Exits2(("chair.json: per_caption[0]: expected an object with image_id and the lists ground_truth",),
+                prefix="error: ")),
+    Case("json/paired/chair-json-malformed", partial(paired_cli, {"chair.json": '{"per_caption": [}'}),
+         Exits2(("chair.json:1:", "malformed JSON"), prefix="error: ")),
+]
