@@ -328,6 +328,44 @@ def test_exporter_refuses_bad_input_with_one_line(case, tmp_path, capsys):
     assert not list(tmp_path.glob(".out.tmp-*"))  # nothing half-written left behind
 
 
+# ------------------------------------------------------------------------------------ the results it carries
+
+
+def test_evaluate_metrics_go_into_the_card_of_the_weights_they_scored_only(tmp_path, monkeypatch, capsys):
+    """evaluate.py's metrics.json records the weights it scored: an export of those weights takes its numbers, an
+    export of another checkpoint with them is refused before the model is built, naming both."""
+    from minigpt4.cli.evaluate import main as evaluate
+    from minigpt4.datasets.shapes_world import build_shapes_world
+    from minigpt4.models.checkpoints import save_trainable
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the hash cache stays inside the test
+    world = tmp_path / "world"
+    build_shapes_world(world, num_train=1, num_val=3, seed=5, image_size=64, cooccurrence=0.9)
+    options = ["eval.tasks=[chair]", f"eval.image_dir={world}/images", f"eval.chair.images={world}/val_images.json",
+               f"eval.chair.coco_annotations={world}/annotations", f"eval.chair.synonyms={world}/synonyms.txt",
+               f"eval.output_dir={tmp_path}/eval", "eval.bootstrap=100", "eval.device=cpu"]
+    assert evaluate(["--cfg-path", str(ROOT / "eval_configs" / "shapes_base.yaml"), "--options", *options]) == 0
+    metrics = tmp_path / "eval" / "metrics.json"
+    recorded = json.loads(metrics.read_text())["weights"]
+    assert set(recorded) == {"model.tokenizer_path", "model.full_ckpt"}
+    assert recorded["model.full_ckpt"]["file"] == "model.safetensors" and "path" not in recorded["model.full_ckpt"]
+
+    base = ["--cfg-path", str(SHAPES_YAML), "--format", "minigpt4-pth", "--metrics", str(metrics)]
+    assert cli.main(base + ["--out", str(tmp_path / "export-a")]) == 0
+    card = (tmp_path / "export-a" / "README.md").read_text()
+    assert "matches the SHA-256 of every weight file of this export" in card and "## Evaluation" in card
+
+    other = tmp_path / "b.safetensors"
+    save_trainable(other, {"projector.llama_proj.weight": torch.zeros(128, 128),
+                           "projector.llama_proj.bias": torch.zeros(128)})
+    capsys.readouterr()
+    assert cli.main(base + ["--ckpt", str(other), "--out", str(tmp_path / "export-b")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "describes other weights than this export" in err
+    assert "model.ckpt: metrics not set, export b.safetensors (sha256 " in err
+    assert not (tmp_path / "export-b").exists()
+
+
 # ------------------------------------------------------------------------------------ killed in the middle
 
 # An export that writes half its files into the staging folder, says so through the file argv[1] (written whole,
