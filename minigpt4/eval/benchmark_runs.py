@@ -27,6 +27,7 @@ from minigpt4.common.provenance import HashCache
 from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
+from minigpt4.eval.bootstrap import DRAW_BYTES_PER_CELL, MAX_DRAW_BYTES
 from minigpt4.eval.feature_cache import FeatureInputModel, build_feature_source
 from minigpt4.eval.generate import IMAGE_HASH, GenerationItem, check_prompt_lengths, generate_all, stored_elsewhere
 from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
@@ -42,12 +43,6 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CHAIR_ENTRY = re.compile(r"(?:.*_)?([0-9]+)(?:\.(?:jpg|jpeg|png))?", re.IGNORECASE)
 CHAIR_ENTRY_FORMS = ("a COCO image id (3001) or an image file name ending in one (000000003001.jpg, "
                      "COCO_val2014_000000003001.jpg; .jpg, .jpeg or .png)")
-# The bootstrap's largest arrays: a [resamples x images] int64 draw-count matrix and its float64 copy (bootstrap.py
-# resample_totals), plus a few [resamples] columns per metric. A fixed bound, not the free memory of the moment, so
-# one config is accepted or refused alike everywhere: 1000 resamples of all 40,504 COCO val images take 0.6 GiB.
-MAX_BOOTSTRAP_BYTES = 4 * 1024 ** 3
-BOOTSTRAP_BYTES_PER_IMAGE = 16
-BOOTSTRAP_BYTES_PER_RESAMPLE = 512
 
 
 def resolve_image(image_dir: str, name: str | int, *, entry: str = "an entry", allow_outside: bool = False) -> str:
@@ -357,19 +352,19 @@ def check_chair_entries(entries: list[tuple[str, Optional[str]]], what: str) -> 
 
 
 def check_bootstrap_size(settings: EvalSettings, planned: dict[str, list[GenerationItem]]) -> None:
-    """eval.bootstrap must leave the scorers' resampling arrays within MAX_BOOTSTRAP_BYTES for the images each
-    task resamples (POPE's mean: every image of every split), or the run would die after generation."""
+    """eval.bootstrap must keep the scorers' draws within bootstrap.MAX_DRAW_BYTES for the images each task
+    resamples (POPE's mean: every image of every split); the scorer would refuse it only after generation."""
     units = {"POPE": {str(it.extra.get("image")) for name, items in planned.items() if name != CHAIR_CAPTIONS
                       for it in items},
              "CHAIR": {it.key for it in planned.get(CHAIR_CAPTIONS, [])}}
     for task, images in units.items():
-        per_resample = BOOTSTRAP_BYTES_PER_IMAGE * len(images) + BOOTSTRAP_BYTES_PER_RESAMPLE
-        if images and settings.bootstrap * per_resample > MAX_BOOTSTRAP_BYTES:
+        per_resample = DRAW_BYTES_PER_CELL * len(images)  # a [resamples x images] int64 matrix and its float64 copy
+        if images and settings.bootstrap * per_resample > MAX_DRAW_BYTES:
             raise ConfigError(
                 f"eval.bootstrap = {settings.bootstrap}: resampling the {len(images)} images of {task} that many "
                 f"times needs arrays of about {human_bytes(settings.bootstrap * per_resample)}; expected an integer "
-                f"from 0 to {MAX_BOOTSTRAP_BYTES // per_resample} for this run (arrays up to "
-                f"{human_bytes(MAX_BOOTSTRAP_BYTES)}; 1000 is usual)")
+                f"from 0 to {MAX_DRAW_BYTES // per_resample} for this run (arrays up to "
+                f"{human_bytes(MAX_DRAW_BYTES)}; 1000 is usual)")
 
 
 def check_planned_prompt_lengths(model, settings: EvalSettings, planned: dict[str, list[GenerationItem]],

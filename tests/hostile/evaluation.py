@@ -232,7 +232,7 @@ EVALUATION_CASES = [
     Case("config/evaluate/eval.bootstrap-too-large-to-fit",
          partial(evaluate_refused, ["eval.tasks=[pope]", "eval.bootstrap=100000000"]),
          Exits2(("eval.bootstrap = 100000000: resampling the 500 images of POPE that many times needs arrays of "
-                 "about 792.7 GiB; expected an integer from 0 to 504577 for this run",))),
+                 "about 745.1 GiB; expected an integer from 0 to 536870 for this run (arrays up to 4.0 GiB",))),
     Case("config/evaluate/chair-list/same-image-twice/text", partial(chair_list, "images.txt", "3001\n3002\n"
                                                                       "000000003001.jpg\n"),
          Exits2(("images.txt: '3001' (line 1) and '000000003001.jpg' (line 3) name the same image (COCO id 3001); "
