@@ -37,7 +37,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     "(minigpt4: blip2-hf minigpt4-pth; llava15: llava-hf)")
     ap.add_argument("--dtype", default="auto", choices=["auto", *hf_parts.DTYPES],
                     help="dtype of the exported weights (auto: the LLM's, i.e. model.llm_dtype)")
-    ap.add_argument("--metrics", help="evaluate.py's metrics.json: results and protocol go into the model card")
+    ap.add_argument("--metrics", help="evaluate.py's metrics.json of these weights (checked by their SHA-256 before "
+                    "the export): results and protocol go into the model card")
     ap.add_argument("--train-config", help="resolved training config (default: config.json next to --ckpt)")
     ap.add_argument("--no-hash", action="store_true", help="do not SHA-256 the base weights for the card (not "
                     "with --metrics, whose weights are checked by their SHA-256)")
