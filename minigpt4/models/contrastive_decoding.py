@@ -115,7 +115,7 @@ def row_generators(seeds: list[int], device: torch.device) -> list[torch.Generat
 
 
 # --------------------------------------------------------------------------------------------- the decoding loop
-def _cache_argument(llm) -> str:
+def cache_keyword(llm) -> str:
     """The KV-cache keyword of the LLM's forward: `cache` in newer transformers 5 releases, else past_key_values."""
     return "cache" if "cache" in inspect.signature(llm.forward).parameters else "past_key_values"
 
@@ -136,7 +136,7 @@ def contrastive_token_ids(model, prompts: list[str], features: torch.Tensor, dis
         embeds = model.embed(both, tokens)  # rows 0..B-1: v, rows B..2B-1: v′
         mask = both.attention_mask
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        cache = {_cache_argument(model.llm): DynamicCache(config=model.llm.config)}
+        cache = {cache_keyword(model.llm): DynamicCache(config=model.llm.config)}
         out = model.llm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True,
                         logits_to_keep=1, **cache)
         stops = [model.end_sym] if stop_strings is None else list(stop_strings)
