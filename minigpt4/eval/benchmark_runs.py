@@ -28,12 +28,15 @@ from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.bootstrap import DRAW_BYTES_PER_CELL, MAX_DRAW_BYTES
+from minigpt4.eval.decodings import Decoding
 from minigpt4.eval.feature_cache import FeatureInputModel, build_feature_source
 from minigpt4.eval.generate import IMAGE_HASH, GenerationItem, check_prompt_lengths, generate_all, stored_elsewhere
+from minigpt4.eval.opera import OperaGenerator
 from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
 from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, pope_question_file
 from minigpt4.eval.vcd import ContrastiveModel, ImagePairs
 from minigpt4.models.contrastive_decoding import ContrastiveDecoding
+from minigpt4.models.opera import OperaDecoding
 from minigpt4.processors.image import build_image_processor
 
 log = logging.getLogger(__name__)
@@ -81,17 +84,18 @@ class ImageLoader:
 class GenerationInputs:
     """How generate_all gets its images: preprocessed pixels, or with `eval.feature_cache` set, the encoder's
     outputs from the on-disk cache (each image encoded once, in batches, then reused by every question,
-    split, rerun and projector sweep that shares the folder). With VCD (`decoding` given), each image comes with
-    its distorted copy, and the model decodes the pair (minigpt4/eval/vcd.py)."""
+    split, rerun and projector sweep that shares the folder). With VCD (`decoding` a ContrastiveDecoding), each
+    image comes with its distorted copy, and the model decodes the pair (minigpt4/eval/vcd.py); with OPERA (an
+    OperaDecoding) the model decodes with OPERA (minigpt4/eval/opera.py)."""
 
-    def __init__(self, model, settings: EvalSettings, decoding: Optional[ContrastiveDecoding] = None):
+    def __init__(self, model, settings: EvalSettings, decoding: Optional[Decoding] = None):
         self.loader = ImageLoader(settings)
         self.batch_size = settings.batch_size
         generation_config = getattr(getattr(model, "llm", None), "generation_config", None)
         if generation_config is not None:
             generation_config.use_cache = settings.use_cache
         self.sources = []
-        if decoding is not None:
+        if isinstance(decoding, ContrastiveDecoding):
             pairs = ImagePairs(model, self.loader, decoding, settings.feature_cache, dict(settings.vis_processor))
             self.sources = pairs.sources
             self.model = ContrastiveModel(model, decoding, inputs_are_features=bool(pairs.sources))
@@ -102,6 +106,8 @@ class GenerationInputs:
             self.model, self.load_image = FeatureInputModel(model), source
         else:
             self.model, self.load_image = model, self.loader
+        if isinstance(decoding, OperaDecoding):
+            self.model = OperaGenerator(model, decoding, inputs_are_features=bool(self.sources))
 
     def prepare(self, items: list[GenerationItem]) -> None:
         """Encode the not-yet-cached images of `items` once, batched, each rank a share of them."""

@@ -21,8 +21,9 @@ prompt or max_new_tokens returned the old model's answers and metrics with exit 
     (protocol_runs.ProtocolRun.fingerprint_fields): the system text, prompt format (with its segment breaks),
     beams, new-token limits, stop strings, question cleaning / suffix / instruction and answer post-processing
     actually used, so a key given on top of a protocol or a changed protocol record is seen. So is the decoding:
-    under eval.decoding = vcd, `eval.decoding` and every VCD parameter as the task runs it (eval.vcd.beta null is
-    recorded as the task's β), so a VCD run never resumes a greedy one, nor the reverse.
+    under eval.decoding = vcd or opera, `eval.decoding` and every VCD / OPERA parameter as the task runs it
+    (eval.vcd.beta null is recorded as the task's β; OPERA's beams as eval.num_beams), so a VCD or OPERA run never
+    resumes a greedy one, nor the reverse.
 Per answer, generate.check_done_items also compares the stored prompt, image name and image content (the file's
 SHA-256, benchmark_runs.with_image_hashes) with the item now asked: a changed question file, question text or
 cleaning, or a picture replaced under the same file name.
@@ -48,7 +49,7 @@ from minigpt4.common.provenance import HashCache, file_record
 from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, VCDSettings
+from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, OperaSettings, VCDSettings
 from minigpt4.models.loading import files_to_record as weight_files_of
 
 FORMAT = 1
@@ -69,8 +70,10 @@ NOT_ANSWER_SETTINGS = frozenset({
     "chair.images", "chair.num_images", "chair.sample_seed", "chair.coco_annotations", "chair.synonyms",
     "chair.sentences"})
 # Recorded per task as the run applies them (ProtocolRun.fingerprint_fields): the raw keys would differ from the
-# values used (eval.vcd.beta null is a per-task β), and under the protocol's own decoding eval.vcd.* decides nothing.
-RECORDED_BY_THE_RUN = frozenset({"decoding", *(f"vcd.{field.name}" for field in dataclasses.fields(VCDSettings))})
+# values used (eval.vcd.beta null is a per-task β, eval.opera.threshold null the setting's), and under the
+# protocol's own decoding eval.vcd.* / eval.opera.* decide nothing.
+RECORDED_BY_THE_RUN = frozenset({"decoding", *(f"vcd.{field.name}" for field in dataclasses.fields(VCDSettings)),
+                                 *(f"opera.{field.name}" for field in dataclasses.fields(OperaSettings))})
 
 
 def fingerprint_path(answers_path: str) -> str:

@@ -162,7 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--allow-different-protocol", action="store_true",
                         help="compare runs of different protocols or settings (the header names each difference)")
     parser.add_argument("--allow-different-decoding", action="store_true",
-                        help="compare runs that differ only in eval.decoding / eval.vcd.* (e.g. VCD against greedy)")
+                        help="compare runs that differ only in their decoding: eval.decoding, eval.vcd.*, "
+                             "eval.opera.* (e.g. VCD or OPERA against greedy)")
     args = parser.parse_args(argv)
     try:
         comparison = compare(args.a, args.b, args.resamples, args.seed,

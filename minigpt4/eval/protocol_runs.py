@@ -12,7 +12,8 @@ the plain name. A key given with the protocol's own value changes nothing and is
 
 `eval.decoding: vcd` decodes with Visual Contrastive Decoding instead of the protocol's decoding (minigpt4/eval/vcd.py):
 the label gains `+vcd(α=…,β=…,t=…,sample)` (e.g. `shapes-pope+vcd(α=1,β=0.2,t=500,sample)`) and the fingerprint
-the parameters; a protocol that searches with beams cannot be decoded this way (a ConfigError).
+the parameters; a protocol that searches with beams cannot be decoded this way (a ConfigError). `eval.decoding:
+opera` decodes with OPERA (minigpt4/eval/opera.py): `+opera(beams=5,…)`, with OPERA's beams and no stop string.
 
 The prompt is the protocol's for the model family of `model.prompt_template` (vicuna_v0: MiniGPT-4, llava15:
 LLaVA-1.5); another template needs eval.prompt_format (an override: no source prompted that model).
@@ -26,12 +27,14 @@ from typing import Any, Optional
 
 from minigpt4.common.config import ConfigError
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER
+from minigpt4.eval.decodings import Decoding, decoding_fields, decoding_label, decoding_record, resolve_decoding
+from minigpt4.eval.opera import opera_protocol
 from minigpt4.eval.protocols import (QUESTION_CLEANING, SENTENCE_HANDLING, ModelPrompt, Protocol, build_prompt,
                                      clean_answer, clean_question, get_protocol, handle_sentences, shipped_image_list)
-from minigpt4.eval.vcd import decoding_label, decoding_record, resolve_decoding
 from minigpt4.models.contrastive_decoding import ContrastiveDecoding
+from minigpt4.models.opera import OperaDecoding
 
-TEMPLATE_FAMILY = {"vicuna_v0": "minigpt4", "llava15": "llava15"}
+TEMPLATE_FAMILY = {"vicuna_v0": "minigpt4", "llava15": "llava15", "smollm2": "smollm2"}
 POPE_RULES = ("reference", "first-sentence")
 # config key -> field of the Protocol record it replaces (eval.system / eval.prompt_format replace ModelPrompt fields)
 TASK_KEYS = {
@@ -55,7 +58,7 @@ class ProtocolRun:
     prompt: ModelPrompt
     images: Optional[str]
     overrides: dict[str, dict[str, Any]]
-    decoding: Optional[ContrastiveDecoding] = None
+    decoding: Optional[Decoding] = None
 
     @property
     def label(self) -> str:
@@ -64,7 +67,7 @@ class ProtocolRun:
 
     @property
     def decoding_name(self) -> str:
-        """greedy | beams=N (the protocol's own decoding) | vcd(α=…,β=…,t=…,sample)."""
+        """greedy | beams=N (the protocol's own decoding) | vcd(α=…,β=…,t=…,sample) | opera(beams=…,…)."""
         if self.decoding is not None:
             return decoding_label(self.decoding)
         return "greedy" if self.used.num_beams == 1 else f"beams={self.used.num_beams}"
@@ -115,8 +118,7 @@ class ProtocolRun:
         else:
             fields["eval.chair.question"] = self.used.question
         if self.decoding is not None:  # the protocol's own decoding adds nothing: older fingerprints still match
-            fields["eval.decoding"] = "vcd"
-            fields.update({f"eval.vcd.{key}": value for key, value in dataclasses.asdict(self.decoding).items()})
+            fields.update(decoding_fields(self.decoding))
         return fields
 
 
@@ -227,7 +229,9 @@ def resolve_run(ev, task: str, template: str) -> ProtocolRun:
     changes = _record_changes(named, task, given, overrides, images_replaced="eval.chair.images" in overrides)
     used = dataclasses.replace(named, **changes)
     decoding = resolve_decoding(ev, task)
-    if decoding is not None and used.num_beams != 1:
+    if isinstance(decoding, OperaDecoding):
+        used = opera_protocol(used, decoding, given)
+    if isinstance(decoding, ContrastiveDecoding) and used.num_beams != 1:
         where = "eval.num_beams" if "eval.num_beams" in given else f"eval.{task}.protocol = {named.name}"
         raise ConfigError(f"eval.decoding = vcd decodes one token per step, but {where} searches with num_beams = "
                           f"{used.num_beams}; use eval.decoding = greedy, or a protocol (or eval.num_beams) of 1 beam")

@@ -1,4 +1,4 @@
-"""The `eval:` config section: typed settings (EvalSettings with its pope/chair/vcd sub-sections), their one
+"""The `eval:` config section: typed settings (EvalSettings with its pope/chair/vcd/opera sub-sections), their one
 validation (`validate_eval_settings`, run before any model is built) and the benchmark files the section names
 (`files_to_record`, for provenance.json and the fingerprints)."""
 from __future__ import annotations
@@ -14,8 +14,8 @@ from minigpt4.common.config import ConfigError, check_paths
 from minigpt4.common.dist import device_problem
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.eval import chair as chair_scorer
+from minigpt4.eval.decodings import check_decoding
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.vcd import check_decoding
 from minigpt4.processors.image import build_image_processor
 
 # AdaVIB's POPE/CHAIR system text and this harness's one-string prompt (protocol single-string-pope's, MiniGPT-4).
@@ -69,6 +69,18 @@ class VCDSettings:
 
 
 @dataclass
+class OperaSettings:
+    # OPERA (eval.decoding: opera; minigpt4/eval/opera.py), shikiw/OPERA's defaults
+    setting: str = "default"  # default: threshold 15, 5 candidates | fast: threshold 25, 1 candidate (README)
+    num_beams: int = 5  # the task's beams under OPERA
+    scale_factor: float = 50.0  # attention scaled up before the column-wise product
+    threshold: Optional[int] = None  # rollback after more than this many steps at one location; null: the setting's
+    num_attn_candidates: Optional[int] = None  # candidates per beam, and rollbacks per position; null: the setting's
+    penalty_weights: float = 1.0  # weight of the over-trust penalty (0: none)
+    window_size: int = 512  # iterations kept for rollback; positions from here on are never rolled back to
+
+
+@dataclass
 class EvalSettings:
     tasks: list[str] = field(default_factory=lambda: ["pope", "chair"])
     output_dir: str = "out/eval"
@@ -82,8 +94,9 @@ class EvalSettings:
     prompt_format: Optional[str] = None  # {system}, {question}, <ImageHere> once
     vis_processor: dict[str, Any] = field(default_factory=lambda: {"name": "blip2_image_eval", "image_size": 224})
     num_beams: Optional[int] = None
-    decoding: str = "greedy"  # greedy: each protocol's own decoding (greedy or its beams) | vcd: eval.vcd below
+    decoding: str = "greedy"  # greedy: each protocol's own decoding (greedy or its beams) | vcd | opera (below)
     vcd: VCDSettings = field(default_factory=VCDSettings)
+    opera: OperaSettings = field(default_factory=OperaSettings)
     sort_by_length: bool = True
     use_cache: bool = True  # KV cache during generation (switch off only to measure what it saves)
     feature_cache: Optional[str] = None  # folder of cached encoder outputs; null: encode every time

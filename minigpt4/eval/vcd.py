@@ -30,18 +30,15 @@ from minigpt4.common.config import ConfigError
 from minigpt4.eval.feature_cache import CachedFeatureSource, FeatureCache, encoder_namespace
 from minigpt4.models.contrastive_decoding import NOISE_STEPS, ContrastiveDecoding, distort_image, generate_contrastive
 
-DECODINGS = ("greedy", "vcd")
 SOURCE = ("DAMO-NLP-SG/VCD: vcd_utils/vcd_sample.py, vcd_utils/vcd_add_noise.py, "
           "experiments/eval/object_hallucination_vqa_llava.py, experiments/cd_scripts/llava1.5_pope.bash")
 SOURCE_BETA = {"pope": 0.2, "chair": 0.1}  # eval.vcd.beta null: the source's value for the task (module docstring)
 SAMPLING_DEFAULTS = {"temperature": 1.0, "top_p": 1.0, "top_k": 0}  # shown in the label only when changed
 
 
-def check_decoding(ev) -> None:
-    """eval.decoding and every eval.vcd key (checked whatever the decoding: a bad value is refused, not kept for
-    later); ConfigError naming the key."""
-    if ev.decoding not in DECODINGS:
-        raise ConfigError(f"eval.decoding = {ev.decoding!r}; expected one of {', '.join(DECODINGS)}")
+def check_vcd(ev) -> None:
+    """Every eval.vcd key, whatever the decoding (a bad value is refused, not kept for later); ConfigError naming
+    the key. eval.decoding itself is checked by minigpt4/eval/decodings.py."""
     vcd = ev.vcd
     checks = [
         ("alpha", vcd.alpha, math.isfinite(vcd.alpha) and vcd.alpha >= 0, "a finite number >= 0 (0: plain decoding)"),
@@ -58,11 +55,9 @@ def check_decoding(ev) -> None:
             raise ConfigError(f"eval.vcd.{key} = {value}; expected {expected}")
 
 
-def resolve_decoding(ev, task: str) -> Optional[ContrastiveDecoding]:
-    """The VCD parameters `task` runs with, or None for the protocol's own decoding."""
-    check_decoding(ev)
-    if ev.decoding != "vcd":
-        return None
+def resolve_vcd(ev, task: str) -> ContrastiveDecoding:
+    """The VCD parameters `task` runs with under eval.decoding = vcd."""
+    check_vcd(ev)
     vcd = ev.vcd
     return ContrastiveDecoding(alpha=float(vcd.alpha), beta=float(SOURCE_BETA[task] if vcd.beta is None else vcd.beta),
                                noise_step=int(vcd.noise_step), sample=bool(vcd.sample),
@@ -70,7 +65,7 @@ def resolve_decoding(ev, task: str) -> Optional[ContrastiveDecoding]:
                                seed=int(vcd.seed))
 
 
-def decoding_label(decoding: ContrastiveDecoding) -> str:
+def vcd_label(decoding: ContrastiveDecoding) -> str:
     """vcd(α=1,β=0.2,t=500,sample) — with T / top_p / top_k when changed, `argmax` when not sampling."""
     parts = [f"α={decoding.alpha:g}", f"β={decoding.beta:g}", f"t={decoding.noise_step}"]
     parts.append("sample" if decoding.sample else "argmax")
@@ -81,7 +76,7 @@ def decoding_label(decoding: ContrastiveDecoding) -> str:
     return f"vcd({','.join(parts)})"
 
 
-def decoding_record(decoding: ContrastiveDecoding) -> dict[str, Any]:
+def vcd_record(decoding: ContrastiveDecoding) -> dict[str, Any]:
     """For metrics.json: every parameter under its eval.vcd name, and the source."""
     return {"name": "vcd", **dataclasses.asdict(decoding), "source": SOURCE}
 
