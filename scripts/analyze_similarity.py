@@ -26,7 +26,6 @@ import os
 import sys
 from pathlib import Path
 
-
 import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")  # files only; never needs a display
@@ -77,7 +76,7 @@ def similarity_over_images(models: dict, processor, paths: list[Path], *, batch_
     import torch
 
     from minigpt4.datasets.images import BadImageError, load_rgb
-    from minigpt4.demo.diagnostics import entropy_stats, pooled_visual_tokens, similarity_probs
+    from minigpt4.models.visual_diagnostics import entropy_stats, pooled_visual_tokens, similarity_probs
 
     base = next(iter(models.values()))
     stats = {name: {"entropy_ratio": [], "alpha": [], "sorted_probs": []} for name in models}
@@ -196,12 +195,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def analyse_images(args: argparse.Namespace) -> dict:
     import torch
 
+    from minigpt4.common.config_files import load_model_config
     from minigpt4.demo import loading
     from minigpt4.models.from_config import build_model
 
     torch.manual_seed(0)  # random-init parts of a tiny default model: the same numbers every run
     if args.cfg_path:
-        cfg = loading.load_model_config(args.cfg_path, args.options)
+        cfg = load_model_config(args.cfg_path, args.options)
     else:
         cfg = loading.default_model_config()
     vis_processor, _ = loading.demo_extras(args.cfg_path)

@@ -8,7 +8,8 @@ Each --model is a name and the `model.*` overrides evaluate.py would get for it;
 of them (eval.* paths of another world, ...). The images are exactly those CHAIR captions under the config
 (eval.chair and its protocol, eval.image_dir, eval.vis_processor). For each image and model: the projector's mean
 output μ, pooled over the tokens, against the LLM's input embeddings, H/log V = entropy of softmax(u · Eᵀ) / log V
-with the functions AdaVIB's α is computed by in training (minigpt4/models/vib.py, via minigpt4/demo/diagnostics.py).
+with the functions AdaVIB's α is computed by in training (minigpt4/models/vib.py, via
+minigpt4/models/visual_diagnostics.py).
 Writes --out (JSON): {"images": [image key, ...], "vocab_size", "models": {name: {"options", "entropy_ratio": [...]}},
 "skipped": [unreadable image paths]}, in one piece once every model is done.
 minigpt4/eval/entropy_correlation.py relates it to CHAIR's per-caption verdicts (scripts/shapes_experiment.py).
@@ -46,7 +47,7 @@ def entropy_ratios(model, items, loader, batch_size: int) -> tuple[list[str], li
     """(image keys, H/log V, skipped paths) over `items` (GenerationItem), `batch_size` images at a time."""
     import torch
 
-    from minigpt4.demo.diagnostics import entropy_stats, pooled_visual_tokens
+    from minigpt4.models.visual_diagnostics import entropy_stats, pooled_visual_tokens
 
     keys, ratios, skipped = [], [], []
     for start in range(0, len(items), batch_size):
@@ -68,8 +69,8 @@ def entropy_ratios(model, items, loader, batch_size: int) -> tuple[list[str], li
 def measure(args: argparse.Namespace) -> dict:
     from omegaconf import OmegaConf
 
-    from minigpt4.cli.evaluate import load_eval_config
     from minigpt4.eval.benchmark_runs import ImageLoader, chair_items
+    from minigpt4.eval.eval_config import load_eval_config
     from minigpt4.eval.protocol_runs import protocol_runs
     from minigpt4.models.from_config import build_model
 

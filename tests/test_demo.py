@@ -11,15 +11,15 @@ import torch
 from PIL import Image
 
 from minigpt4.common.config import ConfigError
+from minigpt4.common.config_files import load_model_config
 from minigpt4.demo import loading
 from minigpt4.demo.chat import BASE, COMPARE, DecodingSettings, DemoEngine, DemoInputError, visible_answer
-from minigpt4.demo.diagnostics import (
-    ImageDiagnostics, diagnose_features, diagnostics_markdown, pooled_visual_tokens, token_text,
-)
+from minigpt4.demo.diagnostics import diagnostics_markdown
 from minigpt4.demo.highlight import highlight_html, highlight_pair, object_mentions
 from minigpt4.eval.chair import CHAIRScorer
 from minigpt4.models.checkpoints import CheckpointError, save_trainable, trainable_tensors
 from minigpt4.models.vib import pool_tokens
+from minigpt4.models.visual_diagnostics import ImageDiagnostics, diagnose_features, pooled_visual_tokens, token_text
 
 
 @pytest.fixture(scope="module")
@@ -318,13 +318,13 @@ def test_model_config_errors_name_the_key(tmp_path):
     path = tmp_path / "eval.yaml"
     path.write_text("model:\n  llm_path: ???\n  mm_projector_type: vib\neval:\n  image_dir: ???\n")
     with pytest.raises(ConfigError, match="must be set.*--options model.llm_path="):
-        loading.load_model_config(path)
+        load_model_config(path)
     with pytest.raises(ConfigError, match="model.<key>"):
-        loading.load_model_config(path, ["eval.batch_size=2"])
+        load_model_config(path, ["eval.batch_size=2"])
     with pytest.raises(ConfigError, match="unknown key 'model.llm_pth'"):
-        loading.load_model_config(path, ["model.llm_pth=x"])
+        load_model_config(path, ["model.llm_pth=x"])
     with pytest.raises(ConfigError, match="not found"):
-        loading.load_model_config(tmp_path / "nope.yaml")
+        load_model_config(tmp_path / "nope.yaml")
 
 
 
@@ -335,12 +335,12 @@ def test_config_files_go_through_the_project_yaml_checks(tmp_path):
     path.write_text("model:\n  arch: minigpt4\n  num_query_tokens: 4\n  arch: llava15\n")
     expected = rf"{path}:4:3: duplicate key 'arch' \(in the mapping that starts on line 2\)"
     with pytest.raises(ConfigError, match=expected):
-        loading.load_model_config(path)
+        load_model_config(path)
     with pytest.raises(ConfigError, match=expected):
         loading.demo_extras(path)
     path.write_text("- model\n- eval\n")
     with pytest.raises(ConfigError, match=rf"{path}:1: the top level is a list; expected a mapping"):
-        loading.load_model_config(path)
+        load_model_config(path)
 
 # ------------------------------------------------------------------------------------------ gradio glue
 @pytest.mark.filterwarnings("ignore::UserWarning")  # gr.Warning outside a request only warns

@@ -101,7 +101,7 @@ def shapes_images() -> list[Image.Image]:
 @pytest.fixture(scope="module")
 def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
     """A 'trained' VIB run on the shapes base model: run/final/{trainable.safetensors, config.json}."""
-    from minigpt4.demo.loading import load_model_config
+    from minigpt4.common.config_files import load_model_config
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
     from minigpt4.models.from_config import build_model
 
@@ -125,7 +125,7 @@ def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
 def evaluated_weights(options: list[str], cfg_path: Path = SHAPES_YAML) -> dict:
     """metrics.json's "weights" as evaluate.py writes it for the model config `cfg_path` + `options`."""
     from minigpt4.common.provenance import weight_digests
-    from minigpt4.demo.loading import load_model_config
+    from minigpt4.common.config_files import load_model_config
     from minigpt4.export.records import weight_paths
 
     return weight_digests(weight_paths(load_model_config(cfg_path, options)))

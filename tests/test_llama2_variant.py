@@ -11,9 +11,9 @@ import yaml
 from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
 from minigpt4.common.tiny_models import TINY_VISION
 from minigpt4.models import released_weights
-from minigpt4.models.from_config import build_model
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.encoders import PatchConcatEncoder
+from minigpt4.models.from_config import build_model
 from minigpt4.models.vib import VIBProjector
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,13 +179,13 @@ def test_llama2_recipe_and_eval_config_build_at_full_size(tmp_path):
     model = build_model(cfg, device="meta")
     assert _count(model.projector.llama_proj) == LLAMA2_PROJECTOR_PARAMS
 
-    import evaluate
+    from minigpt4.eval.eval_config import load_eval_config
 
     for name in ("vit.pth", "projector.pth"):
         (tmp_path / name).write_bytes(b"")
     for name in ("llm", "images", "annotations"):
         (tmp_path / name).mkdir()
-    ev = evaluate.load_eval_config(str(ROOT / "eval_configs" / "minigpt4_llama2_7b_original.yaml"), [
+    ev = load_eval_config(str(ROOT / "eval_configs" / "minigpt4_llama2_7b_original.yaml"), [
         f"model.vit_path={tmp_path / 'vit.pth'}", f"model.llm_path={tmp_path / 'llm'}",
         f"model.projector_path={tmp_path / 'projector.pth'}", f"eval.image_dir={tmp_path / 'images'}",
         f"eval.chair.coco_annotations={tmp_path / 'annotations'}"])

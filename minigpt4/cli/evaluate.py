@@ -17,16 +17,17 @@ import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from minigpt4.common.config import ConfigError, ModelConfig, merge, validate_model_config
+from minigpt4.common.config import ConfigError
 from minigpt4.common.jsonfiles import write_json
+from minigpt4.eval.eval_config import load_eval_config
 from minigpt4.eval.eval_logging import check_backends, log_evaluation
+from minigpt4.eval.labels import projector_label
 from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.settings import EvalSettings, validate_eval_settings
+from minigpt4.eval.settings import EvalSettings
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: eval_configs/, assets/, data/
 # With no --cfg-path: the committed shapes-world base model on the shapes-world val split, so a newcomer
@@ -43,21 +44,6 @@ def default_config_path() -> str:
         logging.info("building the shapes world in %s (seconds)", DEFAULT_WORLD)
         build_shapes_world(DEFAULT_WORLD)
     return str(DEFAULT_CFG)
-
-
-@dataclass
-class EvalConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-
-
-def load_eval_config(cfg_path: str | None, options: list[str] | None = None):
-    """model and eval merged into their schemas and checked by their one validate each; ConfigError naming the key."""
-    layers = [cfg_path] if cfg_path else []
-    cfg = merge(EvalConfig, *layers, options=options, where=cfg_path or "evaluate.py")
-    validate_model_config(cfg.model)
-    validate_eval_settings(cfg.eval, cfg.model.prompt_template)
-    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -180,14 +166,6 @@ def protocol_label(runs: dict, settings: EvalSettings) -> str:
     if "chair" in runs:
         labels.append(runs["chair"].label)
     return " + ".join(labels)
-
-
-def projector_label(model_cfg) -> str:
-    """linear | vib-fixed-beta (β=…) | adavib (β=…): what the results table's projector column shows."""
-    if model_cfg.mm_projector_type == "linear":
-        return "linear"
-    kind = "adavib" if model_cfg.vib.adaptive else "vib-fixed-beta"
-    return f"{kind} (β={model_cfg.vib.beta:g}, S={model_cfg.vib.num_samples})"
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ visual tokens, one panel per projector, against the uniform 1/V that H/log V = 1
 tall bar) is what AdaVIB weighs most (large α); a flat one sits near the uniform line."""
 from __future__ import annotations
 
-from minigpt4.demo.diagnostics import ImageDiagnostics
+from minigpt4.models.visual_diagnostics import ImageDiagnostics
 
 
 def similarity_figure(panels: dict[str, ImageDiagnostics]):

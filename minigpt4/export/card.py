@@ -50,7 +50,7 @@ def projector_summary(cfg, train_config: dict | None) -> dict:
     kind = model.get("mm_projector_type", cfg.mm_projector_type)
     from omegaconf import OmegaConf
 
-    from minigpt4.cli.evaluate import projector_label  # the results table's projector column, same words
+    from minigpt4.eval.labels import projector_label  # the results table's projector column, same words
 
     label = projector_label(OmegaConf.create({"mm_projector_type": kind, "vib": vib}))
     return {"kind": kind, "label": label, "vib": vib if kind == "vib" else None,

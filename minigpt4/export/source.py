@@ -146,7 +146,7 @@ def find_train_config(ckpt: str | None, given: str | None = None) -> tuple[dict 
 
 def load_export_config(cfg_path: str, options: list[str], ckpt: str | None) -> tuple[DictConfig, dict | None]:
     """(validated model config, eval.vis_processor or None); `ckpt` overrides model.ckpt."""
-    from minigpt4.demo.loading import eval_extras, load_model_config
+    from minigpt4.common.config_files import eval_extras, load_model_config
 
     options = list(options)
     if ckpt is not None:
