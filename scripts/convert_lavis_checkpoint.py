@@ -19,14 +19,13 @@ from pathlib import Path
 import torch
 
 # Runnable as `python scripts/convert_lavis_checkpoint.py` from a checkout without installing the package.
-
 from minigpt4.models.checkpoints import CheckpointError, check_state_dict, save_state_file  # noqa: E402
+from minigpt4.models.encoders import ImageEncoder  # noqa: E402
 from minigpt4.models.released_weights import (  # noqa: E402
     check_hf_blip2_config,
     read_hf_blip2_snapshot,
     read_lavis_encoder_state,
 )
-from minigpt4.models.encoders import ImageEncoder  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import sys
 
-
 from minigpt4.export.cli import main  # noqa: E402
 
 if __name__ == "__main__":

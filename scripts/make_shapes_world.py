@@ -14,7 +14,6 @@ import sys
 import time
 from collections.abc import Sequence
 
-
 from minigpt4.datasets.shapes_world import CAPTION_TEMPLATES, build_shapes_world  # noqa: E402
 
 

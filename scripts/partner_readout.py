@@ -22,7 +22,6 @@ from pathlib import Path
 
 import torch
 
-
 from minigpt4.datasets.shapes_qa import ShapesQADataset  # noqa: E402
 from minigpt4.datasets.shapes_world import CLASS_NAMES  # noqa: E402
 from minigpt4.eval.cooccurrence import partner_traps, world_pairs  # noqa: E402

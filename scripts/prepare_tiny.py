@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 
-
 from minigpt4.common.tiny_models import DEFAULT_CORPUS, train_tokenizer  # noqa: E402
 from minigpt4.datasets.shapes_world import build_shapes_world  # noqa: E402
 

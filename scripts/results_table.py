@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sys
 
-
 from minigpt4.eval.results_table import load_metrics, main, results_table  # noqa: E402,F401  (the script's API)
 
 if __name__ == "__main__":

@@ -38,11 +38,16 @@ ROOT = Path(__file__).resolve().parents[1]
 from minigpt4.common.tiny_models import train_tokenizer  # noqa: E402
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, get_template  # noqa: E402
 from minigpt4.datasets.shapes_qa import (  # noqa: E402
-    CAPTION_INSTRUCTION, ShapesQADataset, collate, no_answer, object_question, yes_answer,
+    CAPTION_INSTRUCTION,
+    ShapesQADataset,
+    collate,
+    no_answer,
+    object_question,
+    yes_answer,
 )
 from minigpt4.datasets.shapes_world import CLASS_NAMES, build_shapes_world  # noqa: E402
-from minigpt4.models.from_config import build_model  # noqa: E402
 from minigpt4.models.checkpoints import save_state_file  # noqa: E402
+from minigpt4.models.from_config import build_model  # noqa: E402
 from minigpt4.runners.schedules import linear_warmup_cosine  # noqa: E402
 
 # The evaluation world (`scripts/make_shapes_world.py` defaults) and the training world: same generator

@@ -12,14 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from _scripts import load_script
 from safetensors.torch import save_file
 
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.encoders import ImageEncoder
-
-from _scripts import load_script
 
 convert_lavis_checkpoint = load_script("convert_lavis_checkpoint")
 

@@ -19,8 +19,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from minigpt4.datasets.builders import (
     DATASET_OPTION_KEYS,
-    CaptionConcatDataset,
     REQUIRED_PATH_KEYS,
+    CaptionConcatDataset,
     build_train_dataset,
     validate_dataset_cfg,
 )

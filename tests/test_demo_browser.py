@@ -42,8 +42,8 @@ def _compare_checkpoint(cache, path) -> str:
     import torch
 
     from minigpt4.demo.loading import default_model_config
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import save_trainable, trainable_tensors
+    from minigpt4.models.from_config import build_model
 
     torch.manual_seed(1)
     model = build_model(default_model_config(cache=cache))

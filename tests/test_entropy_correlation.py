@@ -9,9 +9,17 @@ import numpy as np
 import pytest
 
 from minigpt4.eval.bootstrap import resample_totals
-from minigpt4.eval.entropy_correlation import (caption_rows, correlation_statistics, entropy_hallucination_correlation,
-                                               eval_dir_correlation, hallucination_by_bin, plot_hallucination_by_bin,
-                                               overall_finding, verdict, weighted_ranks)
+from minigpt4.eval.entropy_correlation import (
+    caption_rows,
+    correlation_statistics,
+    entropy_hallucination_correlation,
+    eval_dir_correlation,
+    hallucination_by_bin,
+    overall_finding,
+    plot_hallucination_by_bin,
+    verdict,
+    weighted_ranks,
+)
 
 
 def test_four_captions_by_hand():

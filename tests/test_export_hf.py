@@ -124,8 +124,8 @@ def minigpt4_run(tmp_path_factory) -> tuple[Path, object]:
 
 def evaluated_weights(options: list[str], cfg_path: Path = SHAPES_YAML) -> dict:
     """metrics.json's "weights" as evaluate.py writes it for the model config `cfg_path` + `options`."""
-    from minigpt4.common.provenance import weight_digests
     from minigpt4.common.config_files import load_model_config
+    from minigpt4.common.provenance import weight_digests
     from minigpt4.export.records import weight_paths
 
     return weight_digests(weight_paths(load_model_config(cfg_path, options)))

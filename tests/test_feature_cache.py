@@ -10,10 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from minigpt4.eval.settings import EvalSettings, PopeSettings
-from minigpt4.eval.benchmark_runs import ImageLoader, run_pope
 from minigpt4.common.files import sha256_file
+from minigpt4.eval.benchmark_runs import ImageLoader, run_pope
 from minigpt4.eval.feature_cache import FeatureCache, build_feature_source, encoder_namespace
+from minigpt4.eval.settings import EvalSettings, PopeSettings
 
 PREP = {"name": "blip2_image_eval", "image_size": 28}
 

@@ -16,7 +16,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from minigpt4.benchmarking import costs, fullsize_run, hardware
 from minigpt4.benchmarking.fullsize import (
-    CheckSettings, adjust_random_model, build_phase, generation_phase, make_caption, phase_costs, training_phase,
+    CheckSettings,
+    adjust_random_model,
+    build_phase,
+    generation_phase,
+    make_caption,
+    phase_costs,
+    training_phase,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -75,9 +75,8 @@ def _runner_cfg(out: Path, **overrides):
 def _trained(model, out: Path, **overrides) -> dict:
     from safetensors.torch import load_file
 
-    from minigpt4.runners.runner import Runner
-
     from minigpt4.models.checkpoints import trainable_tensors
+    from minigpt4.runners.runner import Runner
 
     before = {k: v.detach().clone() for k, v in trainable_tensors(model).items()}
     # 8 optimizer steps: under fp16 the GradScaler may skip the first ones (inf gradients at its initial scale)

@@ -24,7 +24,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from _hostile import Case, Env, Shared, check_case
 from hostile import CORPUS, EXPECTED_VALUES
 

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_chair import write_captions, write_coco
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,10 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _model_checks import assert_sample_major_pairing, toy_batch
 from PIL import Image
 from safetensors.torch import load_file
 
-from _model_checks import assert_sample_major_pairing, toy_batch
 from minigpt4.common.tiny_models import TINY_LLM
 from minigpt4.models.checkpoints import CheckpointError, load_trainable, save_trainable, trainable_tensors
 

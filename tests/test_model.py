@@ -1,8 +1,8 @@
 """MiniGPT-4 model behaviour on a tiny random model: freezing, S-sample ordering, label masks, generation."""
 import pytest
 import torch
-
 from _model_checks import assert_sample_major_pairing, toy_batch
+
 from minigpt4.conversation.templates import get_template
 from minigpt4.models.checkpoints import trainable_tensors
 

@@ -12,8 +12,8 @@ from torch import nn
 
 from minigpt4.common.config import ConfigError, ModelConfig, merge, resolve_training_amp, validate_model_config
 from minigpt4.common.tiny_models import TINY_QFORMER, TINY_VISION
-from minigpt4.models.from_config import build_model
 from minigpt4.models.encoders import ImageEncoder, lavis_vision_embeddings
+from minigpt4.models.from_config import build_model
 from minigpt4.models.precision import convert_vit_to_fp16, plan_precision
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -8,9 +8,9 @@ import io
 import json
 import os
 import re
-import tomllib
 
 import pytest
+import tomllib
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -270,8 +270,8 @@ def test_opera_image_list_ships_with_the_package():
 
 def test_opera_images_come_from_the_package_and_a_missing_one_is_named(tmp_path):
     from minigpt4.common.jsonfiles import DataFileError
-    from minigpt4.eval.protocols import shipped_image_list
     from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, planned_items
+    from minigpt4.eval.protocols import shipped_image_list
 
     ids = open(shipped_image_list()).read().split()
     images = tmp_path / "val2014"

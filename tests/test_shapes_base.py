@@ -10,7 +10,11 @@ import torch
 import yaml
 
 from minigpt4.datasets.shapes_qa import (
-    CAPTION_INSTRUCTION, ShapesQADataset, no_answer, object_question, yes_answer,
+    CAPTION_INSTRUCTION,
+    ShapesQADataset,
+    no_answer,
+    object_question,
+    yes_answer,
 )
 from minigpt4.datasets.shapes_world import CLASS_NAMES, build_shapes_world
 from minigpt4.eval.chair import CHAIRScorer, build_ground_truth, score_captions
@@ -122,8 +126,8 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     """A few steps of scripts/train_shapes_base.py on a tiny world: everything it writes rebuilds the model."""
     import importlib.util
 
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import load_state_file
+    from minigpt4.models.from_config import build_model
 
     spec = importlib.util.spec_from_file_location("train_shapes_base", ROOT / "scripts" / "train_shapes_base.py")
     script = importlib.util.module_from_spec(spec)

@@ -73,8 +73,8 @@ def test_adavib_finetune_from_the_base_model_changes_only_the_projector(small_wo
     """train_configs/shapes_adavib.yaml for 3 steps: only projector tensors are saved, and the model they
     make holds the base model's encoder and LLM bit for bit, with a changed mean head."""
     import train
-    from minigpt4.models.from_config import build_model
     from minigpt4.models.checkpoints import load_state_file
+    from minigpt4.models.from_config import build_model
 
     out = tmp_path / "run"
     assert train.main(["--cfg-path", str(ROOT / "train_configs" / "shapes_adavib.yaml"), "--options",

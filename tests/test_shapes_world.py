@@ -12,8 +12,19 @@ import numpy as np
 import pytest
 
 from minigpt4.datasets.shapes_world import (
-    CAPTION_TEMPLATES, CLASS_BY_NAME, CLASS_NAMES, COLOURS, COOCCURRENCE_PAIRS, NUMBER_WORDS, SHAPE_CLASSES,
-    SIZES, ShapeObject, build_shapes_world, make_caption, render_image, sample_scene,
+    CAPTION_TEMPLATES,
+    CLASS_BY_NAME,
+    CLASS_NAMES,
+    COLOURS,
+    COOCCURRENCE_PAIRS,
+    NUMBER_WORDS,
+    SHAPE_CLASSES,
+    SIZES,
+    ShapeObject,
+    build_shapes_world,
+    make_caption,
+    render_image,
+    sample_scene,
 )
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,10 +8,17 @@ import math
 
 import pytest
 import torch
-
 from _model_checks import toy_batch
-from minigpt4.models.contrastive_decoding import (ContrastiveDecoding, contrastive_logits, contrastive_token_ids,
-                                                  cumulative_alphas, diffuse, distort_image, generate_contrastive)
+
+from minigpt4.models.contrastive_decoding import (
+    ContrastiveDecoding,
+    contrastive_logits,
+    contrastive_token_ids,
+    cumulative_alphas,
+    diffuse,
+    distort_image,
+    generate_contrastive,
+)
 
 PROMPTS = ["###Human: <Img><ImageHere></Img> Describe this image.###Assistant:",
            "A chat. ###Human: <Img><ImageHere></Img> Is there a dog in the image? Answer please.###Assistant:"]
@@ -164,8 +171,9 @@ def test_non_finite_logits_are_refused(tiny_model_factory):
     ("eval.vcd.beta=1.5", "eval.vcd.beta"), ("eval.decoding=contrastive", "eval.decoding"),
     ("eval.vcd.noise_step=1000", "eval.vcd.noise_step"), ("eval.num_beams=3", "eval.num_beams")])
 def test_bad_vcd_settings_are_refused_naming_the_key(tmp_path, tiny_tokenizer_dir, capsys, option, key):
-    import evaluate
     from test_evaluate import _eval_cfg
+
+    import evaluate
 
     for folder in ("val2014", "annotations"):
         (tmp_path / folder).mkdir()
@@ -179,8 +187,9 @@ def test_bad_vcd_settings_are_refused_naming_the_key(tmp_path, tiny_tokenizer_di
 
 def test_evaluate_with_vcd_labels_and_fingerprints_it(tmp_path, tiny_model_factory, tiny_tokenizer_dir, capsys,
                                                       monkeypatch):
-    import evaluate
     from test_evaluate import _eval_cfg, _write_fixture
+
+    import evaluate
 
     monkeypatch.setenv("HOME", str(tmp_path))
     _write_fixture(tmp_path, tiny_model_factory)

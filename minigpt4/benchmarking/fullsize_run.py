@@ -14,8 +14,17 @@ import torch
 
 from minigpt4.benchmarking import costs, hardware
 from minigpt4.benchmarking.fullsize import (
-    CheckSettings, adjust_random_model, build_phase, generation_phase, make_inputs, measured_lengths, model_config,
-    phase_costs, predicted_lengths, top_ops, training_phase,
+    CheckSettings,
+    adjust_random_model,
+    build_phase,
+    generation_phase,
+    make_inputs,
+    measured_lengths,
+    model_config,
+    phase_costs,
+    predicted_lengths,
+    top_ops,
+    training_phase,
 )
 from minigpt4.benchmarking.fullsize_report import summarise, write_report
 

@@ -193,9 +193,9 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
                     decoding=None) -> tuple[dict[str, str], dict[str, Any]]:
     """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`;
     `generate_kwargs` go to model.generate besides max_new_tokens; `decoding` (a ContrastiveDecoding): VCD."""
+    from minigpt4.eval.benchmark_runs import GenerationInputs
     from minigpt4.eval.generate import generate_all
     from minigpt4.eval.settings import EvalSettings
-    from minigpt4.eval.benchmark_runs import GenerationInputs
 
     settings = EvalSettings(image_dir=str(Path(items[0].image).parent), batch_size=batch_size, sort_by_length=sort,
                             use_cache=use_cache, feature_cache=feature_cache,

@@ -29,6 +29,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+
 from minigpt4.common.files import require_regular_file, sha256_file
 
 log = logging.getLogger(__name__)

@@ -34,6 +34,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
 from minigpt4.common.files import NotRegularFileError, sha256_file
 
 log = logging.getLogger(__name__)

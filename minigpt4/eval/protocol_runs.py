@@ -29,8 +29,18 @@ from minigpt4.common.config import ConfigError
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER
 from minigpt4.eval.decodings import Decoding, decoding_fields, decoding_label, decoding_record, resolve_decoding
 from minigpt4.eval.opera import opera_protocol
-from minigpt4.eval.protocols import (QUESTION_CLEANING, SENTENCE_HANDLING, ModelPrompt, Protocol, build_prompt,
-                                     clean_answer, clean_question, get_protocol, handle_sentences, shipped_image_list)
+from minigpt4.eval.protocols import (
+    QUESTION_CLEANING,
+    SENTENCE_HANDLING,
+    ModelPrompt,
+    Protocol,
+    build_prompt,
+    clean_answer,
+    clean_question,
+    get_protocol,
+    handle_sentences,
+    shipped_image_list,
+)
 from minigpt4.models.contrastive_decoding import ContrastiveDecoding
 from minigpt4.models.opera import OperaDecoding
 

@@ -27,8 +27,15 @@ import math
 from dataclasses import dataclass
 
 import torch
-from transformers import (DynamicCache, LogitsProcessorList, MinNewTokensLengthLogitsProcessor, StopStringCriteria,
-                          TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import (
+    DynamicCache,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    StopStringCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 
 from minigpt4.models.numerics import NonFiniteLogitsGuard
 

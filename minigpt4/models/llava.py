@@ -40,8 +40,8 @@ from minigpt4.conversation.templates import Template, get_template
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.loading import drawing_from, load_model_weights, load_tokenizer, random_init
-from minigpt4.models.precision import place_encoder, plan_precision
 from minigpt4.models.minigpt4 import MiniGPT4
+from minigpt4.models.precision import place_encoder, plan_precision
 from minigpt4.models.vib import build_projector
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,12 @@ from torch import nn
 from transformers import Blip2QFormerConfig, Blip2VisionConfig
 
 from minigpt4.models.checkpoints import (
-    CheckpointError, PathLike, check_finite, key_listing, load_state_file, load_strict,
+    CheckpointError,
+    PathLike,
+    check_finite,
+    key_listing,
+    load_state_file,
+    load_strict,
 )
 
 logger = logging.getLogger(__name__)

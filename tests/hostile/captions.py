@@ -7,11 +7,11 @@ import json
 import tarfile
 from functools import partial
 
+from _hostile import GOOD_RGB, TEXT_PROC, TRAIN_PROC, Case, Counted, Env, Holds, Raises, write_file
+
 from minigpt4.datasets.caption import CaptionJsonDataset
 from minigpt4.datasets.webdata import BadSampleError, WebCaptionDataset
 from minigpt4.processors import build_image_processor, build_text_processor
-
-from _hostile import GOOD_RGB, TEXT_PROC, TRAIN_PROC, Case, Counted, Env, Holds, Raises, write_file
 
 
 def empty_caption(caption: str, on_bad_image: str, env: Env) -> int:

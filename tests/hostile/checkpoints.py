@@ -10,14 +10,13 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from _hostile import Case, Env, Raises
 from safetensors.torch import save_file
 
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models import released_weights
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.models.numerics import NonFiniteLogitsError
-
-from _hostile import Case, Env, Raises
 
 
 def projector_file(width: int, llm_hidden: int, env: Env) -> None:

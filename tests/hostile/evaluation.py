@@ -14,11 +14,10 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
-
-from minigpt4.common.output_dir import OutputDirError
-
 from _hostile import GOOD_RGB, Case, Env, Exits2, Holds, Raises, no_model_build, write_file
+
 from hostile.configs import train_main
+from minigpt4.common.output_dir import OutputDirError
 
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 

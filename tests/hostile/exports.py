@@ -52,8 +52,8 @@ def _checkpoint(env: Env, name: str, value: float) -> Path:
 
 def _weights_of(ckpt: Path | None) -> dict:
     """metrics.json's "weights", as evaluate.py records it, for the shapes model with `ckpt` (None: without)."""
-    from minigpt4.common.provenance import weight_digests
     from minigpt4.common.config_files import load_model_config
+    from minigpt4.common.provenance import weight_digests
     from minigpt4.export.records import weight_paths
 
     cfg = load_model_config(SHAPES_YAML, [f"model.ckpt={ckpt}"] if ckpt else [])
@@ -144,8 +144,8 @@ def metrics_of_the_base_model(env: Env) -> tuple[int, str]:
 
 def metrics_with_provenance_of_other_weights(env: Env) -> tuple[int, str]:
     """A metrics.json from before the "weights" record: the provenance.json beside it is what says."""
-    from minigpt4.common.provenance import write_provenance
     from minigpt4.common.config_files import load_model_config
+    from minigpt4.common.provenance import write_provenance
     from minigpt4.export.records import weight_paths
 
     evaluated = _checkpoint(env, "a.safetensors", 0.01)

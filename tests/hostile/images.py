@@ -17,6 +17,21 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from _hostile import (
+    EVAL_PROC,
+    GOOD_RGB,
+    SIZE,
+    TEXT_PROC,
+    TRAIN_PROC,
+    Case,
+    Counted,
+    Env,
+    Holds,
+    Raises,
+    caption_json,
+    encode_image,
+    write_file,
+)
 from PIL import Image
 
 from minigpt4.common.config import ConfigError
@@ -25,16 +40,11 @@ from minigpt4.common.jsonfiles import DataFileError
 from minigpt4.datasets.caption import CaptionJsonDataset
 from minigpt4.datasets.images import BadImageError
 from minigpt4.eval import pope as pope_scorer
-from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
 from minigpt4.eval.benchmark_runs import ImageLoader, run_chair, run_pope
+from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.processors import build_image_processor, build_text_processor
-
-from _hostile import (
-    EVAL_PROC, GOOD_RGB, SIZE, TEXT_PROC, TRAIN_PROC, Case, Counted, Env, Holds, Raises, caption_json,
-    encode_image, write_file,
-)
 
 
 def _png_header_claiming(width: int, height: int) -> bytes:

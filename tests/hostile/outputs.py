@@ -10,13 +10,11 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from _hostile import GOOD_RGB, ROOT, TINY_RECIPE, Case, Env, Exits2, Holds, Raises, WarningRecords, no_model_build
 from safetensors import SafetensorError
 
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.runners.checkpointing import CheckpointWriteError
-
-from _hostile import GOOD_RGB, ROOT, TINY_RECIPE, Case, Env, Exits2, Holds, Raises, WarningRecords, no_model_build
-
 
 TOY_ARGS = ["--iters", "4", "--epochs", "1", "--accum", "1", "--save-every", "1"]  # 4 steps, keep_last=2
 

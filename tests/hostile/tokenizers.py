@@ -5,9 +5,9 @@ import json
 import logging
 from functools import partial
 
-from minigpt4.common.config import ConfigError
-
 from _hostile import TINY_RECIPE, Case, Env, Exits2, Holds, Raises, WarningRecords
+
+from minigpt4.common.config import ConfigError
 
 
 def tokenizer_without_pad(env: Env) -> bool:
