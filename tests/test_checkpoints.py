@@ -278,7 +278,8 @@ def test_hf_snapshot_with_other_vit_depth_is_refused(tmp_path):
 
 def test_missing_and_unexpected_keys_are_named(lavis_files):
     _, _, vit, blip2 = lavis_files
-    state = {**released_weights.convert_lavis_vit(vit, num_blocks=BLOCKS), **released_weights.convert_lavis_qformer(blip2)}
+    state = {**released_weights.convert_lavis_vit(vit, num_blocks=BLOCKS),
+             **released_weights.convert_lavis_qformer(blip2)}
     encoder = new_encoder()
     broken = dict(state)
     del broken["vision_model.encoder.layers.1.mlp.fc2.bias"]
@@ -345,7 +346,8 @@ def test_13b_projector_into_7b_llm_is_explained(tmp_path):
     torch.save({"model": {"llama_proj.weight": torch.zeros(5120, Q_WIDTH), "llama_proj.bias": torch.zeros(5120)}},
                tmp_path / "proj13b.pth")
     with pytest.raises(CheckpointError) as info:
-        released_weights.load_minigpt4_projector(torch.nn.Linear(Q_WIDTH, 4096), tmp_path / "proj13b.pth", llm_hidden=4096)
+        released_weights.load_minigpt4_projector(torch.nn.Linear(Q_WIDTH, 4096), tmp_path / "proj13b.pth",
+                                                 llm_hidden=4096)
     message = str(info.value)
     assert "projector is 5120-wide: this is a 13B" in message and "the LLM is 4096-wide (7B)" in message
     assert "6656" in message and "8192" in message  # the table of known widths

@@ -179,7 +179,8 @@ def test_caption_json_reports_malformed_json_with_line_and_column(tmp_path):
     ann_path = tmp_path / "broken.json"
     ann_path.write_text('[\n  {"image_id": 1, "caption": "x"},\n  {"image_id": 2 "caption": "y"}\n]')
     with pytest.raises(ValueError, match=rf"{ann_path}:3:18: malformed JSON: Expecting ',' delimiter"):
-        CaptionJsonDataset(ann_path, tmp_path, build_image_processor(EVAL), build_text_processor({"name": "blip_caption"}))
+        CaptionJsonDataset(ann_path, tmp_path, build_image_processor(EVAL),
+                           build_text_processor({"name": "blip_caption"}))
 
 
 @pytest.mark.parametrize(
@@ -197,7 +198,8 @@ def test_caption_json_field_errors_name_index_and_field(tmp_path, entries, messa
     ann_path = tmp_path / "captions.json"
     ann_path.write_text(json.dumps(entries))
     with pytest.raises(ValueError, match=message):
-        CaptionJsonDataset(ann_path, tmp_path, build_image_processor(EVAL), build_text_processor({"name": "blip_caption"}))
+        CaptionJsonDataset(ann_path, tmp_path, build_image_processor(EVAL),
+                           build_text_processor({"name": "blip_caption"}))
 
 
 def _mixed_quality_fixture(tmp_path: Path) -> tuple[Path, Path, dict[str, str]]:
@@ -271,7 +273,8 @@ def test_skip_count_is_shared_with_dataloader_workers(tmp_path):
 
 
 def test_missing_image_files(tmp_path):
-    ann_path, image_dir = _caption_json_fixture(tmp_path, [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}])
+    entries = [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}]
+    ann_path, image_dir = _caption_json_fixture(tmp_path, entries)
     (image_dir / "000000000002.jpg").unlink()
     cfg = {"ann_path": str(ann_path), "image_dir": str(image_dir), "vis_processor": EVAL}
     with pytest.raises(BadImageError, match=r"000000000002\.jpg: file not found .*1 of 2 images are missing"):
@@ -338,7 +341,8 @@ def test_prompted_set_cannot_share_batches(tmp_path):
 
 def test_concatenated_map_style_sets_sum_their_bad_image_counts(tmp_path):
     text = build_text_processor({"name": "blip_caption"})
-    ann_a, dir_a = _caption_json_fixture(tmp_path / "a", [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}])
+    ann_a, dir_a = _caption_json_fixture(tmp_path / "a",
+                                         [{"image_id": 1, "caption": "a"}, {"image_id": 2, "caption": "b"}])
     (dir_a / "000000000002.jpg").write_bytes(b"")
     ann_b, dir_b = _caption_json_fixture(tmp_path / "b", [{"image_id": 7, "caption": "c"}])
     parts = [CaptionJsonDataset(ann, folder, build_image_processor(EVAL), text, on_bad_image="skip")
@@ -392,7 +396,8 @@ def _shards(tmp_path: Path, prefix: str, count: int, per_shard: int = 3, bad_key
 def _web(shards, **kwargs) -> WebCaptionDataset:
     kwargs.setdefault("repeat", False)
     kwargs.setdefault("shuffle_buffer", 0)
-    return WebCaptionDataset(shards, build_image_processor(EVAL), build_text_processor({"name": "blip_caption"}), **kwargs)
+    text_processor = build_text_processor({"name": "blip_caption"})
+    return WebCaptionDataset(shards, build_image_processor(EVAL), text_processor, **kwargs)
 
 
 def test_webdataset_reads_json_and_txt_captions(tmp_path):
@@ -490,19 +495,25 @@ def test_validation_errors_name_the_key(tmp_path):
     validate_dataset_cfg("caption_json", good)
     cases = [
         ("caption_json", {**good, "annpath": "x"}, r"^datasets\.caption_json\.annpath: unknown option; valid: "),
-        ("caption_json", {"image_dir": str(image_dir)}, r"^datasets\.caption_json\.ann_path: required option missing"),
-        ("caption_json", {**good, "ann_path": "/x/y.json"}, r"^datasets\.caption_json\.ann_path: file not found: /x/y\.json"),
-        ("caption_json", {**good, "image_dir": str(tmp_path / "nope")}, r"^datasets\.caption_json\.image_dir: directory not found"),
+        ("caption_json", {"image_dir": str(image_dir)},
+         r"^datasets\.caption_json\.ann_path: required option missing"),
+        ("caption_json", {**good, "ann_path": "/x/y.json"},
+         r"^datasets\.caption_json\.ann_path: file not found: /x/y\.json"),
+        ("caption_json", {**good, "image_dir": str(tmp_path / "nope")},
+         r"^datasets\.caption_json\.image_dir: directory not found"),
         ("caption_json", {**good, "on_bad_image": "ignore"}, r"^datasets\.caption_json\.on_bad_image: expected one of"),
         ("caption_json", {**good, "max_pixels": -1}, r"^datasets\.caption_json\.max_pixels: expected a positive"),
-        ("caption_json", {**good, "vis_processor": {"name": "clip"}}, r"^datasets\.caption_json\.vis_processor\.name: unknown image processor"),
+        ("caption_json", {**good, "vis_processor": {"name": "clip"}},
+         r"^datasets\.caption_json\.vis_processor\.name: unknown image processor"),
         ("caption_json", {**good, "text_processor": {"name": "blip_caption", "max_len": 3}},
          r"^datasets\.caption_json\.text_processor\.max_len: unknown option"),
         ("cc_sbu_align", {"storage": str(tmp_path), "prompt_path": str(ann_path)},
          r"^datasets\.cc_sbu_align\.storage: file not found: .*filter_cap\.json"),
-        ("laion", {"shards": str(tmp_path / "{000..002}.tar")}, r"^datasets\.laion\.shards: 3 of 3 shard files not found"),
+        ("laion", {"shards": str(tmp_path / "{000..002}.tar")},
+         r"^datasets\.laion\.shards: 3 of 3 shard files not found"),
         ("laion", {"shards": 5}, r"^datasets\.laion\.shards: expected a path pattern"),
-        ("coco", good, r"^datasets\.coco: unknown dataset builder 'coco'; valid: caption_json, cc_sbu, cc_sbu_align, laion"),
+        ("coco", good,
+         r"^datasets\.coco: unknown dataset builder 'coco'; valid: caption_json, cc_sbu, cc_sbu_align, laion"),
     ]
     for name, cfg, message in cases:
         with pytest.raises(ValueError, match=message):
@@ -516,7 +527,8 @@ def test_validation_errors_name_the_key(tmp_path):
 def test_dictconfig_is_accepted(tmp_path):
     omegaconf = pytest.importorskip("omegaconf")
     ann_path, image_dir = _caption_json_fixture(tmp_path, [{"image_id": 3, "caption": "A cat."}])
+    train_processor = {"name": "blip2_image_train", "image_size": 8}
     cfg = omegaconf.OmegaConf.create({"caption_json": {"ann_path": str(ann_path), "image_dir": str(image_dir),
-                                                       "vis_processor": {"name": "blip2_image_train", "image_size": 8}}})
+                                                       "vis_processor": train_processor}})
     dataset, _ = build_train_dataset(cfg)
     assert dataset[0]["image"].shape == (3, 8, 8) and dataset[0]["answer"] == "a cat"

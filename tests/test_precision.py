@@ -183,7 +183,8 @@ def test_train_config_takes_run_amp_from_model_precision(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({
         "model": {"arch": "minigpt4"},
-        "datasets": {"caption_json": {"ann_path": str(tmp_path / "captions.json"), "image_dir": str(tmp_path / "images")}},
+        "datasets": {"caption_json": {"ann_path": str(tmp_path / "captions.json"),
+                                      "image_dir": str(tmp_path / "images")}},
         "run": {"output_dir": str(tmp_path / "out")},
     }))
     for precision, amp in (("reference", "fp16"), ("bf16", "bf16"), ("fp32", "none")):

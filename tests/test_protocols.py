@@ -21,7 +21,8 @@ VICUNA_V1_SYSTEM = ("A chat between a curious user and an artificial intelligenc
                     "helpful, detailed, and polite answers to the user's questions.")
 LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
                    "helpful, detailed, and polite answers to the human's questions.")
-QUESTIONS = ["Is there a dog in the image?", "Is there a traffic light in the image?", "Is there a Hair Drier (2) here?"]
+QUESTIONS = ["Is there a dog in the image?", "Is there a traffic light in the image?",
+             "Is there a Hair Drier (2) here?"]
 CORPUS = [ADAVIB_SYSTEM, VICUNA_V1_SYSTEM, LLAVA_V1_SYSTEM, *QUESTIONS,
           "###Human: <Img><ImageHere></Img> Describe this image.###Assistant: a dog runs on the grass###",
           "USER: <image>\nIs there a cat?\nAnswer the question using a single word or phrase. ASSISTANT: No",
@@ -87,14 +88,17 @@ POPE_CASES = [
     ("llava15-pope", "llava15",  # conv_vicuna_v1 + tokenizer_image_token
      lambda q: ([VICUNA_V1_SYSTEM + " USER: "],
                 ["\n" + q + "\nAnswer the question using a single word or phrase. ASSISTANT:"])),
-    ("single-string-pope", "minigpt4", lambda q: ([ADAVIB_SYSTEM + "###Human: <Img>"], ["</Img> " + q + "###Assistant:"])),
+    ("single-string-pope", "minigpt4",
+     lambda q: ([ADAVIB_SYSTEM + "###Human: <Img>"], ["</Img> " + q + "###Assistant:"])),
     ("single-string-pope", "llava15", lambda q: ([LLAVA_V1_SYSTEM + " USER: "], ["\n" + q + " ASSISTANT:"])),
 ]
 CHAIR_CASES = [
     ("adavib-chair", "minigpt4",  # coco_eval.py PROMPT split at <ImageHere>, BOS on the first segment
      [ADAVIB_SYSTEM + "###Human: <Img>"], ["</Img> Describe this image.###Assistant:"]),
-    ("opera-chair-500", "minigpt4", ["###Human: <Img>"], ["</Img> Please describe this image in detail. ###Assistant:"]),
-    ("opera-chair-500", "llava15", [VICUNA_V1_SYSTEM + "USER: "], [" Please describe this image in detail. ASSISTANT:"]),
+    ("opera-chair-500", "minigpt4", ["###Human: <Img>"],
+     ["</Img> Please describe this image in detail. ###Assistant:"]),
+    ("opera-chair-500", "llava15", [VICUNA_V1_SYSTEM + "USER: "],
+     [" Please describe this image in detail. ASSISTANT:"]),
     ("opera-chair-500-beam5", "llava15", [VICUNA_V1_SYSTEM + "USER: "],
      [" Please describe this image in detail. ASSISTANT:"]),
     ("opera-chair-500-64tok", "minigpt4", ["###Human: <Img>"],
@@ -201,8 +205,9 @@ def test_model_generation_prompt_uses_the_protocol_segments(vicuna_like_dir, ora
     ev.pope.protocol = "adavib-pope"
     prompt = resolve_run(ev, "pope", "vicuna_v0").pope_prompt(QUESTIONS[0])
     batch = model.build_generation_text([prompt])
-    expected = (oracle([ADAVIB_SYSTEM + "###Human: <Img>"], bos=True) + [model.tokenizer.pad_token_id] *
-                model.num_query_tokens + oracle(["</Img> ", "is there a dog in the image?", "###Assistant:"], bos=False))
+    expected = (oracle([ADAVIB_SYSTEM + "###Human: <Img>"], bos=True)
+                + [model.tokenizer.pad_token_id] * model.num_query_tokens
+                + oracle(["</Img> ", "is there a dog in the image?", "###Assistant:"], bos=False))
     assert batch.input_ids[0].tolist() == expected
     with torch.no_grad():
         answers = model.generate([prompt], torch.zeros(1, 3, 28, 28), max_new_tokens=2, min_new_tokens=1,

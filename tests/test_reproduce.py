@@ -19,7 +19,8 @@ def _tiny_user_files(root, tiny_model_factory):
     model = tiny_model_factory("linear", seed=1)
     model.llm.save_pretrained(root / "vicuna")
     model.tokenizer.save_pretrained(root / "vicuna")
-    save_state_file(str(root / "encoder.safetensors"), {k: v.contiguous() for k, v in model.encoder.state_dict().items()})
+    encoder_state = {k: v.contiguous() for k, v in model.encoder.state_dict().items()}
+    save_state_file(str(root / "encoder.safetensors"), encoder_state)
     torch.save({"model": {k: v.clone() for k, v in model.projector.state_dict().items()}}, root / "projector.pth")
     rng = np.random.default_rng(0)
     coco = root / "coco"
@@ -65,8 +66,8 @@ def test_reproduction_script_runs_all_four_settings(tmp_path, tiny_model_factory
         "MODEL_OPTIONS": " ".join(sizes),
         "TRAIN_OPTIONS": "run.device=cpu run.amp=none run.num_workers=0 run.batch_size=2 run.grad_accum_steps=2 "
                          "datasets.caption_json.vis_processor.image_size=28",
-        "EVAL_OPTIONS": f"eval.device=cpu eval.bootstrap=20 eval.pope.dir={tmp_path / 'pope'} eval.pope.max_new_tokens=3 "
-                        "eval.chair.max_new_tokens=6 eval.vis_processor.image_size=28",
+        "EVAL_OPTIONS": f"eval.device=cpu eval.bootstrap=20 eval.pope.dir={tmp_path / 'pope'} "
+                        "eval.pope.max_new_tokens=3 eval.chair.max_new_tokens=6 eval.vis_processor.image_size=28",
     }
     (tmp_path / "chair_ids.txt").write_text("101\n102\n103\n")
     proc = subprocess.run(["bash", os.path.join(ROOT, "scripts/reproduce_adavib_minigpt4.sh")], env=env, cwd=ROOT,

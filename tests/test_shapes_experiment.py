@@ -79,7 +79,8 @@ def test_adavib_finetune_from_the_base_model_changes_only_the_projector(small_wo
     out = tmp_path / "run"
     assert train.main(["--cfg-path", str(ROOT / "train_configs" / "shapes_adavib.yaml"), "--options",
                        f"datasets.shapes_qa.root={small_worlds / 'shapes_world'}", f"run.output_dir={out}",
-                       "run.batch_size=16", "run.log_every=1", f"model.tokenizer_path={ROOT / 'assets/shapes_base/tokenizer'}",
+                       "run.batch_size=16", "run.log_every=1",
+                       f"model.tokenizer_path={ROOT / 'assets/shapes_base/tokenizer'}",
                        f"model.full_ckpt={BASE_CKPT}"]) == 0
     trained = load_state_file(out / "final" / "trainable.safetensors")
     assert {k.split(".")[0] for k in trained} == {"projector"}
@@ -161,16 +162,17 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     out = tmp_path / "exp"
     common = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
               "run.log_every=1"]
-    # The default plan: base (greedy, VCD, VCD's α = 0 control), then per fine-tune its training and its two evaluations (AdaVIB's
-    # greedy, then VCD), then Figure 1 per world.
+    # The default plan: base (greedy, VCD, VCD's α = 0 control, OPERA), then per fine-tune its training and its two
+    # evaluations (AdaVIB's greedy, then VCD, then OPERA), then Figure 1 per world.
     assert experiment.main(common + ["--dry-run"]) == 0
-    plan = re.findall(r"^  \[\d+/19\] run   (\w+) +(.+?) \| \S+ (\S+)", capsys.readouterr().out, re.M)
+    plan = re.findall(r"^  \[\d+/23\] run   (\w+) +(.+?) \| \S+ (\S+)", capsys.readouterr().out, re.M)
     fine_tunes = ("linear-CE", "VIB fixed β", "AdaVIB")
     assert plan == ([("eval", "base model", "evaluate.py")] * 2 + [("eval", "base + VCD", "evaluate.py")] * 2
-                    + [("eval", "base + VCD α=0", "evaluate.py")] * 2
+                    + [("eval", "base + VCD α=0", "evaluate.py")] * 2 + [("eval", "base + OPERA", "evaluate.py")] * 2
                     + [step for v in fine_tunes for step in [("train", f"seed 0, {v}", "train.py")]
                        + [("eval", f"seed 0, {v}", "evaluate.py")] * 2]
                     + [("eval", "seed 0, AdaVIB + VCD", "evaluate.py")] * 2
+                    + [("eval", "seed 0, AdaVIB + OPERA", "evaluate.py")] * 2
                     + [("entropy", "Figure 1: H/log V of the visual tokens", "scripts/visual_entropy.py")] * 2)
     assert not out.exists()  # a dry run runs nothing
     probe = ["--worlds", "co_occurrence_probe", "--eval-options", "eval.pope.splits=[random]"]
@@ -289,7 +291,8 @@ def test_evaluate_without_arguments_uses_the_embedded_base_model(tmp_path, monke
     out = tmp_path / "eval"
     assert evaluate.main(["--options", f"eval.output_dir={out}", f"eval.image_dir={world}/images",
                           f"eval.pope.dir={world}/pope", f"eval.chair.images={world}/val_images.json",
-                          f"eval.chair.coco_annotations={world}/annotations", f"eval.chair.synonyms={world}/synonyms.txt",
+                          f"eval.chair.coco_annotations={world}/annotations",
+                          f"eval.chair.synonyms={world}/synonyms.txt",
                           "eval.bootstrap=0"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"] == "shapes-base" and metrics["chair"]["n_captions"] == 3

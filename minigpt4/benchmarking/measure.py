@@ -105,8 +105,9 @@ class Report:
                                      f"e.g. {[(k, ours[k], theirs[k]) for k in bad]}")
         row["optimized_value"], row["baseline_value"] = optimized.get(key), (baseline or {}).get(key)
         self.rows.append(row)
+        speedup_note = f" -> {row['speedup']:.2f}x" if row["speedup"] else ""
         print(f"  {name}: {optimized_label} {format_value(optimized.get(key))} vs {baseline_label} "
-              f"{format_value((baseline or {}).get(key))} {metric}" + (f" -> {row['speedup']:.2f}x" if row["speedup"] else ""),
+              f"{format_value((baseline or {}).get(key))} {metric}" + speedup_note,
               flush=True)
         return row
 
@@ -118,7 +119,8 @@ class Report:
             speed = "-" if r["speedup"] is None else f"{r['speedup']:.2f}×"
             peaks = [(part or {}).get("peak_mb") for part in (r["optimized"], r["baseline"])]
             peak = " / ".join(format_value(p) for p in peaks) if peaks[0] is not None else "-"
-            lines.append(f"| {r['name']} | {r['metric']} | {r['optimized_label']}: {format_value(r['optimized_value'])} | "
+            lines.append(f"| {r['name']} | {r['metric']} | "
+                         f"{r['optimized_label']}: {format_value(r['optimized_value'])} | "
                          f"{r['baseline_label']}: {format_value(r['baseline_value'])} | {speed} | {same} | {peak} |")
         return "\n".join(lines)
 

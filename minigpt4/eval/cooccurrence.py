@@ -15,7 +15,8 @@ from minigpt4.eval.pope import answered_questions
 
 def world_pairs(world: str | Path) -> list[tuple[str, str]]:
     """(anchor, partner) pairs of a shapes-world folder, from its meta.json."""
-    return [(anchor, partner) for anchor, partner in json.loads((Path(world) / "meta.json").read_text())["cooccurrence_pairs"]]
+    meta = json.loads((Path(world) / "meta.json").read_text())
+    return [(anchor, partner) for anchor, partner in meta["cooccurrence_pairs"]]
 
 
 def partner_traps(eval_dir: str | Path, pairs: list[tuple[str, str]]) -> dict[str, dict[str, int]]:

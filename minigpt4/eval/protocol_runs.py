@@ -121,7 +121,8 @@ class ProtocolRun:
                   f"eval.{task}.max_new_tokens": self.used.max_new_tokens,
                   f"eval.{task}.min_new_tokens": self.prompt.min_new_tokens,
                   f"eval.{task}.stop_at_end_string": self.used.stop_at_end_string,
-                  f"eval.{task}.answer_cut": self.prompt.answer_cut, f"eval.{task}.answer_tail": self.prompt.answer_tail}
+                  f"eval.{task}.answer_cut": self.prompt.answer_cut,
+                  f"eval.{task}.answer_tail": self.prompt.answer_tail}
         if task == "pope":
             fields.update({"eval.pope.question_suffix": self.used.question_suffix,
                            "eval.pope.question_cleaning": self.used.question_cleaning})

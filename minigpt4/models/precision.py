@@ -63,7 +63,8 @@ def plan_precision(cfg, device: torch.device, encoder_device: torch.device | Non
     encoder_device = device if encoder_device is None else encoder_device
     name = cfg.precision
     if name == "auto":
-        return PrecisionPlan(name, resolve_dtype(cfg.llm_dtype, device), resolve_dtype(cfg.encoder_dtype, encoder_device))
+        llm_dtype = resolve_dtype(cfg.llm_dtype, device)
+        return PrecisionPlan(name, llm_dtype, resolve_dtype(cfg.encoder_dtype, encoder_device))
     if name in ("fp32", "bf16"):
         return PrecisionPlan(name, _DTYPES[name], _DTYPES[name])
     if name != "reference":

@@ -2,10 +2,10 @@
 
 Bai et al., "Mitigating Hallucinations in Large Vision-Language Models by Adaptively Constraining Information
 Flow" (AAAI 2025). The equations are the paper's (VIB objective, Gaussian KL, similarity entropy, α); this
-file follows them one to one. Everything here is model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768, LLaVA-1.5 576 CLIP patches of width 1024;
-the projector only needs `in_dim`, `out_dim`, its settings and (optionally) custom heads. The settings are
-`model.vib` of the YAML as a `VIBConfig`, held by the projector alone: YAML -> VIBConfig -> VIBProjector,
-whose `kl_term` the model adds to its cross-entropy.
+file follows them one to one. Everything here is model-agnostic: MiniGPT-4 feeds 32 Q-Former tokens of width 768,
+LLaVA-1.5 576 CLIP patches of width 1024; the projector only needs `in_dim`, `out_dim`, its settings and
+(optionally) custom heads. The settings are `model.vib` of the YAML as a `VIBConfig`, held by the projector alone:
+YAML -> VIBConfig -> VIBProjector, whose `kl_term` the model adds to its cross-entropy.
 
 Shapes: q is B×N×D (visual features), tokens are (S·B)×N×d, flattened *sample-major* (row s·B + b) so the
 caller can repeat its text batch S times with `tensor.repeat(S, 1)`.

@@ -108,7 +108,8 @@ def released_projector_float64(env: Env) -> None:
     weight, bias = torch.zeros(64, 32, dtype=torch.float64), torch.zeros(64, dtype=torch.float64)
     weight[3, 1] = 1e300
     torch.save({"model": {"llama_proj.weight": weight, "llama_proj.bias": bias}}, env.tmp / "prerained_minigpt4.pth")
-    build_model(tiny_model_config(env.shared.tokenizer_dir, "vib", projector_path=str(env.tmp / "prerained_minigpt4.pth")))
+    projector_path = str(env.tmp / "prerained_minigpt4.pth")
+    build_model(tiny_model_config(env.shared.tokenizer_dir, "vib", projector_path=projector_path))
 
 
 def encoder_file_beyond_fp16(env: Env) -> None:
