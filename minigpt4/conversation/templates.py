@@ -47,6 +47,12 @@ TEMPLATES: dict[str, Template] = {
     # LLaVA-1.5 (Vicuna v1.5): "USER: <image>\n{prompt} ASSISTANT:", end "</s>" (conv_vicuna_v1 separators).
     "llava15": Template("llava15", human="USER: ", assistant=" ASSISTANT:", end_sym="</s>",
                         image=IMAGE_PLACEHOLDER, turn_sep=" ", image_sep="\n"),
+    # SmolLM2-Instruct's ChatML (the chat template in its GGUF file), without its default system turn:
+    # "<|im_start|>user\n<Img><ImageHere></Img> {instruction}<|im_end|>\n<|im_start|>assistant\n", end "<|im_end|>".
+    # Its BOS is "<|im_start|>", and every prompt here starts with BOS, so the first turn's text begins at "user";
+    # each later turn opens its own "<|im_start|>" (turn_sep).
+    "smollm2": Template("smollm2", human="user\n", assistant="<|im_end|>\n<|im_start|>assistant\n",
+                        end_sym="<|im_end|>", turn_sep="\n<|im_start|>"),
 }
 
 

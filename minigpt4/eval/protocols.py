@@ -26,7 +26,9 @@ from typing import Optional, Sequence
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, SEGMENT_BREAK, format_eval_prompt
 from minigpt4.processors.text import BlipCaptionProcessor
 
-FAMILIES = ("minigpt4", "llava15")  # MiniGPT-4 on Vicuna v0 (template vicuna_v0) | LLaVA-1.5 on Vicuna v1.5
+# MiniGPT-4 on Vicuna v0 (template vicuna_v0) | LLaVA-1.5 on Vicuna v1.5 | MiniGPT-4 on SmolLM2-135M-Instruct
+# (template smollm2: eval_configs/real_small_base.yaml, shapes world only)
+FAMILIES = ("minigpt4", "llava15", "smollm2")
 QUESTION_CLEANING = ("none", "blip_caption")
 SENTENCE_HANDLING = ("keep", "drop-unfinished", "drop-unk")
 IMAGE_SETS = ("pope-questions", "sample", "user-list", "opera-500")
@@ -41,6 +43,8 @@ LLAVA_V1_SYSTEM = ("A chat between a curious human and an artificial intelligenc
                    "helpful, detailed, and polite answers to the human's questions.")
 LLAVA_POPE_SUFFIX = "\nAnswer the question using a single word or phrase."
 OPERA_INSTRUCTION = "Please describe this image in detail."
+# The smollm2 template's Template.prompt (BOS "<|im_start|>" comes first): ChatML without a system turn.
+_SMOLLM2_SHAPES = "{system}user\n<Img><ImageHere></Img> {question}<|im_end|>\n<|im_start|>assistant\n"
 
 
 @dataclass(frozen=True)
@@ -266,16 +270,20 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
         name="shapes-pope", task="pope", max_new_tokens=10, answer_rule="reference",
         source="this repository: minigpt4/datasets/shapes_world.py, assets/shapes_base (the toy world's base model)",
         description=("POPE on the generated shapes world: the vicuna_v0 training prompt of assets/shapes_base "
-                     "exactly (Template.prompt), with no system text: the model was trained without one."),
+                     "exactly (Template.prompt), with no system text: the model was trained without one. "
+                     "SmolLM2 (assets/real_small_base): its smollm2 training prompt, likewise."),
         prompts=(("minigpt4", ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> "
-                                                                   "{question} ###Assistant: ")),)),
+                                                                   "{question} ###Assistant: ")),
+                 ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))),
     Protocol(
         name="shapes-chair", task="chair", max_new_tokens=64, question="Describe this image.", image_set="user-list",
         source="this repository: minigpt4/datasets/shapes_world.py, assets/shapes_base (the toy world's base model)",
         description=("CHAIR on the generated shapes world: its val images (eval.chair.images), the training prompt "
-                     "of assets/shapes_base without system text, 64 new tokens (captions are at most ~40)."),
+                     "of assets/shapes_base (SmolLM2: of assets/real_small_base) without system text, 64 new tokens "
+                     "(captions are at most ~40)."),
         prompts=(("minigpt4", ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> "
-                                                                   "{question} ###Assistant: ")),)),
+                                                                   "{question} ###Assistant: ")),
+                 ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))),
 )}
 
 

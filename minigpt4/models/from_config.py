@@ -13,6 +13,7 @@ from minigpt4.common.config import PATH_KEYS, ConfigError
 from minigpt4.common.files import NotRegularFileError, require_regular_file, require_regular_files_in
 from minigpt4.conversation.templates import get_template
 from minigpt4.models import released_weights
+from minigpt4.models.cnn_encoder import CNNGridEncoder, load_cnn_folder
 from minigpt4.models.encoders import ImageEncoder, PatchConcatEncoder
 from minigpt4.models.llava import build_llava15
 from minigpt4.models.loading import drawing_from, load_model_weights, load_tokenizer, random_init
@@ -68,7 +69,8 @@ def check_weight_paths(cfg: DictConfig) -> None:
 
 def weight_sources(cfg: DictConfig) -> dict[str, str]:
     """{top-level module: where its weights came from}, for messages about them (later sources win)."""
-    sources = {"encoder": ("encoder_path", "blip2_hf_path", "vit_path", "llava_path"), "llm": ("llm_path", "llava_path"),
+    sources = {"encoder": ("encoder_path", "blip2_hf_path", "vit_path", "llava_path", "cnn_path"),
+               "llm": ("llm_path", "llava_path"),
                "projector": ("projector_path", "ckpt", "llava_path")}
     named = {}
     for part, keys in sources.items():
@@ -112,8 +114,11 @@ def build_llm(cfg: DictConfig, tokenizer, device: torch.device, dtype: torch.dty
     return random_init(LlamaForCausalLM, config, dtype, device)
 
 
-def build_encoder(cfg: DictConfig) -> ImageEncoder | PatchConcatEncoder:
-    """`model.visual_tokens`: the Q-Former encoder, or MiniGPT-4's Llama-2 variant (4 patch tokens concatenated)."""
+def build_encoder(cfg: DictConfig) -> ImageEncoder | PatchConcatEncoder | CNNGridEncoder:
+    """`model.visual_tokens`: the Q-Former encoder, MiniGPT-4's Llama-2 variant (4 patch tokens concatenated), or
+    a pretrained CNN's feature map (cnn_grid: no attention, so no attn_implementation)."""
+    if cfg.visual_tokens == "cnn_grid":
+        return CNNGridEncoder(OmegaConf.to_container(cfg.vision, resolve=True), group=cfg.grid_group)
     attn = {"attn_implementation": cfg.attn_implementation}
     vision = {**attn, **OmegaConf.to_container(cfg.vision, resolve=True)}
     if cfg.visual_tokens == "vit_patch4":
@@ -122,11 +127,16 @@ def build_encoder(cfg: DictConfig) -> ImageEncoder | PatchConcatEncoder:
                         num_query_tokens=cfg.num_query_tokens)
 
 
-def load_encoder(encoder: ImageEncoder | PatchConcatEncoder, cfg: DictConfig) -> None:
+def load_encoder(encoder: ImageEncoder | PatchConcatEncoder | CNNGridEncoder, cfg: DictConfig) -> None:
     """Encoder weights from the first of encoder_path / blip2_hf_path / vit_path+qformer_path that is set
     (vit_patch4: vit_path alone); the encoder was built on the meta device, so the tensors are assigned
     (strictly), not copied."""
-    if cfg.visual_tokens == "vit_patch4" and cfg.vit_path is not None:
+    if cfg.visual_tokens == "cnn_grid":
+        if cfg.cnn_path is not None:
+            load_cnn_folder(encoder, cfg.cnn_path, assign=True)
+        elif cfg.full_ckpt is None:
+            log.warning("model.cnn_path is not set: the CNN encoder is randomly initialised")
+    elif cfg.visual_tokens == "vit_patch4" and cfg.vit_path is not None:
         released_weights.load_lavis_vit_without_qformer(encoder, cfg.vit_path, assign=True)
     elif cfg.encoder_path is not None:
         released_weights.load_encoder_weights(encoder, cfg.encoder_path, assign=True)
@@ -155,7 +165,7 @@ def build_minigpt4(cfg: DictConfig, device: torch.device) -> MiniGPT4:
     # assigns the checkpoint tensors (no random init that would be overwritten anyway); without, it is
     # materialised once, on its device and in its dtype, and drawn once by transformers' init (as the LLM:
     # loading.random_init), not first by torch's own layer resets.
-    encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path"))
+    encoder_from_file = any(cfg[k] is not None for k in ("encoder_path", "blip2_hf_path", "vit_path", "cnn_path"))
     with torch.device("meta"), built_in(precision.encoder):
         encoder = build_encoder(cfg)
     if not meta and not encoder_from_file:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 # Model config keys that name weights (and the tokenizer, which decides every token id), in the order
 # provenance.json lists them.
 WEIGHT_KEYS = ("encoder_path", "vit_path", "qformer_path", "blip2_hf_path", "llm_path", "tokenizer_path",
-               "projector_path", "llava_path", "ckpt", "full_ckpt")
+               "projector_path", "llava_path", "ckpt", "full_ckpt", "cnn_path")
 # The JSON files of a tokenizer folder that transformers reads as objects (tokenizer.json is checked whole).
 _TOKENIZER_JSON_OBJECTS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json")
 
