@@ -36,10 +36,15 @@ class VIBConfig:
     kl_on: str = "pooled"  # pooled (reference) | token
     reparameterize: bool = True  # false: z = μ in training, KL kept (ablation)
     std_head: str = "same"  # LLaVA only: same (MLP like the mean head) | linear
+    # What α's entropy is taken of. pooled: the paper's H(softmax(u·Eᵀ)), u = Σμ/√N (the default, exact).
+    # length_free: NOT the paper's; an ablation (issue 23): u rescaled to the mean word-embedding length first, so
+    # H measures u's direction only (a real LLM's u is far longer than any word embedding: models/vib.py).
+    entropy_of: str = "pooled"
 
     def validate(self, prefix: str = "model.vib") -> None:
         """What the types cannot say; ConfigError naming `prefix.key`."""
-        for key, valid in (("kl_on", ("pooled", "token")), ("std_head", ("same", "linear"))):
+        for key, valid in (("kl_on", ("pooled", "token")), ("std_head", ("same", "linear")),
+                           ("entropy_of", ("pooled", "length_free"))):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"{prefix}.{key} = {getattr(self, key)!r}; expected one of {', '.join(valid)}")
         if self.num_samples < 1:

@@ -86,6 +86,31 @@ def similarity_entropy(u: torch.Tensor, embed_weight: torch.Tensor, chunk_size: 
         return torch.cat(out).reshape(lead)
 
 
+def rescaled_to_word_length(u: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
+    """u with its length set to the mean length of the LLM's word embeddings, its direction kept (in at least fp32).
+
+    `model.vib.entropy_of: length_free`, an ablation that is NOT the paper's formula. softmax(u·Eᵀ) is sharper the
+    longer u is; with a real LLM the pooled token is far longer than any word embedding (SmolLM2-135M: a word
+    embedding is about 3 long, u tens to hundreds), so the paper's H/log V mostly measures ‖u‖. At a word's length
+    the entropy says how close u's direction is to some words', which is what α is meant to read.
+    """
+    with torch.no_grad(), torch.autocast(device_type=u.device.type, enabled=False):
+        dtype = math_dtype(u, embed_weight)
+        word_length = torch.linalg.vector_norm(embed_weight.to(dtype), dim=-1).mean()
+        u = u.to(dtype)
+        return u * (word_length / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(STD_FLOOR))
+
+
+def entropy_input(u: torch.Tensor, embed_weight: torch.Tensor, entropy_of: str = "pooled") -> torch.Tensor:
+    """What the similarity entropy is taken of under `model.vib.entropy_of`: the pooled u itself (the paper), or u
+    rescaled to a word's length (`length_free`, the ablation)."""
+    if entropy_of == "pooled":
+        return u
+    if entropy_of == "length_free":
+        return rescaled_to_word_length(u, embed_weight)
+    raise ValueError(f"model.vib.entropy_of must be 'pooled' or 'length_free', got {entropy_of!r}")
+
+
 def adaptive_weight(entropy: torch.Tensor, vocab_size: int) -> torch.Tensor:
     """α = -log(H / log V): 0 for a uniform similarity distribution, large for a peaked (over-confident) one.
 
@@ -174,7 +199,8 @@ class VIBProjector(nn.Module):
 
         if embed_weight is not None:
             mask = None if token_mask is None else token_mask.repeat(samples, 1)
-            entropy = similarity_entropy(pool_tokens(z.detach(), mask), embed_weight)  # (S·B,)
+            pooled = entropy_input(pool_tokens(z.detach(), mask), embed_weight, cfg.entropy_of)
+            entropy = similarity_entropy(pooled, embed_weight)  # (S·B,)
             vocab = embed_weight.shape[0]
             alpha = adaptive_weight(entropy, vocab).reshape(samples, batch).mean(0)
             ratio = (entropy / math.log(vocab)).reshape(samples, batch).mean(0)

@@ -115,6 +115,7 @@ CONFIG_CASES = [
     _train("model.grid_group=7", "model.grid_group is for model.visual_tokens = 'cnn_grid'"),
     _train("model.visual_tokens=cnn_grid", "model.qformer is not used by model.visual_tokens = 'cnn_grid'"),
     _train("model.prompt_template=smollm", "model.prompt_template = 'smollm'", "smollm2"),
+    _train("model.vib.entropy_of=length", "model.vib.entropy_of = 'length'", "pooled, length_free"),
     Case("config/train/grid-group-not-a-divisor", partial(train_main, "model.grid_group=5",
                                                           recipe="model: {visual_tokens: cnn_grid}\n"),
          Exits2(("model.grid_group = 5", "49 positions", "a divisor of 49"))),

@@ -1,0 +1,59 @@
+"""`model.vib.entropy_of: length_free` (models/vib.py), the ablation issue 23 asks for: α from the entropy of the
+pooled token rescaled to the mean word-embedding length. NOT the paper's formula, which stays the default."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from minigpt4.common.config import ConfigError, VIBConfig
+from minigpt4.models.vib import (
+    VIBProjector,
+    adaptive_weight,
+    entropy_input,
+    pool_tokens,
+    rescaled_to_word_length,
+    similarity_entropy,
+)
+
+
+@pytest.fixture
+def embed() -> torch.Tensor:
+    torch.manual_seed(0)
+    return torch.randn(500, 16) * 0.2  # words about 0.8 long
+
+
+def test_the_length_free_entropy_does_not_depend_on_the_length_of_u(embed):
+    u = torch.randn(3, 16)
+    short, long = (similarity_entropy(entropy_input(u * scale, embed, "length_free"), embed) for scale in (1, 100))
+    torch.testing.assert_close(short, long)
+    lengths = torch.linalg.vector_norm(rescaled_to_word_length(u * 100, embed), dim=-1)
+    torch.testing.assert_close(lengths, torch.linalg.vector_norm(embed, dim=-1).mean().expand(3))
+    # the paper's entropy collapses as u grows: exactly what the ablation takes out
+    assert (similarity_entropy(u * 100, embed) < 0.5 * similarity_entropy(u, embed)).all()
+
+
+def test_the_projector_takes_alpha_from_the_setting(embed):
+    torch.manual_seed(1)
+    q = torch.randn(2, 4, 8)
+    alphas = {}
+    for entropy_of in ("pooled", "length_free"):
+        torch.manual_seed(2)
+        projector = VIBProjector(8, 16, VIBConfig(entropy_of=entropy_of, num_samples=1, reparameterize=False))
+        with torch.no_grad():
+            projector.llama_proj.weight.mul_(50)  # a long pooled token, as a trained real projector gives
+        projector.train()
+        mu, info = projector(q, embed_weight=embed)
+        u = pool_tokens(mu)
+        expected = adaptive_weight(similarity_entropy(entropy_input(u, embed, entropy_of), embed), embed.shape[0])
+        torch.testing.assert_close(info["alpha"], expected)
+        alphas[entropy_of] = info["alpha"]
+    assert (alphas["pooled"] > alphas["length_free"] + 1).all()  # a long u: the paper's α is much larger
+    assert alphas["length_free"].max() < -math.log(0.5)
+
+
+def test_the_paper_formula_is_the_default_and_a_wrong_name_is_refused():
+    assert VIBConfig().entropy_of == "pooled"
+    with pytest.raises(ConfigError, match="model.vib.entropy_of = 'length'; expected one of pooled, length_free"):
+        VIBConfig(entropy_of="length").validate()
