@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -41,6 +40,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
+from minigpt4.datasets.shapes_world_folder import ensure_shapes_world  # noqa: E402
 from minigpt4.eval import entropy_correlation as fig1  # noqa: E402
 from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs  # noqa: E402
 from minigpt4.eval.paired import compare_eval_dirs  # noqa: E402
@@ -65,6 +65,8 @@ VARIANTS: dict[str, tuple[str | None, list[str]]] = {
     # VCD's control: its sampling and plausibility cut-off without the contrast to the distorted image
     "base + VCD α=0": (None, ["eval.decoding=vcd", "eval.vcd.alpha=0"]),
     "AdaVIB + VCD": ("AdaVIB", ["eval.decoding=vcd"]),
+    "base + OPERA": (None, ["eval.decoding=opera"]),  # beam search with OPERA's penalty (minigpt4/models/opera.py)
+    "AdaVIB + OPERA": ("AdaVIB", ["eval.decoding=opera"]),
 }
 BASELINE = "linear-CE"
 # Two evaluation worlds with one train split (seed 0, co-occurrence 0.9): label -> (folder, val co-occurrence).
@@ -295,24 +297,7 @@ def run_plan(steps: list[Step]) -> None:
 
 
 def ensure_world(world: Path, val_cooccurrence: float | None) -> None:
-    from minigpt4.datasets.shapes_world import build_shapes_world
-
-    meta = world / "meta.json"
-    if meta.is_file():  # reuse it only if it is exactly the world this experiment would build
-        params = json.loads(meta.read_text())["params"]
-        defaults = {name: p.default for name, p in inspect.signature(build_shapes_world).parameters.items()
-                    if name in params} | WORLD_ARGS
-        wanted = {**defaults, "val_cooccurrence": defaults["cooccurrence"] if val_cooccurrence is None
-                  else val_cooccurrence}
-        found = {**params, "val_cooccurrence": params.get("val_cooccurrence", params["cooccurrence"])}
-        differ = {k: (found.get(k), v) for k, v in wanted.items() if found.get(k) != v}
-        if differ:
-            raise RuntimeError(f"{world} holds another shapes world ({', '.join(f'{k}: {a} instead of {b}' for k, (a, b) in differ.items())}); "
-                               "move it away or pass --data")
-        return
-    start = time.perf_counter()
-    build_shapes_world(world, val_cooccurrence=val_cooccurrence, **WORLD_ARGS)
-    print(f"built the shapes world in {world} ({time.perf_counter() - start:.1f} s)")
+    ensure_shapes_world(world, val_cooccurrence, WORLD_ARGS)  # reused only if it is exactly this world
 
 
 def _value(metrics: dict, path: tuple[str, ...]) -> tuple[float | None, list[float] | None]:
@@ -397,9 +382,9 @@ def world_report(label: str, world: Path, evaluations: list[Evaluation], entropy
     for ev in evaluations:
         by_row.setdefault(ev.row, []).append(ev.eval_dir)
     metrics = {name: [json.loads((d / "metrics.json").read_text()) for d in dirs] for name, dirs in by_row.items()}
-    # Each seed's rows against that seed's linear-CE; a seed-free row (the base model) against every one. A VCD row
-    # differs from linear-CE's greedy evaluation in its decoding, which is what the row is named for; any other
-    # difference of protocol or items is refused (minigpt4/eval/paired_runs.py).
+    # Each seed's rows against that seed's linear-CE; a seed-free row (the base model) against every one. A VCD or
+    # OPERA row differs from linear-CE's greedy evaluation in its decoding, which is what the row is named for; any
+    # other difference of protocol or items is refused (minigpt4/eval/paired_runs.py).
     diffs = {name: [compare_eval_dirs(a, b, allow_different_decoding=True) for a, b in
                     zip(by_row[BASELINE], dirs * len(seeds) if VARIANTS[name][0] is None else dirs, strict=True)]
              for name, dirs in by_row.items() if name != BASELINE}
