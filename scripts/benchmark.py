@@ -22,6 +22,8 @@ Rows (optimized | baseline):
   CHAIR  batched                                | batch 1                              captions identical
   VCD    greedy decoding, batched and batch 1    | VCD (eval.decoding = vcd), same questions: its cost factor
   VCD    batched                                | batch 1                              answers identical
+  OPERA  greedy and beam search (same beams)    | OPERA (eval.decoding = opera), same captions: its cost factor
+  OPERA  batched                                | batch 1                              captions identical
 
 Model FLOPs utilisation (GPU): the frozen LLM's forward costs 2·N FLOPs per token and its backward, which
 computes activation gradients only (the LLM has no weight gradients), another 2·N: 4·N per training token,
@@ -45,11 +47,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
+from minigpt4.benchmarking.decoding_costs import decoding_cost_rows, generation_timer  # noqa: E402
 from minigpt4.benchmarking.measure import Report, format_value, interleaved, peak_tflops  # noqa: E402
 from minigpt4.benchmarking.workloads import (  # noqa: E402
-    quiet_progress_bars, chair_items, check_reference, loader_throughput, model_loss, pope_items,
-    profile_training, reference_forward, time_generation, time_training, training_batches, write_images,
-)
+    chair_items, check_reference, loader_throughput, model_loss, pope_items, profile_training, quiet_progress_bars,
+    reference_forward, time_generation, time_training, training_batches, write_images)
 
 GPU_TARGETS = {"epoch_s_max": 180.0, "mfu_min": 0.40, "pope_8910_s_max": 60.0, "chair_500x256_s_max": 60.0,
                "train_peak_gb_max": 40.0, "low_resource_peak_gb_max": 24.0}
@@ -93,16 +95,17 @@ PRESETS: dict[str, dict[str, int]] = {
     "quick": dict(train_batch=2, steps=2, warmup=1, baseline_steps=2, accum=1, pope_images=2, pope_per_image=3,
                   pope_batch=8, pope_baseline_items=6, chair_images=2, chair_tokens=4, chair_batch=2,
                   chair_baseline_items=2, loader_images=8, loader_batch=4, repeats=1, profile_steps=1, vcd_items=6,
-                  vcd_baseline_items=3),
+                  vcd_baseline_items=3, opera_items=2, opera_baseline_items=1, opera_tokens=12),
     "tiny": dict(train_batch=4, steps=30, warmup=3, baseline_steps=30, accum=1, pope_images=16, pope_per_image=6,
                  pope_batch=32, pope_baseline_items=96, chair_images=16, chair_tokens=32, chair_batch=16,
                  chair_baseline_items=16, loader_images=96, loader_batch=8, repeats=5, profile_steps=3,
-                 vcd_items=96, vcd_baseline_items=24),
+                 vcd_items=96, vcd_baseline_items=24, opera_items=16, opera_baseline_items=4,
+                 opera_tokens=32),
     # 7B: micro-batch 4 × accumulation 4 = effective batch 16; S = 3 -> 12 LLM sequences per micro-batch
     "7b": dict(train_batch=4, steps=20, warmup=3, baseline_steps=8, accum=4, pope_images=32, pope_per_image=6,
                pope_batch=64, pope_baseline_items=24, chair_images=64, chair_tokens=256, chair_batch=64,
                chair_baseline_items=2, loader_images=64, loader_batch=8, repeats=1, profile_steps=3, vcd_items=64,
-               vcd_baseline_items=8),
+               vcd_baseline_items=8, opera_items=32, opera_baseline_items=2, opera_tokens=128),
 }
 
 
@@ -121,7 +124,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="torch intra-op threads (default on CPU: 1; the tiny model's ops are too small to split, "
                          "and on a shared machine 2 OpenMP threads wait on each other: 0.8 s instead of 0.05 s "
                          "per batch-1 answer measured under load 7 on 2 cores)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=("train", "loader", "pope", "vcd", "chair", "profile"))
+    ap.add_argument("--skip", nargs="*", default=[],
+                    choices=("train", "loader", "pope", "vcd", "opera", "chair", "profile"))
     return ap.parse_args(argv)
 
 
@@ -180,6 +184,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         pope_rows(bench)
     if "vcd" not in args.skip:
         vcd_rows(bench)
+    if "opera" not in args.skip:
+        opera_rows(bench)
     if "chair" not in args.skip:
         chair_rows(bench)
     bench.results["extrapolated"] = bench.extrapolated
@@ -348,50 +354,45 @@ def pope_rows(bench: Bench) -> None:
 
 def vcd_rows(bench: Bench) -> None:
     """VCD (eval.decoding = vcd, the source's POPE defaults) against greedy decoding on the same POPE questions in the
-    same run: throughput batched and latency at batch 1. The "speedup" column is greedy / VCD, i.e. what VCD costs.
-    Batched VCD is also checked against batch-1 VCD (identical answers on the CPU)."""
+    same run: throughput batched and latency at batch 1 (minigpt4/benchmarking/decoding_costs.py)."""
+    from minigpt4.eval.decodings import decoding_label, resolve_decoding
     from minigpt4.eval.settings import EvalSettings
-    from minigpt4.eval.vcd import decoding_label, resolve_decoding
 
     bench.say("VCD rows")
-    model, preset, workdir, report = bench.model, bench.preset, bench.workdir, bench.report
+    preset, batch = bench.preset, bench.preset["pope_batch"]
     items = pope_items(bench.eval_paths[:preset["pope_images"]], preset["pope_per_image"])[:preset["vcd_items"]]
-    subset = items[:preset["vcd_baseline_items"]]
     vcd = resolve_decoding(EvalSettings(decoding="vcd"), "pope")  # eval.vcd's defaults: the source's POPE values
-    pope = dict(max_new_tokens=10, image_size=bench.image_size)
-    batch = preset["pope_batch"]
-    time_generation(model, items[:batch], workdir, "vcd_warmup", batch_size=batch, decoding=vcd, **pope)
+    timer = generation_timer(bench.model, bench.workdir, image_size=bench.image_size, max_new_tokens=10)
+    timer("vcd_warmup", items[:batch], batch, vcd, {})
+    bench.results["vcd"] = costs = decoding_cost_rows(
+        bench.report, timer, name="VCD", label=decoding_label(vcd), decoding=vcd, kwargs={}, baselines={"greedy": {}},
+        items=items, subset=items[:preset["vcd_baseline_items"]], batch=batch, repeats=preset["repeats"],
+        metric="questions/s")
+    bench.extrapolated.update(vcd_throughput_cost_x=costs["throughput_cost_x"],
+                              vcd_latency_cost_x=costs["latency_cost_x"])
 
-    def variant(name, these, size, decoding=None):
-        return lambda: time_generation(model, these, workdir, name, batch_size=size, decoding=decoding, **pope)
 
-    timed = interleaved({
-        "greedy": variant("vcd_greedy_batched", items, batch), "vcd": variant("vcd_batched", items, batch, vcd),
-        "greedy_b1": variant("vcd_greedy_b1", subset, 1), "vcd_b1": variant("vcd_b1", subset, 1, vcd),
-    }, preset["repeats"], "items_per_s")
-    label = decoding_label(vcd)
-    for value in timed.values():
-        value[1]["mean_answer_words"] = sum(len(a.split()) for a in value[0].values()) / max(len(value[0]), 1)
-    report.add("VCD: throughput vs greedy", "questions/s", timed["greedy"][1], timed["vcd"][1], "items_per_s",
-               optimized_label=f"greedy, batch {batch}", baseline_label=f"{label}, batch {batch}",
-               note="speedup = greedy / VCD: VCD's cost factor")
-    report.add("VCD: latency vs greedy (batch 1)", "questions/s", timed["greedy_b1"][1], timed["vcd_b1"][1],
-               "items_per_s", optimized_label="greedy", baseline_label=label,
-               note="speedup = greedy / VCD: VCD's cost factor per question")
-    report.add("VCD: batching", "questions/s", timed["vcd"][1], timed["vcd_b1"][1], "items_per_s",
-               optimized_label=f"batch {batch}", baseline_label="batch 1",
-               answers=(timed["vcd"][0], timed["vcd_b1"][0]))
-    seconds = {name: 1 / value[1]["items_per_s"] for name, value in timed.items()}
-    bench.results["vcd"] = {
-        "decoding": label, "questions": len(items), "batch": batch,
-        "throughput_cost_x": timed["greedy"][1]["items_per_s"] / timed["vcd"][1]["items_per_s"],
-        "latency_cost_x": seconds["vcd_b1"] / seconds["greedy_b1"],
-        "latency_s_per_question": {"greedy": seconds["greedy_b1"], "vcd": seconds["vcd_b1"]},
-        "mean_answer_words": {name: value[1]["mean_answer_words"] for name, value in timed.items()}}
-    bench.extrapolated.update(vcd_throughput_cost_x=bench.results["vcd"]["throughput_cost_x"],
-                              vcd_latency_cost_x=bench.results["vcd"]["latency_cost_x"])
-    print(f"  VCD costs {bench.results['vcd']['throughput_cost_x']:.2f}× greedy batched and "
-          f"{bench.results['vcd']['latency_cost_x']:.2f}× at batch 1", flush=True)
+def opera_rows(bench: Bench) -> None:
+    """OPERA (eval.decoding = opera, the source's defaults) against greedy decoding and plain beam search with the
+    same beams, on the same CHAIR captions in the same run, every variant generated to EOS or the token limit as
+    OPERA is (the published figure: about 7× greedy's latency, LLaVA-1.5 on a GPU)."""
+    from minigpt4.eval.decodings import decoding_label, resolve_decoding
+    from minigpt4.eval.settings import EvalSettings
+
+    bench.say("OPERA rows")
+    preset, batch = bench.preset, bench.preset["chair_batch"]
+    items = chair_items(bench.eval_paths[:preset["opera_items"]])
+    opera = resolve_decoding(EvalSettings(decoding="opera"), "chair")
+    timer = generation_timer(bench.model, bench.workdir, image_size=bench.image_size, sort=False,
+                             max_new_tokens=preset["opera_tokens"])
+    beams = {"num_beams": opera.num_beams, "stop_strings": []}
+    timer("opera_warmup", items[:batch], batch, opera, beams)
+    bench.results["opera"] = costs = decoding_cost_rows(
+        bench.report, timer, name="OPERA", label=decoding_label(opera), decoding=opera, kwargs=beams,
+        baselines={"greedy": {"stop_strings": []}, f"beam search ({opera.num_beams} beams)": beams}, items=items,
+        subset=items[:preset["opera_baseline_items"]], batch=batch, repeats=preset["repeats"], metric="captions/s")
+    greedy, beam_search = costs["cost_x_by_baseline"].values()
+    bench.extrapolated.update(opera_cost_x_vs_greedy=greedy, opera_cost_x_vs_beam_search=beam_search)
 
 
 def chair_rows(bench: Bench) -> None:

@@ -41,6 +41,13 @@ def test_quick_cpu_run_writes_every_row(tmp_path):
     assert set(vcd) == {"VCD: throughput vs greedy", "VCD: latency vs greedy (batch 1)", "VCD: batching"}
     assert vcd["VCD: batching"]["identical"] is True and vcd["VCD: batching"]["compared"] > 0
     assert report["vcd"]["throughput_cost_x"] > 0 and report["vcd"]["latency_cost_x"] > 0
+    opera = {r["name"]: r for r in report["rows"] if r["name"].startswith("OPERA")}
+    assert set(opera) == {"OPERA: throughput vs greedy", "OPERA: latency vs greedy (batch 1)", "OPERA: batching",
+                          "OPERA: throughput vs beam search (5 beams)",
+                          "OPERA: latency vs beam search (5 beams) (batch 1)"}
+    assert opera["OPERA: batching"]["identical"] is True and opera["OPERA: batching"]["compared"] > 0
+    assert all(cost["throughput_cost_x"] > 0 and cost["latency_cost_x"] > 0
+               for cost in report["opera"]["cost_x_by_baseline"].values())
     for row in report["rows"]:
         assert set(row) >= {"name", "metric", "optimized", "baseline", "speedup", "identical"}
         if row["name"].startswith(("POPE", "CHAIR")):

@@ -342,14 +342,17 @@ def test_no_penalty_no_rollback_and_every_token_a_candidate_is_plain_beam_search
 
 
 # ---- the pieces by hand ---------------------------------------------------------------------------------------------
-def test_last_layer_probabilities_are_the_eager_attention_of_that_layer_alone(tiny_model_factory):
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_last_layer_probabilities_are_the_eager_attention_of_that_layer_alone(tiny_model_factory, kv_heads):
     """The probe records what output_attentions gives in eager mode (last layer, maximum over heads) for a left-padded
-    batch, leaves the model's outputs unchanged, switches no other layer, and gives the layer its config back."""
+    batch, with grouped-query attention too (SmolLM2), leaves the model's outputs unchanged, switches no other layer,
+    and gives the layer its config back."""
     from transformers import DynamicCache
 
+    from minigpt4.common.tiny_models import TINY_LLM
     from minigpt4.models.last_layer_attention import LastLayerAttention
 
-    model = tiny_model_factory("vib").eval()
+    model = tiny_model_factory("vib", llm=dict(TINY_LLM, num_key_value_heads=kv_heads)).eval()
     llm = model.llm
     ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)
