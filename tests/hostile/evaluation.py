@@ -1,7 +1,8 @@
 """Evaluation and training runs that cannot go as asked (issue 22): a batch larger than the training data, a device
 that is not one or is not there, a bootstrap whose arrays cannot fit, CHAIR lists that name no COCO image or one
-image twice, and a full disk under the answers or the lock file. One line and exit 2, never a traceback; a mistake
-in the config is refused before any model is built or output folder made."""
+image twice, a full disk under the answers or the lock file, and decodings that cannot be run as asked (VCD with
+OPERA, OPERA with other beams or 1 beam; issue 25). One line and exit 2, never a traceback; a mistake in the config
+is refused before any model is built or output folder made."""
 from __future__ import annotations
 
 import contextlib
@@ -224,6 +225,15 @@ EVALUATION_CASES = [
                  "run.grad_accum_steps (2) × 1 rank(s) = 2000", "lower run.batch_size"), prefix="error: ")),
     Case("config/train/run.device=cuda-without-a-gpu", partial(train_without_gpu, "run.device=cuda"),
          Exits2(("run.device = 'cuda' but torch sees no GPU on this machine; use cpu",))),
+    Case("config/evaluate/eval.decoding=vcd+opera", partial(evaluate_refused, ["eval.decoding=vcd+opera"]),
+         Exits2(("eval.decoding = 'vcd+opera': VCD (eval.vcd) and OPERA (eval.opera) cannot decode together",))),
+    Case("config/evaluate/opera-with-another-eval.num_beams",
+         partial(evaluate_refused, ["eval.decoding=opera", "eval.num_beams=3"]),
+         Exits2(("eval.num_beams = 3 but eval.opera.num_beams = 5: under eval.decoding = opera the beams are "
+                 "eval.opera.num_beams",))),
+    Case("config/evaluate/eval.opera.num_beams=1", partial(evaluate_refused, ["eval.decoding=opera",
+                                                                               "eval.opera.num_beams=1"]),
+         Exits2(("eval.opera.num_beams = 1; expected an integer >= 2 (OPERA is a beam search",))),
     Case("config/evaluate/eval.device=banana", partial(evaluate_refused, ["eval.device=banana"]),
          Exits2(("eval.device = 'banana'; expected one of cuda, cpu, auto",))),
     Case("config/evaluate/eval.device=cuda-without-a-gpu", partial(evaluate_without_gpu, "eval.device=cuda"),
