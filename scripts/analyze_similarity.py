@@ -75,7 +75,7 @@ def similarity_over_images(models: dict, processor, paths: list[Path], *, batch_
     `num_examples` images. Returns (stats, used image names, number skipped)."""
     import torch
 
-    from minigpt4.datasets.images import BadImageError, load_rgb
+    from minigpt4.common.images import BadImageError, load_rgb
     from minigpt4.models.visual_diagnostics import entropy_stats, pooled_visual_tokens, similarity_probs
 
     base = next(iter(models.values()))

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset
 
+from minigpt4.common.images import BadImageError, load_rgb
 from minigpt4.datasets.builders import (
     DATASET_OPTION_KEYS,
     REQUIRED_PATH_KEYS,
@@ -25,7 +26,6 @@ from minigpt4.datasets.builders import (
     validate_dataset_cfg,
 )
 from minigpt4.datasets.caption import CaptionJsonDataset, PromptPerBatchCollate, collate_samples
-from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.datasets.webdata import WebCaptionDataset, mix_by_ratio
 from minigpt4.processors import build_image_processor, build_text_processor
 

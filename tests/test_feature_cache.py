@@ -218,7 +218,7 @@ def test_pope_with_the_cache_refuses_a_fifo_or_device_image_instead_of_hashing_i
     or (on_bad_image: skip) its questions are left out and the rest scored."""
     import os
 
-    from minigpt4.datasets.images import BadImageError
+    from minigpt4.common.images import BadImageError
 
     special = tmp_path / "images" / "COCO_val2014_000000000009.jpg"
     if kind == "fifo":

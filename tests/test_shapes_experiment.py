@@ -245,7 +245,7 @@ def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: st
     row's own CHAIR captions, and the report's text made from them."""
     import math
 
-    from minigpt4.datasets.images import load_rgb
+    from minigpt4.common.images import load_rgb
     from minigpt4.eval import entropy_correlation as fig1
     from minigpt4.models.from_config import build_model
     from minigpt4.models.vib import pool_tokens, similarity_entropy

@@ -3,7 +3,7 @@ message). Entry points print them as one line and exit 2 instead of showing a tr
 
 The error types of the wings are defined here, on the ground floor, so that anything may raise or catch them
 without importing the code that raises them: `CheckpointError` (raised by models/checkpoints.py and the
-runner's checkpoints) and `BadImageError` (datasets/images.py). Those modules re-export them under their old
+runner's checkpoints) and `BadImageError` (common/images.py). Those modules re-export them under their old
 names. `ConfigError`, `DataFileError` and `NotRegularFileError` live with the common helpers that raise them.
 """
 from __future__ import annotations

@@ -30,9 +30,9 @@ import torch
 from torch.utils.data import Dataset
 
 from minigpt4.common.files import NotRegularFileError, require_regular_file
+from minigpt4.common.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
 from minigpt4.common.jsonfiles import DataFileError, read_json
 from minigpt4.common.paths import join_inside
-from minigpt4.datasets.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
 from minigpt4.processors.image import process_seed
 
 logger = logging.getLogger(__name__)

@@ -14,8 +14,8 @@ from typing import Any, ClassVar, Optional
 
 from minigpt4.common.config import ConfigError
 from minigpt4.common.files import NotRegularFileError, require_regular_file
+from minigpt4.common.images import DEFAULT_MAX_PIXELS
 from minigpt4.datasets.caption import ON_BAD_IMAGE_CHOICES
-from minigpt4.datasets.images import DEFAULT_MAX_PIXELS
 from minigpt4.datasets.webdata import expand_shards
 from minigpt4.processors.image import build_image_processor
 from minigpt4.processors.text import build_text_processor

@@ -23,8 +23,8 @@ from typing import Any, Callable, Iterator, Sequence
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
+from minigpt4.common.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
 from minigpt4.datasets.caption import ON_BAD_IMAGE_CHOICES
-from minigpt4.datasets.images import DEFAULT_MAX_PIXELS, BadImageError, SkipCounter, load_rgb
 from minigpt4.processors.image import process_seed
 
 logger = logging.getLogger(__name__)

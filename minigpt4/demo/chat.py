@@ -17,8 +17,8 @@ from typing import Callable, Iterator
 import torch
 from PIL import Image
 
+from minigpt4.common.images import BadImageError, load_rgb
 from minigpt4.conversation.templates import Conversation
-from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.demo.diagnostics import diagnostics_markdown
 from minigpt4.demo.highlight import highlight_html, highlight_pair, object_mentions
 from minigpt4.models.visual_diagnostics import ImageDiagnostics, diagnose_features

@@ -20,11 +20,11 @@ import torch
 
 from minigpt4.common import dist
 from minigpt4.common.config import ConfigError
+from minigpt4.common.images import BadImageError, load_rgb
 from minigpt4.common.jsonfiles import DataFileError, parse_json, read_text
 from minigpt4.common.output_dir import human_bytes
 from minigpt4.common.paths import join_inside
 from minigpt4.common.provenance import HashCache
-from minigpt4.datasets.images import BadImageError, load_rgb
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.bootstrap import DRAW_BYTES_PER_CELL, MAX_DRAW_BYTES

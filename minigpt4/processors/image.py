@@ -1,6 +1,6 @@
 """Image transforms for training and evaluation, written on PIL + numpy (no torchvision).
 
-Both processors take an 8-bit RGB `PIL.Image` (see `minigpt4.datasets.images.load_rgb`, which turns any
+Both processors take an 8-bit RGB `PIL.Image` (see `minigpt4.common.images.load_rgb`, which turns any
 readable file into one) and return a float tensor [3, S, S] normalised with CLIP's mean/std, which is what
 the EVA ViT-g (and CLIP ViT-L for LLaVA) were trained on.
 
@@ -84,7 +84,7 @@ class _NormalizeToTensor:
         if image.mode != "RGB":
             raise ValueError(
                 f"expected an RGB image, got mode {image.mode!r}; load images with "
-                "minigpt4.datasets.images.load_rgb, which converts every mode to RGB"
+                "minigpt4.common.images.load_rgb, which converts every mode to RGB"
             )
         pixels = np.asarray(image, dtype=np.float32) / 255.0  # H, W, 3
         tensor = torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))

@@ -36,9 +36,9 @@ from PIL import Image
 
 from minigpt4.common.config import ConfigError
 from minigpt4.common.files import NotRegularFileError
+from minigpt4.common.images import BadImageError
 from minigpt4.common.jsonfiles import DataFileError
 from minigpt4.datasets.caption import CaptionJsonDataset
-from minigpt4.datasets.images import BadImageError
 from minigpt4.eval import pope as pope_scorer
 from minigpt4.eval.benchmark_runs import ImageLoader, run_chair, run_pope
 from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
