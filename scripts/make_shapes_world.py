@@ -3,7 +3,7 @@
     python scripts/make_shapes_world.py --out data/shapes_world [--num-train 3000 --num-val 300 --seed 0]
         [--image-size 64 --cooccurrence 0.9 --val-cooccurrence P --captions-per-image 3] [--overwrite]
 
-The same arguments always give byte-identical files. See minigpt4/datasets/shapes_world.py for the
+The same arguments always give byte-identical files. See minigpt4/shapes/world/scenes.py for the
 layout; in short, train a captioner on train_captions.json + images/, score CHAIR with
 --coco-annotations <out>/annotations --synonyms <out>/synonyms.txt, and POPE on <out>/pope/*.jsonl.
 """
@@ -14,7 +14,7 @@ import sys
 import time
 from collections.abc import Sequence
 
-from minigpt4.datasets.shapes_world import CAPTION_TEMPLATES, build_shapes_world  # noqa: E402
+from minigpt4.shapes.world.scenes import CAPTION_TEMPLATES, build_shapes_world  # noqa: E402
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from minigpt4.datasets.shapes_qa import ShapesQADataset  # noqa: E402
-from minigpt4.datasets.shapes_world import CLASS_NAMES  # noqa: E402
 from minigpt4.eval.cooccurrence import partner_traps, world_pairs  # noqa: E402
+from minigpt4.shapes.world.qa import ShapesQADataset  # noqa: E402
+from minigpt4.shapes.world.scenes import CLASS_NAMES  # noqa: E402
 
 
 @torch.no_grad()

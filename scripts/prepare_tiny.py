@@ -13,7 +13,7 @@ import json
 import os
 
 from minigpt4.common.tiny_models import DEFAULT_CORPUS, train_tokenizer  # noqa: E402
-from minigpt4.datasets.shapes_world import build_shapes_world  # noqa: E402
+from minigpt4.shapes.world.scenes import build_shapes_world  # noqa: E402
 
 
 def prepare(out: str, num_train: int = 200, num_val: int = 40, seed: int = 0) -> None:

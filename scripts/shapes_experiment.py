@@ -40,10 +40,10 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 
-from minigpt4.datasets.shapes_world_folder import ensure_shapes_world  # noqa: E402
 from minigpt4.eval import entropy_correlation as fig1  # noqa: E402
 from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs  # noqa: E402
 from minigpt4.eval.paired import compare_eval_dirs  # noqa: E402
+from minigpt4.shapes.world.folder import ensure_shapes_world  # noqa: E402
 
 TRAIN_CONFIG = "train_configs/shapes_adavib.yaml"
 EVAL_CONFIG = "eval_configs/shapes_base.yaml"

@@ -6,7 +6,7 @@
 Same classes as the real model (BLIP-2 ViT + Q-Former + query tokens -> linear projector -> LlamaForCausalLM),
 built by `minigpt4.models.from_config.build_model` at a width two CPU cores train in about a quarter of an hour.
 Unlike the real model nothing is pre-trained, so everything trains end to end, on captions ("Describe this
-image.") mixed with POPE-style object questions (minigpt4.datasets.shapes_qa), in the vicuna_v0 template,
+image.") mixed with POPE-style object questions (minigpt4.shapes.world.qa), in the vicuna_v0 template,
 plus an object-presence loss on the Q-Former outputs through a linear probe that is thrown away afterwards
 (`ObjectProbe`: without it the from-scratch ViT needs several times longer).
 
@@ -37,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from minigpt4.common.tiny_models import train_tokenizer  # noqa: E402
 from minigpt4.conversation.templates import IMAGE_PLACEHOLDER, get_template  # noqa: E402
-from minigpt4.datasets.shapes_qa import (  # noqa: E402
+from minigpt4.models.checkpoints import save_state_file  # noqa: E402
+from minigpt4.models.from_config import build_model  # noqa: E402
+from minigpt4.runners.schedules import linear_warmup_cosine  # noqa: E402
+from minigpt4.shapes.world.qa import (  # noqa: E402
     CAPTION_INSTRUCTION,
     ShapesQADataset,
     collate,
@@ -45,10 +48,7 @@ from minigpt4.datasets.shapes_qa import (  # noqa: E402
     object_question,
     yes_answer,
 )
-from minigpt4.datasets.shapes_world import CLASS_NAMES, build_shapes_world  # noqa: E402
-from minigpt4.models.checkpoints import save_state_file  # noqa: E402
-from minigpt4.models.from_config import build_model  # noqa: E402
-from minigpt4.runners.schedules import linear_warmup_cosine  # noqa: E402
+from minigpt4.shapes.world.scenes import CLASS_NAMES, build_shapes_world  # noqa: E402
 
 # The evaluation world (`scripts/make_shapes_world.py` defaults) and the training world: same generator
 # parameters, another seed, five times the training images.

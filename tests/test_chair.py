@@ -106,8 +106,8 @@ def _reference_inflect():
 
 
 def test_singularizer_copy_equals_pattern_on_every_vocabulary_word_and_table_entry():
-    from minigpt4.datasets.shapes_world import SHAPE_CLASSES
     from minigpt4.eval import pattern_singularize as ours
+    from minigpt4.shapes.world.scenes import SHAPE_CLASSES
 
     reference = _reference_inflect()
     assert [(p.pattern, r) for p, r in reference.singular_rules] == [(p.pattern, r) for p, r in ours.SINGULAR_RULES]

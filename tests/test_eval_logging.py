@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> Path:
-    from minigpt4.datasets.shapes_world import build_shapes_world
+    from minigpt4.shapes.world.scenes import build_shapes_world
 
     folder = tmp_path_factory.mktemp("logging_world") / "world"
     build_shapes_world(folder, num_train=2, num_val=4)

@@ -92,7 +92,7 @@ def compare(ours: list[dict], theirs: list[dict], image_id: int) -> dict:
 
 @pytest.fixture(scope="module")
 def shapes_images() -> list[Image.Image]:
-    from minigpt4.datasets.shapes_world import render_image, sample_scene
+    from minigpt4.shapes.world.scenes import render_image, sample_scene
 
     rng = np.random.default_rng(11)
     return [render_image(sample_scene(rng, 64, 0.9), 64, rng) for _ in range(4)]
@@ -335,8 +335,8 @@ def test_evaluate_metrics_go_into_the_card_of_the_weights_they_scored_only(tmp_p
     """evaluate.py's metrics.json records the weights it scored: an export of those weights takes its numbers, an
     export of another checkpoint with them is refused before the model is built, naming both."""
     from minigpt4.cli.evaluate import main as evaluate
-    from minigpt4.datasets.shapes_world import build_shapes_world
     from minigpt4.models.checkpoints import save_trainable
+    from minigpt4.shapes.world.scenes import build_shapes_world
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))  # the hash cache stays inside the test
     world = tmp_path / "world"

@@ -9,16 +9,16 @@ import pytest
 import torch
 import yaml
 
-from minigpt4.datasets.shapes_qa import (
+from minigpt4.eval.chair import CHAIRScorer, build_ground_truth, score_captions
+from minigpt4.eval.pope import answer_to_label
+from minigpt4.shapes.world.qa import (
     CAPTION_INSTRUCTION,
     ShapesQADataset,
     no_answer,
     object_question,
     yes_answer,
 )
-from minigpt4.datasets.shapes_world import CLASS_NAMES, build_shapes_world
-from minigpt4.eval.chair import CHAIRScorer, build_ground_truth, score_captions
-from minigpt4.eval.pope import answer_to_label
+from minigpt4.shapes.world.scenes import CLASS_NAMES, build_shapes_world
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSET = ROOT / "assets" / "shapes_base"

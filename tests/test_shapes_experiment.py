@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from minigpt4.datasets.shapes_world import COOCCURRENCE_PAIRS, build_shapes_world
 from minigpt4.eval.paired import chair_counts, compare_eval_dirs, paired_difference
+from minigpt4.shapes.world.scenes import COOCCURRENCE_PAIRS, build_shapes_world
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CKPT = ROOT / "assets" / "shapes_base" / "model.safetensors"
@@ -281,7 +281,7 @@ def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: st
 def test_evaluate_without_arguments_uses_the_embedded_base_model(tmp_path, monkeypatch):
     """`python evaluate.py` alone: the shapes-world base model on a world it generates when missing."""
     import evaluate
-    import minigpt4.datasets.shapes_world as shapes_world
+    import minigpt4.shapes.world.scenes as shapes_world
 
     world = tmp_path / "world"
     monkeypatch.setattr(evaluate, "DEFAULT_WORLD", world)

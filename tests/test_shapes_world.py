@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minigpt4.datasets.shapes_world import (
+from minigpt4.shapes.world.scenes import (
     CAPTION_TEMPLATES,
     CLASS_BY_NAME,
     CLASS_NAMES,

@@ -39,7 +39,7 @@ DEFAULT_WORLD = ROOT / "data" / "shapes_world"
 def default_config_path() -> str:
     """The embedded default's config, building its evaluation world first if it is not there yet."""
     if not (DEFAULT_WORLD / "meta.json").is_file():
-        from minigpt4.datasets.shapes_world import build_shapes_world
+        from minigpt4.shapes.world.scenes import build_shapes_world
 
         logging.info("building the shapes world in %s (seconds)", DEFAULT_WORLD)
         build_shapes_world(DEFAULT_WORLD)

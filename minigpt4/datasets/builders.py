@@ -34,10 +34,10 @@ from minigpt4.datasets.options import (
     ShapesQAOptions,
     ShardOptions,
 )
-from minigpt4.datasets.shapes_qa import ShapesQADataset
 from minigpt4.datasets.webdata import WebCaptionDataset, expand_shards, mix_by_ratio
 from minigpt4.processors.image import build_image_processor
 from minigpt4.processors.text import build_text_processor
+from minigpt4.shapes.world.qa import ShapesQADataset
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def build_cc_sbu_align(options: CCSBUAlignOptions, *, rank: int, world_size: int
 @register_builder("shapes_qa", ShapesQAOptions)
 def build_shapes_qa(options: ShapesQAOptions, *, rank: int, world_size: int, seed: int) -> BuiltDataset:
     """A shapes-world folder as captions mixed with POPE-worded yes/no questions, each with its instruction,
-    in the form the shapes-world base model was trained on (see minigpt4/datasets/shapes_qa.py)."""
+    in the form the shapes-world base model was trained on (see minigpt4/shapes/world/qa.py)."""
     dataset = ShapesQADataset(options.root, options.split, image_size=options.image_size,
                               question_fraction=options.question_fraction, seed=seed)
     return BuiltDataset(dataset, streaming=False)

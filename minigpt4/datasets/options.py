@@ -130,7 +130,7 @@ class CCSBUAlignOptions(DatasetOptions):
 
 @dataclass
 class ShapesQAOptions(DatasetOptions):
-    root: Optional[str] = None  # a shapes-world folder (minigpt4/datasets/shapes_world.py)
+    root: Optional[str] = None  # a shapes-world folder (minigpt4/shapes/world/scenes.py)
     split: str = "train"
     question_fraction: float = 0.4
     image_size: int = 64

@@ -88,7 +88,7 @@ def demo_extras(cfg_path: str | os.PathLike | None, shapes_yaml: Path = SHAPES_B
 def shapes_synonyms_file(cache: Path | None = None) -> str:
     """The shapes world's CHAIR vocabulary (one line per class: name, synonyms), written once to the cache,
     for highlighting the answers of the default shapes-world model."""
-    from minigpt4.datasets.shapes_world import SHAPE_CLASSES
+    from minigpt4.shapes.world.scenes import SHAPE_CLASSES
 
     path = (cache or cache_dir()) / "shapes_synonyms.txt"
     text = "".join(", ".join((c.name, *c.synonyms)) + "\n" for c in SHAPE_CLASSES)
@@ -105,7 +105,7 @@ def shapes_example_images(cache: Path | None = None, count: int = 4, seed: int =
     page's example images when the default shapes-world model runs: nobody has to find an image to try it."""
     import numpy as np
 
-    from minigpt4.datasets.shapes_world import render_image, sample_scene
+    from minigpt4.shapes.world.scenes import render_image, sample_scene
 
     folder = (cache or cache_dir()) / f"shapes_examples_{seed}"
     paths = [folder / f"shapes_example_{i + 1}.png" for i in range(count)]

@@ -268,7 +268,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                      "CHAIR protocol.")),
     Protocol(
         name="shapes-pope", task="pope", max_new_tokens=10, answer_rule="reference",
-        source="this repository: minigpt4/datasets/shapes_world.py, assets/shapes_base (the toy world's base model)",
+        source="this repository: minigpt4/shapes/world/scenes.py, assets/shapes_base (the toy world's base model)",
         description=("POPE on the generated shapes world: the vicuna_v0 training prompt of assets/shapes_base "
                      "exactly (Template.prompt), with no system text: the model was trained without one. "
                      "SmolLM2 (assets/real_small_base): its smollm2 training prompt, likewise."),
@@ -277,7 +277,7 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                  ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))),
     Protocol(
         name="shapes-chair", task="chair", max_new_tokens=64, question="Describe this image.", image_set="user-list",
-        source="this repository: minigpt4/datasets/shapes_world.py, assets/shapes_base (the toy world's base model)",
+        source="this repository: minigpt4/shapes/world/scenes.py, assets/shapes_base (the toy world's base model)",
         description=("CHAIR on the generated shapes world: its val images (eval.chair.images), the training prompt "
                      "of assets/shapes_base (SmolLM2: of assets/real_small_base) without system text, 64 new tokens "
                      "(captions are at most ~40)."),

@@ -26,9 +26,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from minigpt4.datasets.shape_drawings import SHAPE_PRIMITIVES, shape_mask
+from minigpt4.shapes.world.drawings import SHAPE_PRIMITIVES, shape_mask
 
 VERSION = 1
+# meta.json's "generator": the module's name when the format was made (minigpt4/datasets/shapes_world.py); kept
+# so that a world built today is byte-identical to one built before the module moved.
+GENERATOR = "minigpt4.datasets.shapes_world"
 JPEG_QUALITY = 95
 MAX_OBJECTS = 4
 POPE_QUESTIONS_PER_SIDE = 3  # per image: up to 3 "yes" questions and as many "no" questions
@@ -100,7 +103,7 @@ class ShapeObject:
 
 
 # ---------------------------------------------------------------------------------------------
-# Drawing (the classes' drawings are in shape_drawings.py)
+# Drawing (the classes' drawings are in drawings.py)
 
 assert set(SHAPE_PRIMITIVES) == set(CLASS_NAMES), "every class needs a drawing"
 
@@ -432,7 +435,7 @@ def _write_pope_files(out: Path, present_by_image: Sequence[tuple[str, int, int,
 def _world_meta(params: dict, class_image_counts: dict[str, int], pair_counts: dict[str, dict[str, int]],
                 files: dict[str, str]) -> dict:
     return {
-        "generator": "minigpt4.datasets.shapes_world", "version": VERSION,
+        "generator": GENERATOR, "version": VERSION,
         "params": {**params, "max_objects": MAX_OBJECTS, "pope_questions_per_side": POPE_QUESTIONS_PER_SIDE,
                    "jpeg_quality": JPEG_QUALITY},
         "classes": [asdict(c) for c in SHAPE_CLASSES],

@@ -1,7 +1,7 @@
 """The shapes world's drawings: each class as a list of primitives in a unit frame ([-1, 1]^2, y down),
 filled with 255 (ink) or 0 (a hole: ring, moon, the house's door), drawn in order onto an anti-aliased mask.
 
-Kept apart from `shapes_world.py` (classes, scenes, captions, the file writer), which draws through
+Kept apart from `scenes.py` (classes, scenes, captions, the file writer), which draws through
 `shape_mask`; this module needs nothing from it.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 import time
 from pathlib import Path
 
-from minigpt4.datasets.shapes_world import build_shapes_world
+from minigpt4.shapes.world.scenes import build_shapes_world
 
 
 def ensure_shapes_world(world: Path, val_cooccurrence: float | None, world_args: dict) -> None:

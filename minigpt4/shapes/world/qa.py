@@ -28,8 +28,8 @@ from torch.utils.data import Dataset
 from minigpt4.common.files import require_regular_file
 from minigpt4.common.images import load_rgb
 from minigpt4.common.paths import join_inside
-from minigpt4.datasets.shapes_world import CLASS_NAMES, pope_question, with_article
 from minigpt4.processors.image import Blip2ImageEvalProcessor
+from minigpt4.shapes.world.scenes import CLASS_NAMES, pope_question, with_article
 
 CAPTION_INSTRUCTION = "Describe this image."
 
