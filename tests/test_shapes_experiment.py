@@ -133,7 +133,7 @@ def test_paired_difference_is_exact_at_the_point_and_zero_for_identical_models()
 def test_progress_line_is_redrawn_in_place_on_a_terminal(monkeypatch):
     import io
 
-    experiment = _script("shapes_experiment")
+    from minigpt4.shapes.experiment import running as experiment
 
     class Terminal(io.StringIO):
         def isatty(self):
@@ -156,9 +156,12 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     every step."""
     monkeypatch.chdir(ROOT)  # the script moves there itself; this restores the directory afterwards
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from minigpt4.shapes.experiment import plan as shapes_plan
+    from minigpt4.shapes.experiment import running
+
     experiment = _script("shapes_experiment")
-    monkeypatch.setattr(experiment, "WORLD_ARGS", {"num_train": 48, "num_val": 6})  # as small_worlds built them
-    monkeypatch.setattr(experiment, "PLAIN_EVERY_S", 0.0)  # no terminal here: show every progress line
+    monkeypatch.setattr(shapes_plan, "WORLD_ARGS", {"num_train": 48, "num_val": 6})  # as small_worlds built them
+    monkeypatch.setattr(running, "PLAIN_EVERY_S", 0.0)  # no terminal here: show every progress line
     out = tmp_path / "exp"
     common = ["--data", str(small_worlds), "--out", str(out), "--train-options", "run.batch_size=24",
               "run.log_every=1"]
@@ -211,7 +214,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     assert compare_eval_dirs(out / "seed0/adavib/eval_co_occurrence_probe",
                              out / "seed0/adavib/eval_co_occurrence_probe")["chair_i"]["diff"] == 0.0
     probe_world = small_worlds / "shapes_world_probe"
-    _check_figure1(experiment, out, probe_world, summary["worlds"]["co-occurrence probe"]["figure1"], report,
+    _check_figure1(shapes_plan, out, probe_world, summary["worlds"]["co-occurrence probe"]["figure1"], report,
                    summary["figure1_finding"])
     capsys.readouterr()
     # Two seeds, linear-CE alone: seed 0's steps are reused, seed 1 and Figure 1 run, the report turns into mean ± std.
@@ -225,7 +228,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     world = summary["worlds"]["co-occurrence probe"]
     assert len(world["paired_differences_to_linear_ce"]["base"]) == 2
     assert [r["seed"] for r in world["figure1"]["by_model"]["linear-CE"]] == [0, 1]
-    _check_figure1(experiment, out, probe_world, world["figure1"], report, summary["figure1_finding"])
+    _check_figure1(shapes_plan, out, probe_world, world["figure1"], report, summary["figure1_finding"])
     # The visual-token readout beside the model's own trap counts (scripts/partner_readout.py).
     readout_json = tmp_path / "readout.json"
     assert _script("partner_readout").main([
@@ -237,7 +240,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
         assert 0 <= r["readout_present_on_traps"] <= r["traps"] == r["model"]["caption_traps"]
     # A world folder holding another build is refused, naming what differs, instead of being reused.
     with pytest.raises(RuntimeError, match="val_cooccurrence: 0.9 instead of 0.0"):
-        experiment.ensure_world(small_worlds / "shapes_world", 0.0)
+        shapes_plan.ensure_world(small_worlds / "shapes_world", 0.0)
 
 
 def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: str, finding: str) -> None:
