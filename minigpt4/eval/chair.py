@@ -54,10 +54,10 @@ import nltk
 import numpy as np
 
 from minigpt4.common.files import require_regular_file, sha256_file
-from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl, write_json
+from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl
 from minigpt4.eval import pattern_singularize
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
-from minigpt4.eval.metrics_file import item_set_id
+from minigpt4.eval.metrics_file import item_set_id, print_and_write
 from minigpt4.eval.nltk_setup import ensure_punkt
 
 logger = logging.getLogger(__name__)
@@ -470,10 +470,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         },
         **scores,
     }
-    print(format_table(result))
-    if args.out:
-        write_json(args.out, result)
-    return 0
+    return print_and_write(result, format_table(result), args.out)
 
 
 if __name__ == "__main__":

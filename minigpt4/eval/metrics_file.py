@@ -31,7 +31,7 @@ import re
 from collections.abc import Iterable
 from typing import Any
 
-from minigpt4.common.jsonfiles import DataFileError, read_json
+from minigpt4.common.jsonfiles import DataFileError, read_json, write_json
 
 FRACTIONS = frozenset({"chair_s", "chair_i", "recall", "accuracy", "precision", "f1", "yes_ratio"})
 CHAIR_REQUIRED = ("chair_s", "chair_i", "recall", "mean_length")
@@ -50,6 +50,15 @@ def item_set_id(items: Iterable[object]) -> str:
     the results table marks rows of one protocol whose names differ."""
     lines = sorted({str(item) for item in items})
     return hashlib.sha256("\n".join(lines).encode("utf-8")).hexdigest()[:SET_ID_LENGTH]
+
+
+def print_and_write(result: dict, table: str, out: str | None) -> int:
+    """A standalone scorer's last step (python -m minigpt4.eval.chair / .pope): its table on stdout and, with --out,
+    its result JSON (the per-task result that metrics.json holds); exit status 0."""
+    print(table)
+    if out:
+        write_json(out, result)
+    return 0
 
 
 def describe(value: Any) -> str:

@@ -56,9 +56,9 @@ from pathlib import Path
 import numpy as np
 
 from minigpt4.common.files import sha256_file
-from minigpt4.common.jsonfiles import DataFileError, read_jsonl, write_json
+from minigpt4.common.jsonfiles import DataFileError, read_jsonl
 from minigpt4.eval.bootstrap import bootstrap_ci, bootstrap_summary, safe_divide
-from minigpt4.eval.metrics_file import item_set_id
+from minigpt4.eval.metrics_file import item_set_id, print_and_write
 from minigpt4.eval.pope_answer_check import check_answer_agrees
 
 RULES = ("reference", "first-sentence")
@@ -430,10 +430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(format_table(result))
-    if args.out:
-        write_json(args.out, result)
-    return 0
+    return print_and_write(result, format_table(result), args.out)
 
 
 if __name__ == "__main__":

@@ -47,6 +47,7 @@ OPERA_INSTRUCTION = "Please describe this image in detail."
 _SMOLLM2_SHAPES = "{system}user\n<Img><ImageHere></Img> {question}<|im_end|>\n<|im_start|>assistant\n"
 
 
+
 @dataclass(frozen=True)
 class ModelPrompt:
     """How a source prompted one model family, and how it cleaned that model's decoded answer."""
@@ -136,10 +137,11 @@ def build_prompt(prompt: ModelPrompt, question: str) -> str:
 
 # --------------------------------------------------------------------------------------------- the records
 _ADAVIB_DEFECTS = (
-    " Not reproduced, being defects of the released code: the stop criterion of the source looked at the first row of a batch "
-    "only and its answers were parsed from the raw decoded text; here every row stops on its own and answers are "
-    "cut at '###'.")
-_OPERA_MINIGPT4 = ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> {question} ###Assistant:",
+    " Not reproduced, being defects of the released code: the stop criterion of the source looked at the first row of "
+    "a batch only and its answers were parsed from the raw decoded text; here every row stops on its own and answers "
+    "are cut at '###'.")
+_OPERA_MINIGPT4 = ModelPrompt(system="",
+                              prompt_format="{system}###Human: <Img><ImageHere></Img> {question} ###Assistant:",
                               min_new_tokens=1, answer_cut="###", answer_tail="Assistant:")
 _OPERA_LLAVA15 = ModelPrompt(system=VICUNA_V1_SYSTEM, prompt_format="{system}USER: <ImageHere> {question} ASSISTANT:",
                              answer_cut="###")
@@ -165,7 +167,13 @@ _LLAVA15_SOURCE = ("haotian-liu/LLaVA: scripts/v1_5/eval/pope.sh (--temperature 
                    "answer stripped), llava/conversation.py (conv_vicuna_v1), llava/mm_utils.py "
                    "(tokenizer_image_token: text before and after the image tokenized apart, BOS on the first), "
                    "llava/eval/eval_pope.py (the first-sentence rule)")
-_HARNESS = "this repository before issue 14 (minigpt4/eval/tasks.py REFERENCE_SYSTEM / REFERENCE_PROMPT, eval_configs/*)"
+# The shapes world's two protocols: one source, and the prompts its base models were trained with
+_SHAPES_SOURCE = "this repository: minigpt4/shapes/world/scenes.py, assets/shapes_base (the toy world's base model)"
+_SHAPES_PROMPTS = (("minigpt4", ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> "
+                                                                     "{question} ###Assistant: ")),
+                   ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))
+_HARNESS = ("this repository before issue 14 (minigpt4/eval/tasks.py REFERENCE_SYSTEM / REFERENCE_PROMPT, "
+            "eval_configs/*)")
 _SINGLE_STRING = (
     ("minigpt4", ModelPrompt(system=ADAVIB_SYSTEM, prompt_format="{system}###Human: <Img><ImageHere></Img> {question}"
                                                                  "###Assistant:")),
@@ -268,22 +276,18 @@ PROTOCOLS: dict[str, Protocol] = {p.name: p for p in (
                      "CHAIR protocol.")),
     Protocol(
         name="shapes-pope", task="pope", max_new_tokens=10, answer_rule="reference",
-        source="this repository: minigpt4/shapes/world/scenes.py, assets/shapes_base (the toy world's base model)",
+        source=_SHAPES_SOURCE,
         description=("POPE on the generated shapes world: the vicuna_v0 training prompt of assets/shapes_base "
                      "exactly (Template.prompt), with no system text: the model was trained without one. "
                      "SmolLM2 (assets/real_small_base): its smollm2 training prompt, likewise."),
-        prompts=(("minigpt4", ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> "
-                                                                   "{question} ###Assistant: ")),
-                 ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))),
+        prompts=_SHAPES_PROMPTS),
     Protocol(
         name="shapes-chair", task="chair", max_new_tokens=64, question="Describe this image.", image_set="user-list",
-        source="this repository: minigpt4/shapes/world/scenes.py, assets/shapes_base (the toy world's base model)",
+        source=_SHAPES_SOURCE,
         description=("CHAIR on the generated shapes world: its val images (eval.chair.images), the training prompt "
                      "of assets/shapes_base (SmolLM2: of assets/real_small_base) without system text, 64 new tokens "
                      "(captions are at most ~40)."),
-        prompts=(("minigpt4", ModelPrompt(system="", prompt_format="{system}###Human: <Img><ImageHere></Img> "
-                                                                   "{question} ###Assistant: ")),
-                 ("smollm2", ModelPrompt(system="", prompt_format=_SMOLLM2_SHAPES)))),
+        prompts=_SHAPES_PROMPTS),
 )}
 
 
