@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -44,6 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from minigpt4.benchmarking.speed_run import run  # noqa: E402
+from minigpt4.common.results_header import publish, publish_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -63,6 +65,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "per batch-1 answer measured under load 7 on 2 cores)")
     ap.add_argument("--skip", nargs="*", default=[],
                     choices=("train", "loader", "pope", "vcd", "opera", "chair", "profile"))
+    ap.add_argument("--publish", type=publish_path, metavar="PATH.md",
+                    help="also copy the Markdown table there when done, e.g. docs/results/benchmark_cpu_tiny.md")
     return ap.parse_args(argv)
 
 
@@ -71,9 +75,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or (1 if args.device == "cpu" else threads))
     try:
-        return run(args)
+        results = run(args)
     finally:
         torch.set_num_threads(threads)
+    if args.publish:
+        print(f"published {publish(Path(args.out).with_suffix('.md'), args.publish)}")
+    return results
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from minigpt4.benchmarking.fullsize import ARCHES, SIZES, CheckSettings  # noqa: E402
 from minigpt4.benchmarking.fullsize_run import NotEnoughMemory, run_check  # noqa: E402
+from minigpt4.common.results_header import publish, publish_path  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
     ap.add_argument("--no-profile", action="store_true", help="skip torch.profiler")
     ap.add_argument("--force", action="store_true", help="run even when the memory model says it does not fit")
+    ap.add_argument("--publish", type=publish_path, metavar="PATH.md",
+                    help="also copy the Markdown table there when done, e.g. docs/results/fullsize_cpu_7b.md")
     return ap.parse_args(argv)
 
 
@@ -64,10 +67,13 @@ def main(argv: list[str] | None = None) -> dict:
     settings = CheckSettings(arch=args.arch, size=args.size, device=args.device, precision=args.precision,
                              profile=not args.no_profile)
     try:
-        return run_check(settings, Path(args.out), workdir=args.workdir and Path(args.workdir), force=args.force)
+        results = run_check(settings, Path(args.out), workdir=args.workdir and Path(args.workdir), force=args.force)
     except NotEnoughMemory as err:
         print(f"error: {err}; not started (--force runs it anyway)", file=sys.stderr)
         raise SystemExit(2) from None
+    if args.publish:
+        print(f"published {publish(Path(args.out).with_suffix('.md'), args.publish)}")
+    return results
 
 
 if __name__ == "__main__":

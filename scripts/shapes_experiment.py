@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from minigpt4.common.results_header import load_average, publish, publish_path, results_header
 from minigpt4.shapes.experiment.plan import (
     BASELINE,
     EVAL_CONFIG,
@@ -64,6 +65,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help=f"evaluation worlds (fine-tuning reads the {TRAIN_WORLD} world's train split, built "
                              "if missing)")
     parser.add_argument("--dry-run", action="store_true", help="print every step's command line; run nothing")
+    parser.add_argument("--publish", type=publish_path, metavar="PATH.md",
+                        help="also copy results.md there when done, e.g. docs/results/shapes_experiment.md")
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {args.seeds}")
@@ -83,12 +86,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         print_plan(steps)
         return 0
-    start = time.perf_counter()
+    start, load_before = time.perf_counter(), load_average()
     ensure_worlds(Path(args.data), worlds)
     run_plan(steps)
-    print("\n" + report(args, worlds, evaluations))
+    print("\n" + report(args, worlds, evaluations, header=results_header(load_before)))
     print(f"written {Path(args.out) / 'results.md'}, results.json and figure1.png in "
           f"{time.perf_counter() - start:.0f} s")
+    if args.publish:
+        print(f"published {publish(Path(args.out) / 'results.md', args.publish)}")
     return 0
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from minigpt4.benchmarking.costs import gb
+from minigpt4.common.results_header import results_header
 
 # Issue 16's targets on the CPU (2 cores, bf16, 7B); the same ratios are reported on a GPU.
 TARGETS = {"train_of_matmul": 0.50, "prefill_of_matmul": 0.50, "decode_of_copy": 0.50, "peak_vs_model": 0.10}
@@ -125,9 +126,11 @@ def _load(values) -> str:
 
 
 def write_report(results: dict[str, Any], out: Path) -> dict[str, Any]:
+    """OUT (JSON, with the table) and OUT.md: the header line (date, machine, commit) and the table."""
     text = table(results)
     results["table"] = text
     out.write_text(json.dumps(results, indent=2, default=str) + "\n")
-    out.with_suffix(".md").write_text(text + "\n")
-    print("\n" + text, flush=True)
+    header = results_header(results["load_average_before"], gpu=results["machine"].get("gpu"))
+    out.with_suffix(".md").write_text(f"{header}\n\n{text}\n")
+    print(f"\n{header}\n\n{text}", flush=True)
     return results

@@ -3,13 +3,13 @@ compared with: the dense-matmul rate for a dtype, the memory copy bandwidth, the
 from __future__ import annotations
 
 import os
-import platform
 import time
 from typing import Any
 
 import torch
 
 from minigpt4.benchmarking.measure import sync
+from minigpt4.common.results_header import cpu_model
 
 
 def _timed(fn, device: torch.device, repeats: int) -> list[float]:
@@ -88,17 +88,6 @@ def rss_bytes() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * 1024
     return 0
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def cpu_flags(*wanted: str) -> list[str]:

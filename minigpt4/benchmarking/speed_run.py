@@ -22,6 +22,7 @@ from minigpt4.benchmarking.speed_rows import (
 )
 from minigpt4.benchmarking.speed_setup import GPU_TARGETS, build, llm_matmul_params, start
 from minigpt4.benchmarking.workloads import model_loss, time_training, training_batches, write_images
+from minigpt4.common.results_header import results_header
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -121,8 +122,11 @@ def finish(results: dict[str, Any], out: Path, report: Report) -> dict[str, Any]
 
 
 def markdown(results: dict[str, Any], report: Report) -> str:
+    """OUT.md: the header line (date, machine, commit), the table, the extrapolations and the targets."""
     meta = results["meta"]
-    lines = [f"Benchmark on {meta['device_name']} ({meta['device']}, {meta['cpu_cores']} CPU cores, load average "
+    gpu = meta["device_name"] if meta["gpu_measured"] else None
+    lines = [results_header(meta["load_average_before"], gpu=gpu), "",
+             f"Benchmark on {meta['device_name']} ({meta['device']}, {meta['cpu_cores']} CPU cores, load average "
              f"{meta['load_average_before']} before / {meta['load_average_after']} after), size {meta['size']}",
              "", report.table(), ""]
     for key, value in results.get("extrapolated", {}).items():

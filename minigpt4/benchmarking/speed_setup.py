@@ -24,33 +24,38 @@ GPU_TARGETS = {
     "train_peak_gb_max": 40.0,
     "low_resource_peak_gb_max": 24.0,
 }
+# The run's sizes per preset: quick = the smoke test, every row at the smallest sizes (seconds on 2 cores; timings
+# meaningless); tiny = the CPU benchmark; 7b = micro-batch 4 × accumulation 4 = effective batch 16, with S = 3 that
+# is 12 LLM sequences per micro-batch.
+PRESET_NAMES = ("quick", "tiny", "7b")
+PRESET_TABLE: dict[str, tuple[int, int, int]] = {
+    # setting: (quick, tiny, 7b)
+    "train_batch": (2, 4, 4),
+    "steps": (2, 30, 20),
+    "warmup": (1, 3, 3),
+    "baseline_steps": (2, 30, 8),
+    "accum": (1, 1, 4),
+    "pope_images": (2, 16, 32),
+    "pope_per_image": (3, 6, 6),
+    "pope_batch": (8, 32, 64),
+    "pope_baseline_items": (6, 96, 24),
+    "chair_images": (2, 16, 64),
+    "chair_tokens": (4, 32, 256),
+    "chair_batch": (2, 16, 64),
+    "chair_baseline_items": (2, 16, 2),
+    "loader_images": (8, 96, 64),
+    "loader_batch": (4, 8, 8),
+    "repeats": (1, 5, 1),
+    "profile_steps": (1, 3, 3),
+    "vcd_items": (6, 96, 64),
+    "vcd_baseline_items": (3, 24, 8),
+    "opera_items": (2, 16, 32),
+    "opera_baseline_items": (1, 4, 2),
+    "opera_tokens": (12, 32, 128),
+}
 PRESETS: dict[str, dict[str, int]] = {
-    # smoke test: every row, smallest sizes (seconds on 2 cores); timings meaningless
-    "quick": dict(
-        train_batch=2, steps=2, warmup=1, baseline_steps=2, accum=1,
-        pope_images=2, pope_per_image=3, pope_batch=8, pope_baseline_items=6,
-        chair_images=2, chair_tokens=4, chair_batch=2, chair_baseline_items=2,
-        loader_images=8, loader_batch=4, repeats=1, profile_steps=1,
-        vcd_items=6, vcd_baseline_items=3,
-        opera_items=2, opera_baseline_items=1, opera_tokens=12,
-    ),
-    "tiny": dict(
-        train_batch=4, steps=30, warmup=3, baseline_steps=30, accum=1,
-        pope_images=16, pope_per_image=6, pope_batch=32, pope_baseline_items=96,
-        chair_images=16, chair_tokens=32, chair_batch=16, chair_baseline_items=16,
-        loader_images=96, loader_batch=8, repeats=5, profile_steps=3,
-        vcd_items=96, vcd_baseline_items=24,
-        opera_items=16, opera_baseline_items=4, opera_tokens=32,
-    ),
-    # 7B: micro-batch 4 × accumulation 4 = effective batch 16; S = 3 -> 12 LLM sequences per micro-batch
-    "7b": dict(
-        train_batch=4, steps=20, warmup=3, baseline_steps=8, accum=4,
-        pope_images=32, pope_per_image=6, pope_batch=64, pope_baseline_items=24,
-        chair_images=64, chair_tokens=256, chair_batch=64, chair_baseline_items=2,
-        loader_images=64, loader_batch=8, repeats=1, profile_steps=3,
-        vcd_items=64, vcd_baseline_items=8,
-        opera_items=32, opera_baseline_items=2, opera_tokens=128,
-    ),
+    name: {setting: values[column] for setting, values in PRESET_TABLE.items()}
+    for column, name in enumerate(PRESET_NAMES)
 }
 MFU_FORMULA = ("MFU = 4·N·(LLM tokens/s) / peak bf16 FLOP/s; N = LLM parameters without the input "
                "embedding; 4·N = forward 2·N + backward 2·N (activation gradients only: frozen LLM)")

@@ -165,14 +165,17 @@ def world_report(label: str, world: Path, evaluations: list[Evaluation], entropy
     return text, summary, bins
 
 
-def report(args: argparse.Namespace, worlds: dict[str, Path], evaluations: list[Evaluation]) -> str:
-    """Write results.md, results.json and figure1.png; returns the Markdown."""
+def report(args: argparse.Namespace, worlds: dict[str, Path], evaluations: list[Evaluation],
+           header: str | None = None) -> str:
+    """Write results.md, results.json and figure1.png; returns the Markdown. `header` (the line of
+    minigpt4/common/results_header.py: date, machine, commit) goes under the title."""
     out = Path(args.out)
     if len(args.seeds) == 1:
         seeds_text = f"seed {args.seeds[0]}; brackets: 95 % bootstrap interval over images"
     else:
         seeds_text = f"mean ± std over seeds {args.seeds} (the base model has no seed: its bootstrap interval)"
-    parts = [f"# Shapes-world experiment\n\n{seeds_text}; fine-tuning overrides: "
+    title = "# Shapes-world experiment\n\n" + (f"{header}\n\n" if header else "")
+    parts = [f"{title}{seeds_text}; fine-tuning overrides: "
              f"{' '.join(args.train_options) or 'none'}; evaluation overrides: "
              f"{' '.join(args.eval_options) or 'none'}.\n"]
     summary: dict = {"seeds": args.seeds, "train_options": args.train_options, "eval_options": args.eval_options,
