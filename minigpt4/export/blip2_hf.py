@@ -51,11 +51,8 @@ DIFFERENCES = [
                "eps {q_eps:g}); transformers passes an all-ones image attention mask, this project none: the same "
                "computation. Blip2ForConditionalGeneration keeps qformer and query_tokens in fp32 when loaded in "
                "half precision (_keep_in_fp32_modules), as MiniGPT-4 ran them; this export stores them in fp32."},
-    {"what": "image preprocessing", "exact": True,
-     "detail": "BlipImageProcessor: bicubic resize to {size}×{size} (aspect ratio not kept), CLIP mean/std: "
-               "pixel-identical to this project's blip2_image_eval with the PIL backend. With torchvision "
-               "installed AutoProcessor picks the torchvision backend (torch's bicubic: small pixel differences) "
-               "unless given backend=\"pil\"."},
+    hf_parts.preprocessing_difference("BlipImageProcessor", "bicubic resize to {size}×{size} (aspect ratio not kept)",
+                                      "blip2_image_eval", "torch's bicubic: small pixel differences"),
 ]
 
 

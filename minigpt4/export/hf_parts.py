@@ -108,6 +108,16 @@ def image_processor_settings(vis_processor: dict | None, name: str, size: int, p
     return vis, {"image_mean": list(vis.get("mean", CLIP_MEAN)), "image_std": list(vis.get("std", CLIP_STD))}
 
 
+def preprocessing_difference(hf_processor: str, steps: str, ours: str, torchvision_note: str) -> dict:
+    """The model card's "image preprocessing" row (DIFFERENCES of blip2_hf.py and llava_hf.py): the HF image
+    processor's `steps` are pixel-identical to this project's transform `ours` with PIL; torchvision's backend,
+    which AutoProcessor prefers when it is installed, is not."""
+    return {"what": "image preprocessing", "exact": True,
+            "detail": f"{hf_processor}: {steps}, CLIP mean/std: pixel-identical to this project's {ours} with the PIL "
+                      "backend. With torchvision installed AutoProcessor picks the torchvision backend "
+                      f"({torchvision_note}) unless given backend=\"pil\"."}
+
+
 # -------------------------------------------------------------------------------------------- chat template
 
 

@@ -19,11 +19,9 @@ DIFFERENCES = [
     {"what": "computation", "exact": True,
      "detail": "the same modules and order: CLIP hidden states of layer {layer}, CLS {cls}, the 2-layer GELU MLP "
                "(μ head), the visual tokens scattered into the `<image>` positions, the same Llama."},
-    {"what": "image preprocessing", "exact": True,
-     "detail": "LlavaImageProcessor: {pad}bicubic resize of the shortest edge to {size}, centre crop {size}, "
-               "CLIP mean/std: pixel-identical to this project's clip_image_eval with the PIL backend. With "
-               "torchvision installed AutoProcessor picks the torchvision backend (small pixel differences) unless "
-               "given backend=\"pil\"."},
+    hf_parts.preprocessing_difference("LlavaImageProcessor",
+                                      "{pad}bicubic resize of the shortest edge to {size}, centre crop {size}",
+                                      "clip_image_eval", "small pixel differences"),
     {"what": "vocabulary", "exact": True,
      "detail": "image token `<image>` = id {image_id}{grown}."},
 ]
