@@ -128,11 +128,12 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
 
     from minigpt4.models.checkpoints import load_state_file
     from minigpt4.models.from_config import build_model
+    from minigpt4.shapes.experiment import base_model
 
     spec = importlib.util.spec_from_file_location("train_shapes_base", ROOT / "scripts" / "train_shapes_base.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    monkeypatch.setattr(script, "TRAIN_WORLD", dict(script.TRAIN_WORLD, num_train=24, num_val=4))
+    monkeypatch.setattr(base_model, "TRAIN_WORLD", dict(base_model.TRAIN_WORLD, num_train=24, num_val=4))
     out = tmp_path / "model"
     assert script.main(["--data", str(tmp_path / "world"), "--out", str(out), "--steps", "3", "--warmup", "1",
                         "--batch-size", "8", "--val-images", "4"]) == 0
@@ -148,6 +149,6 @@ def test_training_script_runs_end_to_end_and_writes_a_loadable_model(tmp_path, m
     assert log["args"]["steps"] == 3 and 0.0 <= log["quick_val"]["recall"] <= 1.0
 
     # A world built with other parameters is refused, naming the difference.
-    monkeypatch.setattr(script, "TRAIN_WORLD", dict(script.TRAIN_WORLD, cooccurrence=0.5))
+    monkeypatch.setattr(base_model, "TRAIN_WORLD", dict(base_model.TRAIN_WORLD, cooccurrence=0.5))
     with pytest.raises(SystemExit, match="cooccurrence"):
         script.main(["--data", str(tmp_path / "world"), "--out", str(out), "--steps", "1", "--warmup", "0"])
