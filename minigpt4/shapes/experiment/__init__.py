@@ -1,2 +1,2 @@
-"""The shapes-world AdaVIB experiment of scripts/shapes_experiment.py and scripts/partner_readout.py (see
-minigpt4/shapes)."""
+"""The shapes-world experiment and base model behind scripts/shapes_experiment.py, partner_readout.py and
+train_shapes_base.py (see minigpt4/shapes)."""
