@@ -113,6 +113,24 @@ def test_evaluate_end_to_end_then_results_table(fixture_root, tiny_tokenizer_dir
     assert (out / "pope_random_answers.jsonl").read_text().splitlines() == lines
 
 
+def test_the_plan_resolves_each_protocol_and_reads_each_item_once(fixture_root, tiny_tokenizer_dir, monkeypatch):
+    """Issue 24 item 1: the evaluation plan is built once (settings -> each task's protocol run -> its items -> its
+    fingerprint) and passed down; validation, the fingerprints and the task runs do not resolve the protocol again,
+    and the task runs answer the plan's items instead of reading the benchmark files a second time."""
+    import evaluate
+    from minigpt4.eval import benchmark_runs, protocol_runs
+
+    resolved, read = [], []
+    resolve_run, pope_items = protocol_runs.resolve_run, benchmark_runs.pope_items
+    monkeypatch.setattr(protocol_runs, "resolve_run", lambda ev, task, template: resolved.append(task) or
+                        resolve_run(ev, task, template))
+    monkeypatch.setattr(benchmark_runs, "pope_items", lambda settings, split, run: read.append(split) or
+                        pope_items(settings, split, run))
+    cfg = _eval_cfg(fixture_root, tiny_tokenizer_dir, fixture_root / "once")
+    assert evaluate.main(["--cfg-path", str(cfg)]) == 0
+    assert sorted(resolved) == ["chair", "pope"] and sorted(read) == ["adversarial", "random"], (resolved, read)
+
+
 def test_evaluate_config_errors_name_the_key(fixture_root, tiny_tokenizer_dir, capsys):
     import evaluate
 

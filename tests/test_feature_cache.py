@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 
 from minigpt4.common.files import sha256_file
-from minigpt4.eval.benchmark_runs import ImageLoader, run_pope
+from minigpt4.eval.benchmark_runs import ImageLoader
 from minigpt4.eval.feature_cache import FeatureCache, build_feature_source, encoder_namespace
+from minigpt4.eval.plan import plan_tasks
 from minigpt4.eval.settings import EvalSettings, PopeSettings
+from minigpt4.eval.task_runs import run_pope
 
 PREP = {"name": "blip2_image_eval", "image_size": 28}
 
@@ -181,12 +183,12 @@ def test_pope_answers_identical_with_and_without_the_cache(model, images, tmp_pa
         return [json.loads(line)["answer"] for line in open(out / "pope_random_answers.jsonl")]
 
     plain, cached, rerun = tmp_path / "plain", tmp_path / "cached", tmp_path / "rerun"
-    base = run_pope(model, settings(plain, None), str(plain))
-    with_cache = run_pope(model, settings(cached, str(tmp_path / "fc")), str(cached))
+    base = run_pope(model, plan_tasks(settings(plain, None)), str(plain))
+    with_cache = run_pope(model, plan_tasks(settings(cached, str(tmp_path / "fc"))), str(cached))
     assert answers(cached) == answers(plain) and len(answers(plain)) == 12
     assert with_cache["f1"] == base["f1"] and with_cache["accuracy"] == base["accuracy"]
     _refuse_encoder(model, monkeypatch)  # a second evaluation reads every image from the cache
-    run_pope(model, settings(rerun, str(tmp_path / "fc")), str(rerun))
+    run_pope(model, plan_tasks(settings(rerun, str(tmp_path / "fc"))), str(rerun))
     assert answers(rerun) == answers(plain)
 
 
@@ -239,6 +241,7 @@ def test_pope_with_the_cache_refuses_a_fifo_or_device_image_instead_of_hashing_i
                                                                           max_new_tokens=3))
 
     with pytest.raises(BadImageError, match=f"{special}: not a regular file"):
-        _within(10, lambda: run_pope(model, settings(tmp_path / "e", "error"), str(tmp_path / "e")))
-    result = _within(10, lambda: run_pope(model, settings(tmp_path / "s", "skip"), str(tmp_path / "s")))
+        _within(10, lambda: run_pope(model, plan_tasks(settings(tmp_path / "e", "error")), str(tmp_path / "e")))
+    skipping = plan_tasks(settings(tmp_path / "s", "skip"))
+    result = _within(10, lambda: run_pope(model, skipping, str(tmp_path / "s")))
     assert result["n"] == 2 and result["skipped"]["random"] == {"questions": 1, "images": [special.name]}

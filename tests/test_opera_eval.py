@@ -109,21 +109,23 @@ def test_evaluate_with_opera_labels_fingerprints_and_resumes_only_itself(tmp_pat
 
 
 def test_the_generation_model_refuses_what_it_cannot_honour(tiny_model_factory):
-    """OperaGenerator (generate_all's model under OPERA): another beam count or a stop string is refused, not
-    ignored; more candidates than the vocabulary is refused before decoding; explicit attributes, no proxy."""
-    from minigpt4.eval.opera import OperaGenerator
+    """generate_with_opera (what answers a batch under OPERA, decodings.generate_answers): another beam count or a
+    stop string is refused, not ignored; more candidates than the vocabulary is refused before decoding."""
+    from functools import partial
+
+    from minigpt4.eval.decodings import generate_answers
     from minigpt4.models.opera_decoding import opera_token_ids
 
     model = tiny_model_factory("linear").eval()
-    generator = OperaGenerator(model, OperaDecoding(num_beams=2, num_attn_candidates=2), inputs_are_features=False)
+    generate = partial(generate_answers, model, decoding=OperaDecoding(num_beams=2, num_attn_candidates=2),
+                       image_features=False, item_keys=["1"])
     images = toy_batch(1)["image"]
     prompt = ["###Human: <Img><ImageHere></Img> Describe this image.###Assistant:"]
-    assert generator.tokenizer is model.tokenizer and not hasattr(generator, "__getattr__")
     with pytest.raises(ValueError, match="2 beams .* num_beams = 5 cannot be honoured"):
-        generator.generate(prompt, images, max_new_tokens=2, num_beams=5, stop_strings=[])
+        generate(prompt, images, max_new_tokens=2, num_beams=5, stop_strings=[])
     with pytest.raises(ValueError, match=r"pass stop_strings=\[\] \(got None\)"):
-        generator.generate(prompt, images, max_new_tokens=2, num_beams=2)
-    answers = generator.generate(prompt, images, max_new_tokens=3, num_beams=2, stop_strings=[])
+        generate(prompt, images, max_new_tokens=2, num_beams=2)
+    answers = generate(prompt, images, max_new_tokens=3, num_beams=2, stop_strings=[])
     assert len(answers) == 1 and isinstance(answers[0], str)
     vocab = model.llm.lm_head.weight.shape[0]
     with pytest.raises(ValueError, match=f"num_attn_candidates = {vocab + 1} exceeds the vocabulary"):

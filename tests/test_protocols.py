@@ -276,6 +276,7 @@ def test_opera_image_list_ships_with_the_package():
 def test_opera_images_come_from_the_package_and_a_missing_one_is_named(tmp_path):
     from minigpt4.common.jsonfiles import DataFileError
     from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, planned_items
+    from minigpt4.eval.protocol_runs import protocol_runs
     from minigpt4.eval.protocols import shipped_image_list
 
     ids = open(shipped_image_list()).read().split()
@@ -286,12 +287,12 @@ def test_opera_images_come_from_the_package_and_a_missing_one_is_named(tmp_path)
     ev = _settings("chair", "opera-chair-500")
     ev.image_dir = str(images)
     with pytest.raises(DataFileError) as err:
-        planned_items(ev)
+        planned_items(ev, protocol_runs(ev, "vicuna_v0"))
     message = str(err.value)
     assert f"COCO_val2014_{int(ids[0]):012d}.jpg" in message and "1 image(s)" in message
     assert "eval.chair.protocol = opera-chair-500" in message
     (images / f"COCO_val2014_{int(ids[0]):012d}.jpg").touch()
-    items = planned_items(ev)[CHAIR_CAPTIONS]
+    items = planned_items(ev, protocol_runs(ev, "vicuna_v0"))[CHAIR_CAPTIONS]
     assert [item.key for item in items] == [str(int(i)) for i in ids]  # all 500, in OPERA's order
     assert items[0].prompt == "###Human: <Img><ImageHere></Img> Please describe this image in detail. ###Assistant:"
 

@@ -191,11 +191,12 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
                     feature_cache: str | None = None, vis_processor: str = "blip2_image_eval",
                     generate_kwargs: dict | None = None,
                     decoding=None) -> tuple[dict[str, str], dict[str, Any]]:
-    """One run of the real evaluation path (tasks.GenerationInputs + generate.generate_all) over `items`;
-    `generate_kwargs` go to model.generate besides max_new_tokens; `decoding` (a ContrastiveDecoding): VCD."""
-    from minigpt4.eval.benchmark_runs import GenerationInputs
+    """One run of the real evaluation path (task_runs.GenerationInputs + generate.generate_all) over `items`;
+    `generate_kwargs` go to the generate that answers (decodings.generate_answers) besides max_new_tokens;
+    `decoding`: None (the model's own generate), a ContrastiveDecoding (VCD) or an OperaDecoding (OPERA)."""
     from minigpt4.eval.generate import generate_all
     from minigpt4.eval.settings import EvalSettings
+    from minigpt4.eval.task_runs import GenerationInputs
 
     settings = EvalSettings(image_dir=str(Path(items[0].image).parent), batch_size=batch_size, sort_by_length=sort,
                             use_cache=use_cache, feature_cache=feature_cache,
@@ -211,7 +212,8 @@ def time_generation(model, items, workdir: Path, name: str, *, image_size: int, 
         sync(model.device)
         start = time.perf_counter()
         inputs.prepare(items)
-        preds = generate_all(inputs.model, items, out_path=str(out_path), load_image=inputs.load_image,
+        preds = generate_all(model, items, out_path=str(out_path), load_image=inputs.load_image,
+                             image_features=inputs.image_features, decoding=decoding,
                              batch_size=batch_size, sort_by_length=sort,
                              generate_kwargs=dict(max_new_tokens=max_new_tokens, **(generate_kwargs or {})),
                              desc=name)

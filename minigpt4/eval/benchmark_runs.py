@@ -1,14 +1,12 @@
-"""The two benchmark tasks as the evaluation entry point runs them: build prompts -> generate (batched,
-sharded, resumable) -> score with the standalone scorers. Settings come from the `eval:` section
-(minigpt4/eval/settings.py).
+"""The benchmark items an evaluation asks for: POPE's questions and CHAIR's images, read from their files, each a
+GenerationItem with its prompt under the task's protocol run (minigpt4/eval/protocol_runs.py) and its image; and the
+checks made on them before the model is built. Settings come from the `eval:` section (minigpt4/eval/settings.py);
+generating and scoring the items is minigpt4/eval/task_runs.py.
 
 Each item carries its image file's SHA-256 (`image_sha256`, through provenance's HashCache: read once per change of
-the file), so an answer stored for a picture since replaced under the same name is refused on resume. Only the items
-asked are scored; answers stored for other items (a larger earlier run) stay in the answers file and are counted
-in the result as `stored_answers_not_in_this_run`."""
+the file), so an answer stored for a picture since replaced under the same name is refused on resume."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
@@ -18,25 +16,18 @@ from typing import Optional
 
 import torch
 
-from minigpt4.common import dist
 from minigpt4.common.config import ConfigError
 from minigpt4.common.images import BadImageError, load_rgb
 from minigpt4.common.jsonfiles import DataFileError, parse_json, read_text
 from minigpt4.common.output_dir import human_bytes
 from minigpt4.common.paths import join_inside
 from minigpt4.common.provenance import HashCache
-from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval import pope as pope_scorer
+from minigpt4.eval.answer_files import CHAIR_CAPTIONS, IMAGE_HASH, pope_answers_name
 from minigpt4.eval.bootstrap import DRAW_BYTES_PER_CELL, MAX_DRAW_BYTES
-from minigpt4.eval.decodings import Decoding
-from minigpt4.eval.feature_cache import FeatureInputModel, build_feature_source
-from minigpt4.eval.generate import IMAGE_HASH, GenerationItem, check_prompt_lengths, generate_all, stored_elsewhere
-from minigpt4.eval.opera import OperaGenerator
-from minigpt4.eval.protocol_runs import ProtocolModel, ProtocolRun, resolve_run
-from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, pope_question_file
-from minigpt4.eval.vcd import ContrastiveModel, ImagePairs
-from minigpt4.models.contrastive_decoding import ContrastiveDecoding
-from minigpt4.models.opera import OperaDecoding
+from minigpt4.eval.generate import GenerationItem
+from minigpt4.eval.protocol_runs import ProtocolRun
+from minigpt4.eval.settings import EvalSettings, pope_question_file
 from minigpt4.processors.image import build_image_processor
 
 log = logging.getLogger(__name__)
@@ -81,59 +72,6 @@ class ImageLoader:
             return None
 
 
-class GenerationInputs:
-    """How generate_all gets its images: preprocessed pixels, or with `eval.feature_cache` set, the encoder's
-    outputs from the on-disk cache (each image encoded once, in batches, then reused by every question,
-    split, rerun and projector sweep that shares the folder). With VCD (`decoding` a ContrastiveDecoding), each
-    image comes with its distorted copy, and the model decodes the pair (minigpt4/eval/vcd.py); with OPERA (an
-    OperaDecoding) the model decodes with OPERA (minigpt4/eval/opera.py)."""
-
-    def __init__(self, model, settings: EvalSettings, decoding: Optional[Decoding] = None):
-        self.loader = ImageLoader(settings)
-        self.batch_size = settings.batch_size
-        generation_config = getattr(getattr(model, "llm", None), "generation_config", None)
-        if generation_config is not None:
-            generation_config.use_cache = settings.use_cache
-        self.sources = []
-        if isinstance(decoding, ContrastiveDecoding):
-            pairs = ImagePairs(model, self.loader, decoding, settings.feature_cache, dict(settings.vis_processor))
-            self.sources = pairs.sources
-            self.model = ContrastiveModel(model, decoding, inputs_are_features=bool(pairs.sources))
-            self.load_image = pairs
-        elif settings.feature_cache is not None:
-            source = build_feature_source(model, settings.feature_cache, dict(settings.vis_processor), self.loader)
-            self.sources = [source]
-            self.model, self.load_image = FeatureInputModel(model), source
-        else:
-            self.model, self.load_image = model, self.loader
-        if isinstance(decoding, OperaDecoding):
-            self.model = OperaGenerator(model, decoding, inputs_are_features=bool(self.sources))
-
-    def prepare(self, items: list[GenerationItem]) -> None:
-        """Encode the not-yet-cached images of `items` once, batched, each rank a share of them."""
-        if not self.sources:
-            return
-        unique = list(dict.fromkeys(it.image for it in items))
-        for source in self.sources:
-            encoded = source.prefill(unique[dist.get_rank()::dist.get_world_size()], self.batch_size)
-            log.info("feature cache: %d of %d images encoded now, the rest read from %s", encoded, len(unique),
-                     source.cache.root)
-        dist.barrier()
-
-
-CHAIR_CAPTIONS = "chair_captions.jsonl"
-
-
-def pope_answers_name(split: str) -> str:
-    return f"pope_{split}_answers.jsonl"
-
-
-def task_run(settings: EvalSettings, task: str, run: Optional[ProtocolRun] = None,
-             template: str = DEFAULT_TEMPLATE) -> ProtocolRun:
-    """`run` if given, else `task`'s protocol run under `settings` for a model of prompt `template`."""
-    return run if run is not None else resolve_run(settings, task, template)
-
-
 def require_images(items: list[GenerationItem], settings: EvalSettings, what: str) -> None:
     """With on_bad_image=error, every image the items ask for must exist now, before the model is built; the
     message names the missing ones (with skip they are skipped one by one while generating)."""
@@ -160,10 +98,8 @@ def with_image_hashes(items: list[GenerationItem]) -> list[GenerationItem]:
     return items
 
 
-def pope_items(settings: EvalSettings, split: str,
-               run: Optional[ProtocolRun] = None) -> tuple[str, list[dict], list[GenerationItem]]:
-    """(question file, its questions, one generation item per question) of a POPE split under `run`."""
-    run = task_run(settings, "pope", run)
+def pope_items(settings: EvalSettings, split: str, run: ProtocolRun) -> list[GenerationItem]:
+    """One generation item per question of a POPE split, in the question file's order, prompted as `run` says."""
     q_path = pope_question_file(settings.pope, split)
     questions = pope_scorer.load_questions(q_path, require_text=True)
     items = [GenerationItem(
@@ -172,12 +108,11 @@ def pope_items(settings: EvalSettings, split: str,
                             allow_outside=settings.allow_outside_image_dir),
         prompt=run.pope_prompt(q["text"]),
         extra={"question_id": q["question_id"], "image": q["image"]}) for q in questions]
-    return q_path, questions, with_image_hashes(items)
+    return with_image_hashes(items)
 
 
-def chair_items(settings: EvalSettings, run: Optional[ProtocolRun] = None) -> list[GenerationItem]:
+def chair_items(settings: EvalSettings, run: ProtocolRun) -> list[GenerationItem]:
     """One captioning item per CHAIR image of `run`; an empty image list is an error (nothing would be scored)."""
-    run = task_run(settings, "chair", run)
     names = chair_image_list(settings, run)
     source = run.images
     if not names:
@@ -194,117 +129,27 @@ def chair_items(settings: EvalSettings, run: Optional[ProtocolRun] = None) -> li
     return with_image_hashes(items)
 
 
-def planned_items(settings: EvalSettings,
-                  runs: Optional[dict[str, ProtocolRun]] = None) -> dict[str, list[GenerationItem]]:
-    """Answers file name -> its generation items, for every task and split `settings` asks for; with
-    on_bad_image=error a CHAIR image missing from eval.image_dir is an error here, before the model is built."""
-    runs = runs or {}
+def planned_items(settings: EvalSettings, runs: dict[str, ProtocolRun]) -> dict[str, list[GenerationItem]]:
+    """Answers file name -> its generation items, for every task (`runs`: task -> its protocol run) and split
+    `settings` asks for; with on_bad_image=error a CHAIR image missing from eval.image_dir is an error here, before
+    the model is built."""
     planned = {}
     if "pope" in settings.tasks:
-        planned.update({pope_answers_name(split): pope_items(settings, split, runs.get("pope"))[2]
+        planned.update({pope_answers_name(split): pope_items(settings, split, runs["pope"])
                         for split in settings.pope.splits})
     if "chair" in settings.tasks:
-        run = task_run(settings, "chair", runs.get("chair"))
-        planned[CHAIR_CAPTIONS] = chair_items(settings, run)
-        require_images(planned[CHAIR_CAPTIONS], settings, f"eval.chair.protocol = {run.label}")
+        planned[CHAIR_CAPTIONS] = chair_items(settings, runs["chair"])
+        require_images(planned[CHAIR_CAPTIONS], settings, f"eval.chair.protocol = {runs['chair'].label}")
     return planned
 
 
-def model_template(model) -> str:
-    template = getattr(model, "template", None)
-    return getattr(template, "name", DEFAULT_TEMPLATE)
 
 
-def protocol_result(run: ProtocolRun) -> dict:
-    """The protocol fields of a task's result: label, name, source and the overridden keys."""
-    result = {"protocol": run.label, "protocol_name": run.named.name, "protocol_source": run.named.source,
-              "decoding": run.decoding_name}
-    if run.overrides:
-        result["protocol_overrides"] = run.overrides
-    return result
 
-
-def run_pope(model, settings: EvalSettings, out_dir: str, run: Optional[ProtocolRun] = None) -> dict:
-    """With on_bad_image=skip, questions whose image could not be read get no answer; they are left out of
-    the scores (a copy of the questions file without them is scored) and counted under "skipped"."""
-    run = task_run(settings, "pope", run, model_template(model))
-    inputs = GenerationInputs(model, settings, run.decoding)
-    question_files, answer_files, skipped, elsewhere = [], [], {}, {}
-    for split in settings.pope.splits:
-        q_path, questions, items = pope_items(settings, split, run)
-        out_path = os.path.join(out_dir, pope_answers_name(split))
-        inputs.prepare(items)
-        predictions = generate_all(
-            ProtocolModel(inputs.model, run), items, out_path=out_path, load_image=inputs.load_image,
-            batch_size=settings.batch_size, sort_by_length=settings.sort_by_length, desc=f"POPE {split}",
-            generate_kwargs=run.generate_kwargs())
-        if dist.get_rank() != 0:
-            continue
-        unanswered = [q for q in questions if str(q["question_id"]) not in predictions]
-        if unanswered:
-            if len(unanswered) == len(questions):
-                raise BadImageError(settings.image_dir, f"POPE {split}: no image could be read (see the warnings)")
-            skipped[split] = {"questions": len(unanswered),
-                              "images": sorted({str(q["image"]) for q in unanswered})}
-            q_path = _write_answered_questions(questions, unanswered, q_path, out_dir, split)
-        elsewhere[split] = stored_elsewhere(out_path, items)
-        question_files.append(q_path)
-        answer_files.append(_scored_answers(out_path, items, predictions, elsewhere[split], out_dir, split))
-    if dist.get_rank() != 0:
-        return {}
-    result = pope_scorer.score_pope(question_files, answer_files, rule=run.used.answer_rule,
-                                    end_string=model.end_sym, n_bootstrap=settings.bootstrap, seed=settings.seed)
-    result["pope_version"] = settings.pope.version if settings.pope.dir is None else settings.pope.dir
-    result.update(protocol_result(run))
-    if skipped:  # each split's warning was logged when its scored copy was written
-        result["skipped"] = skipped
-    result["stored_answers_not_in_this_run"] = elsewhere
-    print(pope_scorer.format_table(result))
-    return result
-
-
-def _write_jsonl(path: str, rows: list[dict]) -> None:
-    """`rows` as a JSONL file, atomically (a scored copy is rewritten by every run)."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
-
-
-def _scored_answers(out_path: str, items: list[GenerationItem], predictions: dict[str, dict], elsewhere: int,
-                    out_dir: str, split: str) -> str:
-    """The answers file POPE scores: `out_path` itself, or where it also keeps answers to questions this run did
-    not ask, a copy of the asked ones at {out_dir}/pope_scored_answers/{split}.jsonl (the scorer refuses answers
-    to questions that are not in its questions file, rightly)."""
-    path = os.path.join(out_dir, "pope_scored_answers", f"{split}.jsonl")
-    if not elsewhere:
-        if os.path.exists(path):  # left by an earlier, smaller run: it is not what this run scored
-            os.remove(path)
-        return out_path
-    _write_jsonl(path, [predictions[it.key] for it in items if it.key in predictions])
-    log.info("POPE %s: %d answers stored in %s are to questions this run does not ask (kept there, not scored); "
-             "scoring the %d asked, copied to %s", split, elsewhere, out_path, len(predictions), path)
-    return path
-
-
-def _write_answered_questions(questions: list[dict], unanswered: list[dict], source: str, out_dir: str,
-                              split: str) -> str:
-    """The questions of `source` minus the unanswered ones, as {out_dir}/pope_scored_questions/{split}.jsonl
-    (the file stem is the split name the scorer reports)."""
-    left_out = {str(q["question_id"]) for q in unanswered}
-    path = os.path.join(out_dir, "pope_scored_questions", f"{split}.jsonl")
-    _write_jsonl(path, [q for q in questions if str(q["question_id"]) not in left_out])
-    log.warning("POPE %s: %d of %d questions have no answer (unreadable image, skipped); scoring %s instead of %s",
-                split, len(unanswered), len(questions), path, source)
-    return path
-
-
-def chair_image_list(settings: EvalSettings, run: Optional[ProtocolRun] = None) -> list[str]:
+def chair_image_list(settings: EvalSettings, run: ProtocolRun) -> list[str]:
     """Image names for CHAIR under `run`: from a list file (the protocol's shipped one, or eval.chair.images), a
     caption JSON, or a seeded sample of image_dir; at most the protocol's (or eval.chair.num_images) many. Every
     entry must name a COCO image (CHAIR_ENTRY_FORMS) and no image twice: DataFileError naming the file and entry."""
-    run = task_run(settings, "chair", run)
     source, k = run.images, run.used.num_images
     if source is None:
         names = sorted(n for n in os.listdir(settings.image_dir) if n.lower().endswith(IMAGE_SUFFIXES))
@@ -371,54 +216,3 @@ def check_bootstrap_size(settings: EvalSettings, planned: dict[str, list[Generat
                 f"times needs arrays of about {human_bytes(settings.bootstrap * per_resample)}; expected an integer "
                 f"from 0 to {MAX_DRAW_BYTES // per_resample} for this run (arrays up to "
                 f"{human_bytes(MAX_DRAW_BYTES)}; 1000 is usual)")
-
-
-def check_planned_prompt_lengths(model, settings: EvalSettings, planned: dict[str, list[GenerationItem]],
-                                 runs: dict[str, ProtocolRun]) -> None:
-    """Every prompt of the run, with its visual tokens and the task's max_new_tokens, within the LLM's positions
-    (generate.check_prompt_lengths), for every task before the first answer of any."""
-    for split in settings.pope.splits if "pope" in runs else []:
-        check_prompt_lengths(model, planned[pope_answers_name(split)], runs["pope"].used.max_new_tokens,
-                             "eval.pope.max_new_tokens", pope_question_file(settings.pope, split))
-    if "chair" in runs:
-        check_prompt_lengths(model, planned[CHAIR_CAPTIONS], runs["chair"].used.max_new_tokens,
-                             "eval.chair.max_new_tokens", f"CHAIR ({runs['chair'].label})")
-
-
-def run_chair(model, settings: EvalSettings, out_dir: str, run: Optional[ProtocolRun] = None) -> dict:
-    run = task_run(settings, "chair", run, model_template(model))
-    inputs = GenerationInputs(model, settings, run.decoding)
-    items = chair_items(settings, run)
-    out_path = os.path.join(out_dir, CHAIR_CAPTIONS)
-    inputs.prepare(items)
-    predictions = generate_all(
-        ProtocolModel(inputs.model, run), items, out_path=out_path, load_image=inputs.load_image,
-        batch_size=settings.batch_size, sort_by_length=False, desc="CHAIR captions",
-        generate_kwargs=run.generate_kwargs())
-    if dist.get_rank() != 0:
-        return {}
-    skipped = sorted(it.image for it in items if it.key not in predictions)  # on_bad_image: skip
-    if len(skipped) == len(items):
-        raise BadImageError(settings.image_dir, "CHAIR: no image could be read (see the warnings)")
-    scorer = chair_scorer.CHAIRScorer(settings.chair.synonyms)
-    gt = chair_scorer.build_ground_truth(settings.chair.coco_annotations,
-                                         cache=chair_scorer.default_cache_path(settings.chair.coco_annotations),
-                                         scorer=scorer)
-    asked = {it.extra["image_id"] for it in items}  # the file may also keep captions of images not asked now
-    rows = [dict(row, caption=run.caption_for_scoring(row["caption"]))  # the protocol's sentence handling
-            for row in chair_scorer.load_captions(out_path, image_id_key="image_id", caption_key="answer")
-            if row["image_id"] in asked]
-    result = chair_scorer.score_captions(rows, gt, scorer=scorer, n_bootstrap=settings.bootstrap, seed=settings.seed)
-    result.update(protocol_result(run))
-    result["sentences"] = run.used.sentences
-    result["captions_file"] = out_path
-    elsewhere = stored_elsewhere(out_path, items)
-    result["stored_answers_not_in_this_run"] = elsewhere
-    if elsewhere:
-        log.info("CHAIR: %d captions stored in %s are of images this run does not ask for (kept there, not scored)",
-                 elsewhere, out_path)
-    if skipped:  # scored over the captions that exist; the protocol still names the images asked for
-        result["skipped"] = {"images": len(skipped), "paths": skipped}
-        log.warning("CHAIR: %d of %d images could not be read and have no caption (on_bad_image: skip)",
-                    len(skipped), len(items))
-    return result

@@ -1,15 +1,17 @@
 """The decodings a protocol can be run with (`eval.decoding`): the protocol's own (`greedy`: greedy or its beam
 search), Visual Contrastive Decoding (`vcd`, minigpt4/eval/vcd.py) or OPERA (`opera`, minigpt4/eval/opera.py).
 One place for the key's check and for what each decoding adds to a run: its label, its record in metrics.json,
-its fingerprint fields and the model generate_all calls."""
+its fingerprint fields and which generate answers a batch (`generate_answers`)."""
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Optional, Union
 
+import torch
+
 from minigpt4.common.config import ConfigError
-from minigpt4.eval.opera import check_opera, opera_label, opera_record, resolve_opera
-from minigpt4.eval.vcd import check_vcd, resolve_vcd, vcd_label, vcd_record
+from minigpt4.eval.opera import check_opera, generate_with_opera, opera_label, opera_record, resolve_opera
+from minigpt4.eval.vcd import check_vcd, generate_vcd, resolve_vcd, vcd_label, vcd_record
 from minigpt4.models.contrastive_decoding import ContrastiveDecoding
 from minigpt4.models.opera import OperaDecoding
 
@@ -58,3 +60,20 @@ def decoding_fields(decoding: Decoding) -> dict[str, Any]:
     name = decoding_name(decoding)
     return {"eval.decoding": name,
             **{f"eval.{name}.{key}": value for key, value in dataclasses.asdict(decoding).items()}}
+
+
+def generate_answers(model, prompts: list[str], images: torch.Tensor, *, decoding: Optional[Decoding],
+                     image_features: bool, item_keys: list[str], **generate_kwargs: Any) -> list[str]:
+    """One batch's answers, and the one place that says which generate runs: the model's own (`decoding` None:
+    greedy or the protocol's beams), VCD's (`images` are ImagePairs' (B, 2, ...) pairs) or OPERA's.
+    `image_features`: `images` are the encoder's outputs from the feature cache, not pixels. `item_keys` seed
+    VCD's draws per item; `generate_kwargs` are the protocol run's (ProtocolRun.generate_kwargs)."""
+    if isinstance(decoding, ContrastiveDecoding):
+        return generate_vcd(model, prompts, images, decoding, item_keys=item_keys, image_features=image_features,
+                            **generate_kwargs)
+    if isinstance(decoding, OperaDecoding):
+        return generate_with_opera(model, prompts, images, decoding, image_features=image_features,
+                                   **generate_kwargs)
+    if image_features:
+        return model.generate(prompts, image_features=images, **generate_kwargs)
+    return model.generate(prompts, images, **generate_kwargs)

@@ -1,6 +1,7 @@
 """An eval config file as a whole: its `model:` and `eval:` sections merged into their typed schemas and checked by
-their one validate each. evaluate.py reads its config through this, and so do the scripts that evaluate
-(scripts/visual_entropy.py)."""
+their one validate each. evaluate.py reads its config through this (minigpt4/eval/plan.py, which then resolves each
+task's protocol), and so do the scripts that evaluate (scripts/visual_entropy.py: they resolve the protocols they
+use with protocol_runs)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -22,5 +23,5 @@ def load_eval_config(cfg_path: str | None, options: list[str] | None = None) -> 
     layers = [cfg_path] if cfg_path else []
     cfg = merge(EvalConfig, *layers, options=options, where=cfg_path or "evaluate.py")
     validate_model_config(cfg.model)
-    validate_eval_settings(cfg.eval, cfg.model.prompt_template)
+    validate_eval_settings(cfg.eval)
     return cfg

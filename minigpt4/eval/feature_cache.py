@@ -209,20 +209,6 @@ class CachedFeatureSource:
         return out
 
 
-class FeatureInputModel:
-    """Adapter for `generate_all`: its `generate(prompts, batch)` receives stacked cached features instead
-    of pixels and passes them on as `image_features`; everything else is the wrapped model's."""
-
-    def __init__(self, model: nn.Module):
-        self.model = model
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def generate(self, prompts: list[str], features: torch.Tensor, **kwargs: Any) -> list[str]:
-        return self.model.generate(prompts, image_features=features, **kwargs)
-
-
 def build_feature_source(model: nn.Module, root: str, preprocessing: dict[str, Any],
                          load_pixels: Callable[[str], torch.Tensor | None]) -> CachedFeatureSource:
     """The cache under `root` for this model's encoder and these preprocessing settings."""

@@ -1,8 +1,8 @@
 """What decides an answer, recorded next to the answers, so that a resume never mixes two models' answers.
 
-    planned = planned_items(settings)                                 # benchmark_runs.py: answers file -> its items
-    fingerprints = guard_resume(model_cfg, settings, planned, device)  # before the model is built; refuses
-    write_fingerprints(settings.output_dir, fingerprints)             # rank 0, before the first answer
+    plan = plan_evaluation(cfg_path, options)   # plan.py: settings -> protocol runs -> answers file -> its items
+    plan = guard_resume(plan, device_type)      # + plan.fingerprints; before the model is built; refuses
+    write_fingerprints(plan.settings.output_dir, plan.fingerprints)   # rank 0, before the first answer
 
 Resume matches items by key. Without more, evaluating into a finished output folder with another checkpoint,
 prompt or max_new_tokens returned the old model's answers and metrics with exit 0. So every answers file
@@ -42,18 +42,21 @@ import os
 from pathlib import Path
 from typing import Any, Mapping
 
+from omegaconf import OmegaConf
+
 from minigpt4.common import dist
 from minigpt4.common.config import PATH_KEYS
 from minigpt4.common.errors import USER_FACING_ERRORS
 from minigpt4.common.provenance import HashCache, file_record
-from minigpt4.eval.benchmark_runs import CHAIR_CAPTIONS, pope_answers_name
+from minigpt4.eval.answer_files import CHAIR_CAPTIONS, FINGERPRINT_SUFFIX, pope_answers_name
 from minigpt4.eval.generate import GenerationItem, ResumeMismatchError, check_done_items, completed, describe_change
-from minigpt4.eval.protocol_runs import protocol_runs
-from minigpt4.eval.settings import DEFAULT_TEMPLATE, EvalSettings, OperaSettings, VCDSettings
+from minigpt4.eval.plan import EvalPlan
+from minigpt4.eval.protocol_runs import ProtocolRun
+from minigpt4.eval.settings import EvalSettings, OperaSettings, VCDSettings
 from minigpt4.models.loading import files_to_record as weight_files_of
 
 FORMAT = 1
-SUFFIX = ".fingerprint.json"
+SUFFIX = FINGERPRINT_SUFFIX
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "added_tokens", "vocab", "merges", "spiece", "sentencepiece",
                    "chat_template")
 MAX_LISTED = 6  # differing fields named in the refusal; the rest are counted
@@ -123,9 +126,10 @@ def weight_fields(model_cfg: Mapping[str, Any], cache: HashCache) -> dict[str, s
     return fields
 
 
-def answer_fingerprints(model_cfg: Mapping[str, Any], settings: EvalSettings, device_type: str, *,
-                        cache_path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
-    """Answers file name -> the fingerprint of everything that decides its answers (module docstring)."""
+def answer_fingerprints(model_cfg: Mapping[str, Any], settings: EvalSettings, runs: Mapping[str, ProtocolRun],
+                        device_type: str, *, cache_path: str | os.PathLike | None = None) -> dict[str, dict[str, Any]]:
+    """Answers file name -> the fingerprint of everything that decides its answers (module docstring); `runs`:
+    task -> its protocol run (the plan's)."""
     cache = HashCache(cache_path)
     weights = weight_fields(model_cfg, cache)
     cache.save()
@@ -137,7 +141,6 @@ def answer_fingerprints(model_cfg: Mapping[str, Any], settings: EvalSettings, de
               "eval.image_dir": os.path.realpath(settings.image_dir),
               "eval.feature_cache": "on" if settings.feature_cache is not None else "off"}
     # the protocol as run (its record with the config's keys applied) replaces the raw keys, null = "protocol's"
-    runs = protocol_runs(settings, model_cfg.get("prompt_template") or DEFAULT_TEMPLATE)
     task_fields = {task: {**{key: value for key, value in flat.items() if key.startswith(f"eval.{task}.")},
                           **runs[task].fingerprint_fields()} for task in runs}
     per_file: dict[str, dict[str, Any]] = {}
@@ -188,16 +191,17 @@ def check_resume(out_dir: str, fingerprints: Mapping[str, dict], planned: Mappin
         check_done_items(done, planned[name], path)
 
 
-def guard_resume(model_cfg: Mapping[str, Any], settings: EvalSettings, planned: Mapping[str, list[GenerationItem]],
-                 device_type: str) -> dict[str, dict]:
-    """Rank 0 fingerprints the run and checks the output folder; every rank raises the same refusal, so no rank
-    waits at a barrier for one that stopped. Returns the fingerprints (empty on the other ranks)."""
+def guard_resume(plan: EvalPlan, device_type: str) -> EvalPlan:
+    """Rank 0 fingerprints the plan's answers files and checks the output folder; every rank raises the same
+    refusal, so no rank waits at a barrier for one that stopped. Returns the plan with its fingerprints (empty on
+    the other ranks)."""
     fingerprints: dict[str, dict] = {}
     problem = None
     if dist.get_rank() == 0:
-        fingerprints = answer_fingerprints(model_cfg, settings, device_type)
+        model_cfg = OmegaConf.to_container(plan.cfg.model, resolve=True)
+        fingerprints = answer_fingerprints(model_cfg, plan.settings, plan.runs, device_type)
         try:
-            check_resume(settings.output_dir, fingerprints, planned)
+            check_resume(plan.settings.output_dir, fingerprints, plan.items)
         except USER_FACING_ERRORS as err:
             problem = err
     message = dist.all_gather_object(None if problem is None else str(problem))[0]
@@ -205,7 +209,7 @@ def guard_resume(model_cfg: Mapping[str, Any], settings: EvalSettings, planned: 
         raise problem
     if message is not None:
         raise ResumeMismatchError(message)
-    return fingerprints
+    return dataclasses.replace(plan, fingerprints=fingerprints)
 
 
 def write_fingerprints(out_dir: str, fingerprints: Mapping[str, dict]) -> None:

@@ -21,7 +21,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Optional
 
 import torch
 from tqdm import tqdm
@@ -30,10 +30,10 @@ from minigpt4.common import dist
 from minigpt4.common.config import ConfigError
 from minigpt4.common.jsonfiles import DataFileError, decode_utf8, parse_jsonl
 from minigpt4.common.output_dir import OutputDirError, free_bytes, human_bytes, is_space_problem, storage_reason
+from minigpt4.eval.answer_files import IMAGE_HASH
+from minigpt4.eval.decodings import Decoding, generate_answers
 
 log = logging.getLogger(__name__)
-
-IMAGE_HASH = "image_sha256"  # the field of an item (and its stored answer) holding its image file's SHA-256
 
 
 class ResumeMismatchError(ConfigError):
@@ -100,11 +100,17 @@ def generate_all(
     batch_size: int = 8,
     sort_by_length: bool = True,
     generate_kwargs: dict | None = None,
+    decoding: Optional[Decoding] = None,
+    image_features: bool = False,
+    clean_answer: Callable[[str], str] | None = None,
     desc: str = "generate",
 ) -> dict[str, dict]:
     """Generate an answer for every item not yet in `out_path` and return the predictions of `items` by key (on
-    every rank; stored answers to other items stay in the file). `load_image(path)` returns a preprocessed
-    (3, H, W) tensor, or None to skip a bad image (counted)."""
+    every rank; stored answers to other items stay in the file). `load_image(path)` returns the image's input
+    (preprocessed (3, H, W) pixels; with `image_features` its cached encoder outputs; under VCD the pair of
+    vcd.ImagePairs), or None to skip a bad image (counted). Each batch is answered by
+    decodings.generate_answers(model, ..., decoding=decoding, **generate_kwargs); `clean_answer` (the protocol
+    run's post-processing) is applied to each answer before it is stored."""
     rank, world = dist.get_rank(), dist.get_world_size()
     keys = [it.key for it in items]
     if len(set(keys)) != len(keys):
@@ -128,10 +134,11 @@ def generate_all(
             skipped += len(loaded) - len(good)
             if good:
                 images = torch.stack([img for _, img in good])
-                kwargs = dict(generate_kwargs or {})
-                if getattr(model, "takes_item_keys", False):  # VCD: each row's sampling seed comes from its key
-                    kwargs["item_keys"] = [it.key for it, _ in good]
-                answers = model.generate([it.prompt for it, _ in good], images, **kwargs)
+                answers = generate_answers(model, [it.prompt for it, _ in good], images, decoding=decoding,
+                                           image_features=image_features, item_keys=[it.key for it, _ in good],
+                                           **(generate_kwargs or {}))
+                if clean_answer is not None:
+                    answers = [clean_answer(answer) for answer in answers]
                 lines = "".join(json.dumps({"key": it.key, **it.extra, "prompt": it.prompt, "answer": answer}) + "\n"
                                 for (it, _), answer in zip(good, answers))
                 data = lines.encode("utf-8")

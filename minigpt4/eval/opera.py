@@ -99,25 +99,18 @@ def opera_protocol(used, decoding: OperaDecoding, given: dict[str, Any]):
     return dataclasses.replace(used, num_beams=decoding.num_beams, stop_at_end_string=False)
 
 
-class OperaGenerator:
-    """generate_all's model under OPERA: `generate(prompts, images)` answers with OPERA, `tokenizer` (for sorting by
-    prompt length) is the model's. `inputs_are_features`: the images come as cached encoder outputs."""
-
-    def __init__(self, model, decoding: OperaDecoding, inputs_are_features: bool):
-        self.model = model
-        self.decoding = decoding
-        self.inputs_are_features = inputs_are_features
-        self.tokenizer = model.tokenizer
-
-    def generate(self, prompts: list[str], images: torch.Tensor, *, max_new_tokens: int,
-                 num_beams: int | None = None, min_new_tokens: int = 0,
-                 stop_strings: list[str] | None = None) -> list[str]:
-        if num_beams is not None and num_beams != self.decoding.num_beams:
-            raise ValueError(f"OPERA searches with {self.decoding.num_beams} beams (eval.opera.num_beams); "
-                             f"num_beams = {num_beams} cannot be honoured")
-        if stop_strings != []:
-            raise ValueError("OPERA's hypotheses end at EOS or the token limit, as the source's; pass "
-                             f"stop_strings=[] (got {stop_strings!r})")
-        features = images.to(self.model.device) if self.inputs_are_features else self.model.encode_images(images)
-        return generate_opera(self.model, prompts, features, self.decoding, max_new_tokens=max_new_tokens,
-                              min_new_tokens=min_new_tokens)
+def generate_with_opera(model, prompts: list[str], images: torch.Tensor, decoding: OperaDecoding, *,
+                        image_features: bool, max_new_tokens: int, num_beams: int | None = None,
+                        min_new_tokens: int = 0, stop_strings: list[str] | None = None) -> list[str]:
+    """OPERA's answers to one batch, from preprocessed pixels or, with `image_features`, cached encoder outputs.
+    The protocol's generation settings must be OPERA's (opera_protocol): another beam count or a stop string is
+    refused, not ignored."""
+    if num_beams is not None and num_beams != decoding.num_beams:
+        raise ValueError(f"OPERA searches with {decoding.num_beams} beams (eval.opera.num_beams); "
+                         f"num_beams = {num_beams} cannot be honoured")
+    if stop_strings != []:
+        raise ValueError("OPERA's hypotheses end at EOS or the token limit, as the source's; pass "
+                         f"stop_strings=[] (got {stop_strings!r})")
+    features = images.to(model.device) if image_features else model.encode_images(images)
+    return generate_opera(model, prompts, features, decoding, max_new_tokens=max_new_tokens,
+                          min_new_tokens=min_new_tokens)

@@ -32,15 +32,10 @@ from typing import Any
 import numpy as np
 
 from minigpt4.common.jsonfiles import DataFileError, read_json, read_jsonl
+from minigpt4.eval.answer_files import CHAIR_CAPTIONS, FINGERPRINT_SUFFIX, IMAGE_HASH
 from minigpt4.eval.chair import parse_image_id
 from minigpt4.eval.pope import answered_rows
 
-# File names evaluate.py writes (benchmark_runs.CHAIR_CAPTIONS / pope_answers_name, fingerprint.SUFFIX, the item
-# field generate.IMAGE_HASH), spelled out so that reading results needs neither torch nor the model code;
-# tests/test_paired.py checks that they agree.
-CHAIR_CAPTIONS = "chair_captions.jsonl"
-FINGERPRINT_SUFFIX = ".fingerprint.json"
-IMAGE_HASH = "image_sha256"
 # Per-image count columns of a CHAIR result.
 CHAIR_COLUMNS = ("captions", "hallucinated_captions", "mentions", "hallucinated_mentions", "recalled", "ground_truth")
 CAPTION_LISTS = ("ground_truth", "mentions", "hallucinated")  # what a per_caption row must hold

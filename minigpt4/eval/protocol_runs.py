@@ -133,21 +133,6 @@ class ProtocolRun:
         return fields
 
 
-class ProtocolModel:
-    """`generate_all`'s model, answering as the protocol's source did: the wrapped model's answer, then the source's
-    post-processing, so what is stored and scored is what the source stored and scored."""
-
-    def __init__(self, model, run: ProtocolRun):
-        self.model = model
-        self.run = run
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def generate(self, prompts: list[str], images, **kwargs: Any) -> list[str]:
-        return [self.run.clean_answer(answer) for answer in self.model.generate(prompts, images, **kwargs)]
-
-
 def _given(ev, task: str) -> dict[str, Any]:
     """The protocol keys the config sets (not null), by full key name."""
     sub = getattr(ev, task)

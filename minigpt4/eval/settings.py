@@ -1,5 +1,6 @@
 """The `eval:` config section: typed settings (EvalSettings with its pope/chair/vcd/opera sub-sections), their one
-validation (`validate_eval_settings`, run before any model is built) and the benchmark files the section names
+validation (`validate_eval_settings`, run before any model is built; each task's protocol is resolved and checked
+once, for the evaluation plan: minigpt4/eval/plan.py) and the benchmark files the section names
 (`files_to_record`, for provenance.json and the fingerprints)."""
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from minigpt4.common.dist import device_problem
 from minigpt4.common.files import NotRegularFileError, require_regular_file
 from minigpt4.eval import chair as chair_scorer
 from minigpt4.eval.decodings import check_decoding
-from minigpt4.eval.protocol_runs import protocol_runs
 from minigpt4.processors.image import build_image_processor
 
 # AdaVIB's POPE/CHAIR system text and this harness's one-string prompt (protocol single-string-pope's, MiniGPT-4).
@@ -112,11 +112,11 @@ class EvalSettings:
     chair: ChairSettings = field(default_factory=ChairSettings)
 
 
-def validate_eval_settings(ev, template: str = DEFAULT_TEMPLATE) -> None:
-    """The `eval:` section's one validation, run before the model is built (a bad batch size or prompt would
-    otherwise fail only after loading 7B weights, or, for a prompt without {question}, not fail at all).
-    `ev` is the section (a DictConfig or an EvalSettings), `template` the model's prompt template (the protocols'
-    prompt family); raises ConfigError naming the key."""
+def validate_eval_settings(ev) -> None:
+    """The `eval:` section's one validation, run before the model is built (a bad batch size would otherwise fail
+    only after loading 7B weights). `ev` is the section (a DictConfig or an EvalSettings); raises ConfigError naming
+    the key. The protocol keys (prompt, beams, new tokens, rule, images) are checked where each task's protocol is
+    resolved, once, for the plan (minigpt4/eval/plan.py, protocol_runs.resolve_run)."""
     _check_tasks_and_sources(ev)
     for key, value, low in [("batch_size", ev.batch_size, 1), ("bootstrap", ev.bootstrap, 0)]:
         if value < low:
@@ -131,7 +131,6 @@ def validate_eval_settings(ev, template: str = DEFAULT_TEMPLATE) -> None:
     if "pope" in ev.tasks:
         _check_pope_splits(ev)
     check_decoding(ev)
-    protocol_runs(ev, template)  # the protocol keys (prompt, beams, new tokens, rule, images) on top of each named one
 
 
 def _check_tasks_and_sources(ev) -> None:

@@ -133,30 +133,19 @@ class ImagePairs:
         return torch.stack([clean, distorted])
 
 
-class ContrastiveModel:
-    """generate_all's model under VCD: `generate(prompts, pairs, item_keys=...)` decodes each prompt with VCD from
-    the (B, 2, ...) pairs of ImagePairs; everything else is the wrapped model's."""
-
-    takes_item_keys = True  # generate_all passes the items' keys: each row's sampling seed
-
-    def __init__(self, model, decoding: ContrastiveDecoding, inputs_are_features: bool):
-        self.model = model
-        self.decoding = decoding
-        self.inputs_are_features = inputs_are_features
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def generate(self, prompts: list[str], pairs: torch.Tensor, *, item_keys: list[str], max_new_tokens: int,
-                 num_beams: int = 1, min_new_tokens: int = 0, stop_strings: list[str] | None = None) -> list[str]:
-        if num_beams != 1:
-            raise ValueError(f"VCD decodes one token per step; num_beams = {num_beams} cannot be honoured")
-        if self.inputs_are_features:
-            features = pairs.to(self.model.device)
-        else:  # both streams' images through the encoder in one batch
-            flat = self.model.encode_images(pairs.flatten(0, 1))
-            features = flat.reshape(pairs.shape[0], 2, *flat.shape[1:])
-        seeds = [row_seed(self.decoding.seed, key) for key in item_keys]
-        return generate_contrastive(self.model, prompts, features[:, 0], features[:, 1], self.decoding,
-                                    row_seeds=seeds, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                                    stop_strings=stop_strings)
+def generate_vcd(model, prompts: list[str], pairs: torch.Tensor, decoding: ContrastiveDecoding, *,
+                 item_keys: list[str], image_features: bool, max_new_tokens: int, num_beams: int = 1,
+                 min_new_tokens: int = 0, stop_strings: list[str] | None = None) -> list[str]:
+    """VCD answers to one batch: each prompt decoded from its (2, ...) pair of ImagePairs (the image and v′), as
+    pixels or, with `image_features`, as encoder outputs; each row's draws are seeded by its item key."""
+    if num_beams != 1:
+        raise ValueError(f"VCD decodes one token per step; num_beams = {num_beams} cannot be honoured")
+    if image_features:
+        features = pairs.to(model.device)
+    else:  # both streams' images through the encoder in one batch
+        flat = model.encode_images(pairs.flatten(0, 1))
+        features = flat.reshape(pairs.shape[0], 2, *flat.shape[1:])
+    seeds = [row_seed(decoding.seed, key) for key in item_keys]
+    return generate_contrastive(model, prompts, features[:, 0], features[:, 1], decoding, row_seeds=seeds,
+                                max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
+                                stop_strings=stop_strings)

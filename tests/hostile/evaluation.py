@@ -83,6 +83,7 @@ def chair_list(name: str, text: str, env: Env) -> tuple[int, str]:
 def chair_list_accepted_forms(env: Env) -> bool:
     """Every accepted form names its image: bare ids, zero-padded and val2014 names, any case of the suffix."""
     from minigpt4.eval.benchmark_runs import chair_items
+    from minigpt4.eval.protocol_runs import resolve_run
     from minigpt4.eval.settings import ChairSettings, EvalSettings
 
     _eval_folders(env)
@@ -90,7 +91,8 @@ def chair_list_accepted_forms(env: Env) -> bool:
     for name in names:
         (env.tmp / "val2014" / name).write_bytes(GOOD_RGB)
     path = write_file(env, "images.txt", "1\n000000000002.jpg\n000000000003.JPEG\n000000000004.png\n1\n")  # 1 again
-    items = chair_items(EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=str(path))))
+    settings = EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=str(path)))
+    items = chair_items(settings, resolve_run(settings, "chair", "vicuna_v0"))
     assert [(it.key, Path(it.image).name) for it in items] == [("1", names[0]), ("2", names[1]), ("3", names[2]),
                                                                 ("4", names[3])]
     return True
@@ -165,7 +167,8 @@ def _pope_settings(env: Env):
 def answers_disk_full(env: Env) -> None:
     """The disk fills at the third batch's append: raised as one OutputDirError naming the file and the bytes."""
     from minigpt4.eval import generate
-    from minigpt4.eval.benchmark_runs import run_pope
+    from minigpt4.eval.plan import plan_tasks
+    from minigpt4.eval.task_runs import run_pope
 
     real, calls = generate.append_answers, []
 
@@ -176,18 +179,19 @@ def answers_disk_full(env: Env) -> None:
         real(handle, data)
 
     with _replaced(generate, "append_answers", fill_at_third), _replaced(generate, "free_bytes", lambda path: 10):
-        run_pope(_CountingModel(), _pope_settings(env), str(env.tmp / "out"))
+        run_pope(_CountingModel(), plan_tasks(_pope_settings(env)), str(env.tmp / "out"))
 
 
 def resume_after_full_disk(env: Env) -> bool:
     """After the full disk of answers_disk_full, the same run again asks only the two unanswered questions and
     the answers file holds each of the four once."""
-    from minigpt4.eval.benchmark_runs import run_pope
+    from minigpt4.eval.plan import plan_tasks
+    from minigpt4.eval.task_runs import run_pope
 
     with contextlib.suppress(OutputDirError):
         answers_disk_full(env)
     model = _CountingModel()
-    result = run_pope(model, _pope_settings(env), str(env.tmp / "out"))
+    result = run_pope(model, plan_tasks(_pope_settings(env)), str(env.tmp / "out"))
     answers = (env.tmp / "out" / "pope_random_answers.jsonl").read_text().splitlines()
     keys = [json.loads(line)["key"] for line in answers]
     assert model.asked == 2 and sorted(keys) == ["0", "1", "2", "3"] and result["n"] == 4, (model.asked, keys)

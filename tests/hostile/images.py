@@ -40,8 +40,11 @@ from minigpt4.common.images import BadImageError
 from minigpt4.common.jsonfiles import DataFileError
 from minigpt4.datasets.caption import CaptionJsonDataset
 from minigpt4.eval import pope as pope_scorer
-from minigpt4.eval.benchmark_runs import ImageLoader, run_chair, run_pope
+from minigpt4.eval.benchmark_runs import ImageLoader
+from minigpt4.eval.plan import plan_tasks
+from minigpt4.eval.protocol_runs import resolve_run
 from minigpt4.eval.settings import ChairSettings, EvalSettings, PopeSettings
+from minigpt4.eval.task_runs import run_chair, run_pope
 from minigpt4.models import checkpoints as ckpt
 from minigpt4.models.checkpoints import CheckpointError
 from minigpt4.processors import build_image_processor, build_text_processor
@@ -170,7 +173,7 @@ def pope_run_with_skip(env: Env) -> int:
     (env.tmp / "pope" / "random.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     settings = EvalSettings(image_dir=str(images), on_bad_image="skip", bootstrap=0, vis_processor=dict(EVAL_PROC),
                             pope=PopeSettings(dir=str(env.tmp / "pope"), splits=["random"]))
-    result = run_pope(_YesModel(), settings, str(env.tmp / "out"))
+    result = run_pope(_YesModel(), plan_tasks(settings), str(env.tmp / "out"))
     assert result["n"] == 2 and result["yes_ratio"] == 1.0  # scored over the two answerable questions only
     assert result["skipped"]["random"] == {"questions": 2, "images": ["COCO_val2014_000000000002.jpg"]}
     return len(result["skipped"]["random"]["images"])
@@ -188,7 +191,7 @@ def chair_run_with_skip(env: Env) -> int:
         {"images": listed, "annotations": [{"id": 1, "image_id": 1, "caption": "a dog"}]}))
     settings = EvalSettings(image_dir=str(images), on_bad_image="skip", bootstrap=0, vis_processor=dict(EVAL_PROC),
                             chair=ChairSettings(coco_annotations=str(ann), num_images=None))
-    result = run_chair(_YesModel(), settings, str(env.tmp / "out"))
+    result = run_chair(_YesModel(), plan_tasks(settings), str(env.tmp / "out"))
     assert result["n_captions"] == 1 and result["chair_s"] == 0.0  # the dog is there: nothing hallucinated
     return result["skipped"]["images"]
 
@@ -199,14 +202,15 @@ def _pope_file(env: Env, image: str) -> EvalSettings:
     row = {"question_id": 1, "image": image.replace("{tmp}", str(env.tmp)), "text": "Is there a dog?", "label": "yes"}
     (env.tmp / "pope" / "random.jsonl").write_text(json.dumps(row) + "\n")
     (env.tmp / "val2014").mkdir()
-    return EvalSettings(image_dir=str(env.tmp / "val2014"), bootstrap=0, vis_processor=dict(EVAL_PROC),
+    return EvalSettings(tasks=["pope"], image_dir=str(env.tmp / "val2014"), bootstrap=0, vis_processor=dict(EVAL_PROC),
                         pope=PopeSettings(dir=str(env.tmp / "pope"), splits=["random"]))
 
 
 def pope_image_outside(image: str, env: Env) -> None:
     from minigpt4.eval.benchmark_runs import pope_items
 
-    pope_items(_pope_file(env, image), "random")
+    settings = _pope_file(env, image)
+    pope_items(settings, "random", resolve_run(settings, "pope", "vicuna_v0"))
 
 
 def pope_image_outside_allowed(env: Env) -> bool:
@@ -214,7 +218,7 @@ def pope_image_outside_allowed(env: Env) -> bool:
     (env.tmp / "elsewhere" / "COCO_val2014_000000000001.jpg").write_bytes(GOOD_RGB)
     settings = _pope_file(env, "../elsewhere/COCO_val2014_000000000001.jpg")
     settings.allow_outside_image_dir = True
-    result = run_pope(_YesModel(), settings, str(env.tmp / "out"))
+    result = run_pope(_YesModel(), plan_tasks(settings), str(env.tmp / "out"))
     assert result["n"] == 1 and "skipped" not in result  # the file outside image_dir was read and answered
     return True
 
@@ -224,7 +228,8 @@ def chair_list_image_outside(env: Env) -> None:
 
     (env.tmp / "val2014").mkdir()
     path = write_file(env, "images.json", json.dumps([{"image_id": "../../COCO_val2014_000000000001.jpg"}]))
-    chair_items(EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=str(path))))
+    settings = EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=str(path)))
+    chair_items(settings, resolve_run(settings, "chair", "vicuna_v0"))
 
 
 def caption_image_outside(text: str, env: Env) -> int:

@@ -38,18 +38,22 @@ def predictions(text: str | bytes, env: Env) -> dict:
 
 def chair_image_list(text: str | bytes, env: Env) -> list[str]:
     from minigpt4.eval.benchmark_runs import chair_image_list as image_list
+    from minigpt4.eval.protocol_runs import resolve_run
 
     path = write_file(env, "images.json", text)
-    return image_list(EvalSettings(image_dir=str(env.tmp), chair=ChairSettings(images=str(path))))
+    settings = EvalSettings(image_dir=str(env.tmp), chair=ChairSettings(images=str(path)))
+    return image_list(settings, resolve_run(settings, "chair", "vicuna_v0"))
 
 
 def chair_items_from(images: str | None, env: Env) -> list:
     """CHAIR generation items from an image list file with text `images`, or (None) a sample of an empty folder."""
     from minigpt4.eval.benchmark_runs import chair_items
+    from minigpt4.eval.protocol_runs import resolve_run
 
     (env.tmp / "val2014").mkdir()
     path = None if images is None else str(write_file(env, "images.json", images))
-    return chair_items(EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=path)))
+    settings = EvalSettings(image_dir=str(env.tmp / "val2014"), chair=ChairSettings(images=path))
+    return chair_items(settings, resolve_run(settings, "chair", "vicuna_v0"))
 
 
 def results_table_cli(data: Any, env: Env) -> tuple[int, str]:
