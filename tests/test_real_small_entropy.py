@@ -57,3 +57,32 @@ def test_the_paper_formula_is_the_default_and_a_wrong_name_is_refused():
     assert VIBConfig().entropy_of == "pooled"
     with pytest.raises(ConfigError, match="model.vib.entropy_of = 'length'; expected one of pooled, length_free"):
         VIBConfig(entropy_of="length").validate()
+
+
+def test_the_measurement_script_reads_the_paper_formula_and_the_length_free_one(tiny_model_factory):
+    """scripts/real_small_entropy.py per image: H/log V and α as vib.py computes them for the pooled μ, ‖u‖, and
+    the length-free pair (which a 10× longer u leaves unchanged)."""
+    from _scripts import load_script
+
+    script = load_script("real_small_entropy")
+    per_image, summary, markdown = script.per_image, script.summary, script.markdown
+    model = tiny_model_factory("linear").eval()
+    size = model.encoder.vision_config.image_size
+    images = torch.randn(3, 3, size, size)
+    rows = per_image(model, images)
+    with torch.no_grad():
+        u = pool_tokens(model.project(model.encode_images(images))[0].float())
+    entropy = similarity_entropy(u, model.embed_weight)
+    vocab = model.embed_weight.shape[0]
+    torch.testing.assert_close(torch.tensor(rows["entropy_ratio"]), entropy / math.log(vocab))
+    torch.testing.assert_close(torch.tensor(rows["u_norm"]), torch.linalg.vector_norm(u, dim=-1))
+    with torch.no_grad():
+        model.projector.llama_proj.weight.mul_(10)
+        model.projector.llama_proj.bias.mul_(10)
+    longer = per_image(model, images)
+    torch.testing.assert_close(torch.tensor(longer["length_free_entropy_ratio"]),
+                               torch.tensor(rows["length_free_entropy_ratio"]))
+    table = markdown({"models": {"tiny": {"summary": {k: summary(rows[k]) for k in rows if k != "top_token"},
+                                          "vocab_size": vocab, "word_length_mean": 1.0,
+                                          "top_token": {"most_common": "x", "images": 2, "of": 3}}}})
+    assert table.count("\n") == 2 and "| tiny | " in table
