@@ -28,7 +28,8 @@ class Template:
 
     def prompt(self, instruction: str | None) -> str:
         """Single-turn training/eval prompt. `instruction=None` is the caption-only form used by the AdaVIB
-        fine-tune (MiniGPT-4 stage 2 and AdaVIB): `###Human: <Img>…</Img> ` followed directly by the caption, no assistant prefix."""
+        fine-tune (MiniGPT-4 stage 2 and AdaVIB): `###Human: <Img>…</Img> ` followed directly by the caption, no
+        assistant prefix."""
         if instruction is None:
             return f"{self.human}{self.image}{self.image_sep}" if self.image else ""
         return f"{self.human}{self.first_turn(instruction)}{self.assistant}"
