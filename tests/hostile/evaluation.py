@@ -13,6 +13,7 @@ from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from unittest.mock import patch
 
 import torch
 from _hostile import GOOD_RGB, Case, Env, Exits2, Holds, Raises, no_model_build, write_file
@@ -23,19 +24,9 @@ from minigpt4.common.output_dir import OutputDirError
 ENOSPC = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-@contextlib.contextmanager
-def _replaced(owner: Any, name: str, value: Any):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def _no_gpu():
     """The machine as one without a GPU looks to torch (the rows hold on a GPU machine too)."""
-    return _replaced(torch.cuda, "is_available", lambda: False)
+    return patch.object(torch.cuda, "is_available", lambda: False)
 
 
 def _fail(*_: Any, **__: Any) -> None:
@@ -134,8 +125,8 @@ def evaluate_disk_full_at_answers(env: Env) -> tuple[int, str]:
 
     cfg = _tiny_eval_config(env)
     bar = generate.tqdm  # the one line on stderr must be the error (a progress bar would come first)
-    with _replaced(generate, "append_answers", _fail), _replaced(generate, "free_bytes", lambda path: 100), \
-            _replaced(generate, "tqdm", lambda **kwargs: bar(**{**kwargs, "disable": True})):
+    with patch.object(generate, "append_answers", _fail), patch.object(generate, "free_bytes", lambda path: 100), \
+            patch.object(generate, "tqdm", lambda **kwargs: bar(**{**kwargs, "disable": True})):
         rc = evaluate.main(["--cfg-path", str(cfg)])
     assert not (env.tmp / "out" / "metrics.json").exists()
     return rc, ""
@@ -178,7 +169,7 @@ def answers_disk_full(env: Env) -> None:
             raise ENOSPC
         real(handle, data)
 
-    with _replaced(generate, "append_answers", fill_at_third), _replaced(generate, "free_bytes", lambda path: 10):
+    with patch.object(generate, "append_answers", fill_at_third), patch.object(generate, "free_bytes", lambda path: 10):
         run_pope(_CountingModel(), plan_tasks(_pope_settings(env)), str(env.tmp / "out"))
 
 
@@ -210,11 +201,12 @@ def evaluate_lock_fails(where: str, env: Env) -> tuple[int, str]:
             raise ENOSPC
         return real_open(path, flags, *rest)
 
-    patch = (_replaced(os, "open", open_fails_for_lock) if where == "open" else _replaced(os, "pwrite", _fail))
+    failing_write = (patch.object(os, "open", open_fails_for_lock) if where == "open"
+                     else patch.object(os, "pwrite", _fail))
     _eval_folders(env)
     options = [f"model.tokenizer_path={env.shared.tokenizer_dir}", f"eval.image_dir={env.tmp}/val2014",
                "eval.tasks=[pope]", f"eval.output_dir={env.tmp}/out", "eval.device=cpu"]
-    with patch, _replaced(output_dir, "free_bytes", lambda path: 0), no_model_build():
+    with failing_write, patch.object(output_dir, "free_bytes", lambda path: 0), no_model_build():
         rc = evaluate.main(["--cfg-path", str(write_file(env, "recipe.yaml", "eval: {}\n")), "--options", *options])
     assert not (env.tmp / "out" / ".lock").exists()
     return rc, ""

@@ -2,13 +2,13 @@
 failed or full-disk checkpoint writes, read-only folders, a folder another run holds, a stale lock."""
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shutil
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable
+from unittest.mock import patch
 
 from _hostile import GOOD_RGB, ROOT, TINY_RECIPE, Case, Env, Exits2, Holds, Raises, WarningRecords, no_model_build
 from safetensors import SafetensorError
@@ -27,16 +27,6 @@ def _toy_run(env: Env, *extra: str) -> dict:
     toy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(toy)
     return toy.main([str(env.tmp / "run"), *TOY_ARGS, *extra])[0]
-
-
-@contextlib.contextmanager
-def _replaced(owner: Any, name: str, value: Any):
-    original = getattr(owner, name)
-    setattr(owner, name, value)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def _truncate(path: Path) -> None:
@@ -94,14 +84,14 @@ def checkpoint_write_fails(writer: str, err: BaseException, at_step: int, env: E
             raise err
         real(*args)
 
-    with _replaced(checkpointing, writer, write):
+    with patch.object(checkpointing, writer, write):
         _toy_run(env)
 
 
 def checkpoint_disk_too_full(env: Env) -> None:
     from minigpt4.runners import checkpointing
 
-    with _replaced(checkpointing, "free_bytes", lambda path: 10_000):  # what statvfs says of a nearly full disk
+    with patch.object(checkpointing, "free_bytes", lambda path: 10_000):  # what statvfs says of a nearly full disk
         _toy_run(env)
 
 
@@ -129,7 +119,7 @@ def train_disk_full(env: Env) -> tuple[int, str]:
     import train
     from minigpt4.runners import checkpointing
 
-    with _replaced(checkpointing, "free_bytes", lambda path: 10_000):
+    with patch.object(checkpointing, "free_bytes", lambda path: 10_000):
         rc = train.main(_train_argv(env, "run.max_steps=1", "run.save_every_steps=1"))
     assert not (env.tmp / "out" / "checkpoints" / "latest").exists()
     return rc, ""
@@ -147,7 +137,7 @@ def train_read_only_output_folder(env: Env) -> tuple[int, str]:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, flags, *rest)
 
-    with _replaced(os, "open", read_only), no_model_build():
+    with patch.object(os, "open", read_only), no_model_build():
         rc = train.main(_train_argv(env))
     return rc, ""
 
