@@ -31,3 +31,18 @@ def assert_sample_major_pairing(model) -> None:
         slots = single.image_mask[image]
         assert torch.allclose(embeds[row, : slots.shape[0]][slots], mu[image], atol=1e-5)
         assert torch.equal(labels[row, : single.labels.shape[1]], single.labels[image])
+
+
+def caption_recall_on_val(model, world, image_size: int) -> dict:
+    """CHAIR's result for `model`'s greedy captions of a shapes world's val images (the captioning check of both
+    committed base models, tests/test_shapes_base.py and tests/test_real_small_base.py)."""
+    from minigpt4.eval.chair import CHAIRScorer, build_ground_truth, score_captions
+    from minigpt4.shapes.world.qa import CAPTION_INSTRUCTION, ShapesQADataset
+
+    val = ShapesQADataset(world, "val", image_size=image_size)
+    prompt = model.template.prompt(CAPTION_INSTRUCTION)
+    captions = model.generate([prompt] * len(val), val.images(range(len(val))), max_new_tokens=48)
+    scorer = CHAIRScorer(world / "synonyms.txt")
+    gt = build_ground_truth(world / "annotations", scorer=scorer)
+    rows = [{"image_id": i, "caption": c} for i, c in zip(val.image_ids, captions, strict=True)]
+    return score_captions(rows, gt, scorer=scorer)

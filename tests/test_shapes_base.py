@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from _model_checks import caption_recall_on_val
 
-from minigpt4.eval.chair import CHAIRScorer, build_ground_truth, score_captions
 from minigpt4.eval.pope import answer_to_label
 from minigpt4.shapes.world.qa import (
     CAPTION_INSTRUCTION,
@@ -69,13 +69,7 @@ def test_base_model_loads_in_fp32_with_every_weight_from_the_file(base_model):
 
 
 def test_base_model_captions_unseen_images_with_high_recall(base_model, unseen_world):
-    val = ShapesQADataset(unseen_world, "val", image_size=64)
-    prompt = base_model.template.prompt(CAPTION_INSTRUCTION)
-    captions = base_model.generate([prompt] * len(val), val.images(range(len(val))), max_new_tokens=48)
-    scorer = CHAIRScorer(unseen_world / "synonyms.txt")
-    gt = build_ground_truth(unseen_world / "annotations", scorer=scorer)
-    result = score_captions([{"image_id": i, "caption": c} for i, c in zip(val.image_ids, captions, strict=True)], gt,
-                            scorer=scorer)
+    result = caption_recall_on_val(base_model, unseen_world, image_size=64)
     assert result["recall"] >= 0.8, result["per_caption"][:5]
     assert result["mean_length"] > 4
 
