@@ -16,6 +16,7 @@ import sys
 from functools import partial
 from pathlib import Path
 from typing import Callable
+from unittest.mock import patch
 
 import torch
 from _hostile import ROOT, Case, Env, Exits2, Holds, no_model_build
@@ -178,27 +179,19 @@ def metrics_of_these_weights(env: Env) -> bool:
 def disk_full_before_writing(env: Env) -> tuple[int, str]:
     from minigpt4.export import staging
 
-    original, staging.free_bytes = staging.free_bytes, lambda path: 10_000
-    try:
+    with patch.object(staging, "free_bytes", lambda path: 10_000):
         rc = _export(env)
-    finally:
-        staging.free_bytes = original
     assert _nothing_written(env)
     return rc, ""
 
 
 def write_fails(code: int, env: Env) -> tuple[int, str]:
     """The disk refuses the export's first file (torch.save of minigpt4_projector.pth) with `code`."""
-    original = torch.save
-
     def refuse(obj, path, *args, **kwargs):
         raise OSError(code, os.strerror(code), str(path))
 
-    torch.save = refuse
-    try:
+    with patch.object(torch, "save", refuse):
         rc = _export(env)
-    finally:
-        torch.save = original
     assert _nothing_written(env)
     return rc, ""
 
