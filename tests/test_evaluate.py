@@ -49,6 +49,21 @@ def _write_fixture(root, tiny_model_factory):
     return model
 
 
+def refused_settings_error(tmp_path, tokenizer_dir, capsys, options: list[str]) -> str:
+    """evaluate.py's stderr for a CHAIR run with `options` that must be refused before any model or file is read
+    (exit 2); the tests of VCD's and OPERA's settings check what it names."""
+    import evaluate
+
+    for folder in ("val2014", "annotations"):
+        (tmp_path / folder).mkdir()
+    (tmp_path / "tiny_full.safetensors").touch()  # never read: the settings are refused first
+    cfg = _eval_cfg(tmp_path, tokenizer_dir, tmp_path / "out")
+    assert evaluate.main(["--cfg-path", str(cfg), "--options", *options, "eval.tasks=[chair]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("config error: "), err
+    return err
+
+
 def _eval_cfg(root, tokenizer_dir, out):
     from minigpt4.common.tiny_models import tiny_model_config
 

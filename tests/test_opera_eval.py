@@ -56,18 +56,11 @@ def test_the_label_and_the_fingerprint_record_every_parameter():
     ("eval.decoding=vcd+opera", ["eval.vcd", "eval.opera"]), ("eval.decoding=opera,vcd", ["eval.vcd", "eval.opera"]),
     ("eval.num_beams=3", ["eval.num_beams", "eval.opera.num_beams"])])
 def test_bad_opera_settings_are_refused_naming_the_keys(tmp_path, tiny_tokenizer_dir, capsys, option, keys):
-    from test_evaluate import _eval_cfg
+    from test_evaluate import refused_settings_error
 
-    import evaluate
-
-    for folder in ("val2014", "annotations"):
-        (tmp_path / folder).mkdir()
-    (tmp_path / "tiny_full.safetensors").touch()  # never read: the settings are refused first
-    cfg = _eval_cfg(tmp_path, tiny_tokenizer_dir, tmp_path / "out")
     decoding = [] if option.startswith("eval.decoding") else ["eval.decoding=opera"]
-    assert evaluate.main(["--cfg-path", str(cfg), "--options", *decoding, option, "eval.tasks=[chair]"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("config error: ") and err.count("\n") == 1 and all(key in err for key in keys), err
+    err = refused_settings_error(tmp_path, tiny_tokenizer_dir, capsys, [*decoding, option])
+    assert err.count("\n") == 1 and all(key in err for key in keys), err
 
 
 def test_evaluate_with_opera_labels_fingerprints_and_resumes_only_itself(tmp_path, tiny_model_factory,

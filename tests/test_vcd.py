@@ -171,18 +171,11 @@ def test_non_finite_logits_are_refused(tiny_model_factory):
     ("eval.vcd.beta=1.5", "eval.vcd.beta"), ("eval.decoding=contrastive", "eval.decoding"),
     ("eval.vcd.noise_step=1000", "eval.vcd.noise_step"), ("eval.num_beams=3", "eval.num_beams")])
 def test_bad_vcd_settings_are_refused_naming_the_key(tmp_path, tiny_tokenizer_dir, capsys, option, key):
-    from test_evaluate import _eval_cfg
+    from test_evaluate import refused_settings_error
 
-    import evaluate
-
-    for folder in ("val2014", "annotations"):
-        (tmp_path / folder).mkdir()
-    (tmp_path / "tiny_full.safetensors").touch()  # never read: the settings are refused first
-    cfg = _eval_cfg(tmp_path, tiny_tokenizer_dir, tmp_path / "out")
     decoding = [] if option.startswith("eval.decoding") else ["eval.decoding=vcd"]
-    assert evaluate.main(["--cfg-path", str(cfg), "--options", *decoding, option, "eval.tasks=[chair]"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("config error: ") and key in err, err
+    err = refused_settings_error(tmp_path, tiny_tokenizer_dir, capsys, [*decoding, option])
+    assert key in err, err
 
 
 def test_evaluate_with_vcd_labels_and_fingerprints_it(tmp_path, tiny_model_factory, tiny_tokenizer_dir, capsys,
