@@ -1,6 +1,8 @@
 """Checks shared by the MiniGPT-4 (test_model.py) and LLaVA-1.5 (test_llava.py) model tests."""
 from __future__ import annotations
 
+from unittest import mock
+
 import torch
 
 
@@ -17,11 +19,16 @@ def assert_sample_major_pairing(model) -> None:
     """Row s·B + b of the LLM input holds image b's visual tokens (μ: the caller made σ ≈ 0) and image b's
     labels, for every noise sample s: the S copies of the text are repeated in the projector's order."""
     captured = {}
-    handle = model.llm.register_forward_pre_hook(lambda m, a, kw: captured.update(kw), with_kwargs=True)
+    answer_cross_entropy = model.answer_cross_entropy
+
+    def capture(embeds, text):
+        captured.update(embeds=embeds, labels=text.labels)
+        return answer_cross_entropy(embeds, text)
+
     batch = toy_batch()
-    model(batch)
-    handle.remove()
-    embeds, labels = captured["inputs_embeds"], captured["labels"]
+    with mock.patch.object(model, "answer_cross_entropy", capture):
+        model(batch)
+    embeds, labels = captured["embeds"], captured["labels"]
     s, b = model.vib.num_samples, 2
     assert embeds.shape[0] == s * b
     mu = model.projector.llama_proj(model.encode_images(batch["image"]))

@@ -37,6 +37,24 @@ def test_linear_projector_loss_is_ce_only(tiny_model_factory):
     assert model.vib is None  # the linear projector has no VIB settings
 
 
+def test_answer_cross_entropy_equals_the_llms_own_labels_loss(tiny_model_factory):
+    """The CE computed only at answer positions is the LLM's `labels=` loss over the whole sequence, and it
+    changes when one answer token's label changes (so a shifted or dropped position would be caught)."""
+    model = tiny_model_factory("linear").eval()
+    batch = toy_batch()
+    text = model.build_training_text([None] * len(batch["answer"]), batch["answer"])
+    embeds = model.embed(text, model.project(model._features(batch))[0])
+    with torch.no_grad():
+        reference = model.llm(inputs_embeds=embeds, attention_mask=text.attention_mask, labels=text.labels).loss
+        ours = model.answer_cross_entropy(embeds, text)
+        torch.testing.assert_close(ours, reference.float(), rtol=1e-6, atol=1e-6)
+        first_answer = (text.labels[0] != -100).nonzero()[0, 0]
+        moved = text.labels.clone()
+        moved[0, first_answer - 1] = text.labels[0, first_answer]  # one more labelled position
+        moved_text = type(text)(text.input_ids, text.image_mask, text.attention_mask, moved)
+        assert not torch.isclose(model.answer_cross_entropy(embeds, moved_text), ours)
+
+
 def test_model_vib_settings_are_the_projectors_own(tiny_model_factory):
     """`model.vib` from the config goes whole to the VIB projector, which owns it: the model keeps no copy."""
     from minigpt4.common.config import VIBConfig
