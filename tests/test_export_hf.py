@@ -450,6 +450,10 @@ def test_formats_follow_what_the_model_is():
         choose_formats(patches, ["blip2-hf"])
     with pytest.raises(ExportError, match="2-layer MLP"):
         choose_formats(OmegaConf.create({"arch": "llava15"}), ["minigpt4-pth"])
+    cnn = OmegaConf.create({"arch": "minigpt4", "visual_tokens": "cnn_grid"})  # the real-small model
+    assert choose_formats(cnn, None) == ("minigpt4-pth",)
+    with pytest.raises(ExportError, match="rows of a CNN's feature map"):
+        choose_formats(cnn, ["blip2-hf"])
 
 
 def test_image_processor_settings_take_the_eval_transform_or_refuse_another():

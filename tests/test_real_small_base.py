@@ -78,3 +78,24 @@ def test_base_model_answers_object_questions_in_a_form_pope_reads(base_model, un
     # Only the form: the stage-1 projector answers these at chance (POPE adversarial accuracy 49 % on 256
     # questions, TRAINING.md); the reference rule must read every answer as yes or no.
     assert {answer_to_label(a) for a in answers} <= {"yes", "no"}
+
+
+def test_the_export_holds_the_projector_and_says_only_this_project_loads_it(base_model, tmp_path):
+    """A cnn_grid model exports as MiniGPT-4's projector file alone (no Hugging Face class holds its encoder), the
+    card says how to load it here, and loading it back gives the same projector."""
+    from minigpt4.export.cli import main
+    from minigpt4.models.checkpoints import load_state_file
+
+    options = [f"model.{k}={ROOT / v}" for k, v in (("cnn_path", "weights/small/efficientnet-lite0"),
+               ("llm_path", "weights/small/smollm2-135m-instruct"),
+               ("projector_path", "assets/real_small_base/projector.safetensors"))]
+    out = tmp_path / "export"
+    assert main(["--cfg-path", str(ROOT / "eval_configs" / "real_small_base.yaml"), "--out", str(out),
+                 "--options", *options]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "adavib_export.json", "minigpt4_projector.pth"]
+    card = (out / "README.md").read_text()
+    assert "EfficientNet-Lite0" in card and "model.projector_path=minigpt4_projector.pth" in card
+    state = load_state_file(out / "minigpt4_projector.pth")
+    assert torch.equal(state["llama_proj.weight"].float(), base_model.projector.llama_proj.weight)
+    assert main(["--cfg-path", str(ROOT / "eval_configs" / "real_small_base.yaml"), "--out", str(tmp_path / "x"),
+                 "--format", "blip2-hf", "--options", *options]) == 2

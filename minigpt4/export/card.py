@@ -41,6 +41,14 @@ llava-hf checkpoint.''',
 `ckpt:` in its eval config (e.g. eval_configs/minigpt4_eval.yaml) to this file. This project loads it with
 `model.projector_path=minigpt4_projector.pth`.''',
 }
+# The real-small model's projector file: same keys as MiniGPT-4's, but only this project has its encoder.
+_VARIANT_NOTE = {"cnn_grid": " Its encoder is EfficientNet-Lite0 and its LLM SmolLM2-135M-Instruct (this project's "
+                             "real-small model), not MiniGPT-4's ViT, Q-Former and Vicuna."}
+USAGE_CNN_GRID = '''Only this project loads `minigpt4_projector.pth` for this model: the original MiniGPT-4 code has no
+CNN encoder, and this `llama_proj` takes `model.grid_group` concatenated positions of EfficientNet-Lite0's
+feature map per visual token.
+`python evaluate.py --cfg-path eval_configs/real_small_base.yaml --options model.projector_path=minigpt4_projector.pth`
+(or `demo.py` with the same arguments).'''
 
 
 def projector_summary(cfg, train_config: dict | None) -> dict:
@@ -146,7 +154,8 @@ def model_card(source: ExportSource, manifest: dict, metrics_path: str | None) -
     lines = front + [f"# {family} with the {projector['label']} projector", "",
                      f"{family} whose projector was trained by minigpt4-adavib (AdaVIB: Bai et al., AAAI 2025, "
                      "arXiv 2502.20750). At inference the VIB's visual tokens are its mean head μ, so this is a "
-                     f"standard {family} model: the frozen parts are the base weights below, μ is the projector.",
+                     f"standard {family} model: the frozen parts are the base weights below, μ is the projector."
+                     + _VARIANT_NOTE.get(cfg.get("visual_tokens"), ""),
                      "", "## Files", "", "| file | what |", "|---|---|"]
     lines += [f"| `{name}` | {what} |" for name, what in manifest["files"].items()]
     lines += ["", "## Base weights", ""] + _sources_table(manifest["sources"]) + [""]
@@ -157,7 +166,8 @@ def model_card(source: ExportSource, manifest: dict, metrics_path: str | None) -
     from minigpt4.models.encoders import LN_VISION_EPS
 
     for name in formats:
-        lines += [USAGE[name].format(dir=".", end=end, ln_eps=LN_VISION_EPS), ""]
+        usage = USAGE_CNN_GRID if cfg.get("visual_tokens") == "cnn_grid" else USAGE[name]
+        lines += [usage.format(dir=".", end=end, ln_eps=LN_VISION_EPS), ""]
     lines += _differences_section(formats) + [""]
     if manifest.get("vib_head"):
         lines += ["## Continue training", "", f"`{manifest['vib_head']}` holds the VIB σ head (`llama_proj_std`) and "

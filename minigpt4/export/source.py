@@ -23,6 +23,16 @@ CANNOT_HOLD = {
     ("llava15", "minigpt4-pth"): "MiniGPT-4's projector file holds one Linear (llama_proj); LLaVA-1.5's projector "
                                  "is a 2-layer MLP (linear_1, GELU, linear_2)",
 }
+# MiniGPT-4 variants without a Q-Former: only the projector file holds them (a BLIP-2 folder has no place for
+# their encoder). visual_tokens -> (how messages name the model, why blip2-hf cannot hold it).
+_NO_QFORMER = {
+    "vit_patch4": ("MiniGPT-4's Llama-2 variant (model.visual_tokens = 'vit_patch4')",
+                   "BLIP-2 has a Q-Former between the ViT and the projector; this variant feeds groups of "
+                   "concatenated ViT patch tokens to the projector instead"),
+    "cnn_grid": ("the real-small model (model.visual_tokens = 'cnn_grid': EfficientNet-Lite0 feature map)",
+                 "BLIP-2 has a ViT and a Q-Former before the projector; this variant feeds rows of a CNN's "
+                 "feature map to the projector instead, which no Hugging Face vision-to-text class holds"),
+}
 _ENCODER_SOURCES = ("encoder_path", "blip2_hf_path", "vit_path", "full_ckpt")
 _VIB_KEY = "projector.llama_proj_std."
 
@@ -45,8 +55,9 @@ class ExportSource:
 
 def available_formats(cfg: DictConfig) -> tuple[tuple[str, ...], str]:
     """(the formats that can hold this model, how to name it in messages)."""
-    if cfg.arch == "minigpt4" and cfg.get("visual_tokens", "qformer") == "vit_patch4":
-        return ("minigpt4-pth",), "MiniGPT-4's Llama-2 variant (model.visual_tokens = 'vit_patch4')"
+    visual_tokens = cfg.get("visual_tokens", "qformer") if cfg.arch == "minigpt4" else None
+    if visual_tokens in _NO_QFORMER:
+        return ("minigpt4-pth",), _NO_QFORMER[visual_tokens][0]
     return FORMATS[cfg.arch], f"model.arch = {cfg.arch!r}"
 
 
@@ -59,8 +70,7 @@ def choose_formats(cfg: DictConfig, requested: list[str] | None) -> tuple[str, .
         if name not in formats:
             reason = CANNOT_HOLD.get((cfg.arch, name), f"unknown format {name!r}")
             if name == "blip2-hf" and name in FORMATS[cfg.arch]:
-                reason = ("BLIP-2 has a Q-Former between the ViT and the projector; this variant feeds groups of "
-                          "concatenated ViT patch tokens to the projector instead")
+                reason = _NO_QFORMER[cfg.visual_tokens][1]
             raise ExportError(f"--format {name} cannot hold {what}: {reason}; formats for it: " + ", ".join(formats))
     return tuple(dict.fromkeys(requested))
 
