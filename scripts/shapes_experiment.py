@@ -3,6 +3,12 @@
     python scripts/shapes_experiment.py                    # one seed: 16 min measured on 2 busy CPU cores
     python scripts/shapes_experiment.py --seeds 0 1 2      # three seeds, mean ± std over seeds
     python scripts/shapes_experiment.py --dry-run          # print the plan (every command line), run nothing
+    python scripts/shapes_experiment.py --backbones real-small --out out/real_small_experiment   # real backbones
+
+With --backbones real-small the same steps run on EfficientNet-Lite0 + SmolLM2-135M (assets/real_small_base,
+train_configs/real_small_adavib.yaml) in 224 px worlds (data/shapes_world_224, data/shapes_world_224_probe), with
+the two controls (β matched to AdaVIB's effective KL weight, β = 0) and the length-free α ablation as rows, on 100
+CHAIR images and the first 240 adversarial POPE questions of each world.
 
 Steps, each skipped when its output is already there from the same command (so a rerun resumes):
 1. build the two evaluation worlds (data/shapes_world, data/shapes_world_probe) if they are missing (seconds);
@@ -33,9 +39,8 @@ from pathlib import Path
 
 from minigpt4.common.results_header import load_average, publish, publish_path, results_header
 from minigpt4.shapes.experiment.plan import (
+    BACKBONES,
     BASELINE,
-    EVAL_CONFIG,
-    TRAIN_CONFIG,
     TRAIN_WORLD,
     VARIANTS,
     WORLDS,
@@ -54,12 +59,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (several: mean ± std)")
     parser.add_argument("--out", default="out/shapes_experiment", help="output folder")
     parser.add_argument("--data", default="data", help="where the two evaluation worlds live (built if missing)")
+    parser.add_argument("--backbones", choices=list(BACKBONES), default="toy",
+                        help="toy: the 1.3 M-parameter LLM of assets/shapes_base (train_configs/shapes_adavib.yaml); "
+                             "real-small: EfficientNet-Lite0 + SmolLM2-135M of assets/real_small_base "
+                             "(train_configs/real_small_adavib.yaml, 224 px worlds, fewer CHAIR/POPE items)")
     parser.add_argument("--train-options", nargs="*", default=[], metavar="KEY=VALUE",
-                        help=f"extra overrides of {TRAIN_CONFIG} for every variant, e.g. model.vib.beta=1e-2")
+                        help="extra overrides of the train config for every variant, e.g. model.vib.beta=1e-2")
     parser.add_argument("--eval-options", nargs="*", default=[], metavar="KEY=VALUE",
-                        help=f"extra overrides of {EVAL_CONFIG} for every evaluation, e.g. eval.batch_size=64")
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                        help=f"table rows (base and {BASELINE} are always there)")
+                        help="extra overrides of the eval config for every evaluation, e.g. eval.batch_size=64")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        help=f"table rows (default: the backbones' rows; base and {BASELINE} are always there)")
     world_slugs = [slug(w) for w in WORLDS]
     parser.add_argument("--worlds", nargs="+", default=world_slugs, choices=world_slugs,
                         help=f"evaluation worlds (fine-tuning reads the {TRAIN_WORLD} world's train split, built "
@@ -70,7 +79,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds: each seed once, got {args.seeds}")
-    args.variants = [name for name in VARIANTS if name in {"base", BASELINE, *args.variants}]  # in table order
+    args.backbones = BACKBONES[args.backbones]
+    asked = args.variants or args.backbones.rows
+    args.variants = [name for name in VARIANTS if name in {"base", BASELINE, *asked}]  # in table order
     return args
 
 
@@ -81,13 +92,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     if importlib.util.find_spec("matplotlib") is None:  # figure1.png: found missing before the steps, not after
         raise RuntimeError("the Figure-1 plot needs matplotlib: pip install -e '.[demo]'")
-    worlds = {label: Path(args.data) / folder for label, (folder, _) in WORLDS.items() if slug(label) in args.worlds}
+    worlds = {label: Path(args.data) / args.backbones.folders[label] for label in WORLDS if slug(label) in args.worlds}
     steps, evaluations = plan(args, sys.executable, worlds)
     if args.dry_run:
         print_plan(steps)
         return 0
     start, load_before = time.perf_counter(), load_average()
-    ensure_worlds(Path(args.data), worlds)
+    ensure_worlds(Path(args.data), worlds, args.backbones)
     run_plan(steps)
     print("\n" + report(args, worlds, evaluations, header=results_header(load_before)))
     print(f"written {Path(args.out) / 'results.md'}, results.json and figure1.png in "

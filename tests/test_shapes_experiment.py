@@ -198,6 +198,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     report = (out / "results.md").read_text()
     for row in ("| base |", "| linear-CE |", "| AdaVIB |", "| AdaVIB + VCD |", "co-occurrence probe val"):
         assert row in report
+    assert "Backbones: toy (train_configs/shapes_adavib.yaml, eval_configs/shapes_base.yaml)" in report
     # The VCD row decoded with VCD (its label names the source's parameters), from AdaVIB's own fine-tune.
     vcd_metrics = json.loads((out / "seed0/adavib/eval_adavib_vcd_co_occurrence_probe/metrics.json").read_text())
     assert "+vcd(α=1,β=0.1,t=500,sample)" in vcd_metrics["protocols"]["chair"]["label"]
@@ -240,7 +241,7 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
         assert 0 <= r["readout_present_on_traps"] <= r["traps"] == r["model"]["caption_traps"]
     # A world folder holding another build is refused, naming what differs, instead of being reused.
     with pytest.raises(RuntimeError, match="val_cooccurrence: 0.9 instead of 0.0"):
-        shapes_plan.ensure_world(small_worlds / "shapes_world", 0.0)
+        shapes_plan.ensure_shapes_world(small_worlds / "shapes_world", 0.0, shapes_plan.WORLD_ARGS)
 
 
 def _check_figure1(experiment, out: Path, world: Path, figure1: dict, report: str, finding: str) -> None:

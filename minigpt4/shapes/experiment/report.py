@@ -15,7 +15,16 @@ import numpy as np
 from minigpt4.eval import entropy_correlation as fig1
 from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs
 from minigpt4.eval.paired import compare_eval_dirs
-from minigpt4.shapes.experiment.plan import BASELINE, ENTROPY_FILE, VARIANTS, Evaluation, slug
+from minigpt4.shapes.experiment.plan import (
+    BACKBONES,
+    BASELINE,
+    ENTROPY_FILE,
+    MATCHED,
+    VARIANTS,
+    Backbones,
+    Evaluation,
+    slug,
+)
 
 # (column title, metrics.json path, scale)
 COLUMNS = (
@@ -165,6 +174,22 @@ def world_report(label: str, world: Path, evaluations: list[Evaluation], entropy
     return text, summary, bins
 
 
+def backbones_name(backbones: Backbones) -> str:
+    return next(name for name, known in BACKBONES.items() if known == backbones)
+
+
+def matched_beta_text(out: Path, seeds: list[int], variants: list[str]) -> str:
+    """The β each seed's matched-β control trained with (its own command line), or nothing without that row."""
+    if MATCHED not in variants:
+        return ""
+    betas = []
+    for seed in seeds:
+        command = json.loads((out / f"seed{seed}" / slug(MATCHED) / "command.json").read_text())
+        betas.append(next(part.split("=", 1)[1] for part in command if part.startswith("model.vib.beta=")))
+    return (f" {MATCHED}: β = {', '.join(betas)} (seed {', '.join(map(str, seeds))}), the mean effective KL weight "
+            "β·Σα·KL/ΣKL of the same seed's AdaVIB run.")
+
+
 def report(args: argparse.Namespace, worlds: dict[str, Path], evaluations: list[Evaluation],
            header: str | None = None) -> str:
     """Write results.md, results.json and figure1.png; returns the Markdown. `header` (the line of
@@ -174,12 +199,16 @@ def report(args: argparse.Namespace, worlds: dict[str, Path], evaluations: list[
         seeds_text = f"seed {args.seeds[0]}; brackets: 95 % bootstrap interval over images"
     else:
         seeds_text = f"mean ± std over seeds {args.seeds} (the base model has no seed: its bootstrap interval)"
+    backbones = args.backbones
+    eval_options = [*backbones.eval_options, *args.eval_options]
     title = "# Shapes-world experiment\n\n" + (f"{header}\n\n" if header else "")
-    parts = [f"{title}{seeds_text}; fine-tuning overrides: "
-             f"{' '.join(args.train_options) or 'none'}; evaluation overrides: "
-             f"{' '.join(args.eval_options) or 'none'}.\n"]
-    summary: dict = {"seeds": args.seeds, "train_options": args.train_options, "eval_options": args.eval_options,
-                     "worlds": {}}
+    parts = [f"{title}Backbones: {backbones_name(backbones)} ({backbones.train_config}, {backbones.eval_config}); "
+             f"{seeds_text}; fine-tuning overrides: {' '.join(args.train_options) or 'none'}; evaluation "
+             f"overrides: {' '.join(eval_options) or 'none'}; POPE questions: "
+             f"{'all' if backbones.pope_first is None else f'the first {backbones.pope_first} of each split'}."
+             + matched_beta_text(out, args.seeds, args.variants) + "\n"]
+    summary: dict = {"backbones": backbones_name(backbones), "seeds": args.seeds, "train_options": args.train_options,
+                     "eval_options": eval_options, "pope_first": backbones.pope_first, "worlds": {}}
     panels, measurements = {}, []
     for label, world in worlds.items():
         entropy_path = out / f"visual_entropy_{slug(label)}" / ENTROPY_FILE

@@ -111,15 +111,16 @@ def run_step(step: Step, index: int, progress: Progress) -> None:
     if step.reusable():
         progress.say(index, f"reuse  {step.out_dir}")
         return
+    command = step.resolved()  # a placeholder (MatchedBeta) reads its run, which ran earlier in the plan
     if step.out_dir.exists():
         shutil.rmtree(step.out_dir)
     step.out_dir.mkdir(parents=True)
-    (step.out_dir / "command.json").write_text(json.dumps(step.command))
-    progress.say(index, "run    " + shlex.join(step.command))
+    (step.out_dir / "command.json").write_text(json.dumps(command))
+    progress.say(index, "run    " + shlex.join(command))
     progress.say(index, f"log    {step.log_path}")
     started = time.perf_counter()
     live = LiveLine(f"  [{index + 1}/{len(progress.steps)}]   │ ")
-    returncode = stream_child(step.command, step.log_path, live)
+    returncode = stream_child(command, step.log_path, live)
     if returncode != 0 or not (step.out_dir / step.done_file).is_file():
         tail = step.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise RuntimeError(f"step failed (exit {returncode}); last lines of {step.log_path}:\n" + "\n".join(tail))
@@ -142,4 +143,5 @@ def print_plan(steps: list[Step]) -> None:
     """--dry-run: every step's command line, and whether it would run or be reused."""
     for index, step in enumerate(steps):
         state = "reuse" if step.reusable() else "run  "
-        print(f"  [{index + 1}/{len(steps)}] {state} {step.kind:<7} {step.label} | {shlex.join(step.command)}")
+        command = step.resolved() if step.ready() else [str(part) for part in step.command]
+        print(f"  [{index + 1}/{len(steps)}] {state} {step.kind:<7} {step.label} | {shlex.join(command)}")

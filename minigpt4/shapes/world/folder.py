@@ -29,3 +29,24 @@ def ensure_shapes_world(world: Path, val_cooccurrence: float | None, world_args:
     start = time.perf_counter()
     build_shapes_world(world, val_cooccurrence=val_cooccurrence, **world_args)
     print(f"built the shapes world in {world} ({time.perf_counter() - start:.1f} s)")
+
+
+def pope_folder(first: int | None) -> str:
+    """The world's POPE folder: `pope`, or `pope_first{N}` holding the first N questions of each split."""
+    return "pope" if first is None else f"pope_first{first}"
+
+
+def first_pope_questions(world: Path, first: int) -> Path:
+    """Write {world}/pope_first{N}/{split}.jsonl, the first N lines of each {world}/pope/{split}.jsonl (a POPE file
+    lists each image's questions together, so these are all the questions of the first N/6 images when N is a
+    multiple of 6). Rewritten each time: it is derived, so it can never hold another world's questions."""
+    source, target = world / "pope", world / pope_folder(first)
+    target.mkdir(exist_ok=True)
+    for split in sorted(source.glob("*.jsonl")):
+        lines = split.read_text(encoding="utf-8").splitlines(keepends=True)
+        if len(lines) < first:
+            raise RuntimeError(f"{split}: {len(lines)} questions, fewer than the {first} asked")
+        tmp = target / f".{split.name}.tmp"
+        tmp.write_text("".join(lines[:first]), encoding="utf-8")
+        tmp.replace(target / split.name)
+    return target
