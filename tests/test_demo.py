@@ -72,7 +72,9 @@ def test_upload_computes_the_training_statistics(engine, model, image_path):
     top = probs.topk(10)
     assert [p for _, p in diag.top_words] == pytest.approx(top.values.tolist(), rel=1e-4)
     assert [w for w, _ in diag.top_words] == [token_text(model.tokenizer, int(i)) for i in top.indices]
-    assert f"{diag.entropy_ratio:.4f}" in markdown and f"{diag.alpha:.4f}" in markdown and "H/log V" in markdown
+    assert f"{diag.entropy_ratio:.4g}" in markdown and f"{diag.alpha:.4g}" in markdown and "H/log V" in markdown
+    assert diag.pooled_norm == pytest.approx(float(u[0].norm()), rel=1e-5)
+    assert diag.word_norm == pytest.approx(float(model.embed_weight.norm(dim=-1).mean()), rel=1e-5)
 
 
 def test_pooled_tokens_are_the_mean_not_a_noise_sample(model):
@@ -95,10 +97,14 @@ def test_peaked_tokens_have_low_entropy_and_large_alpha(model):
 
 
 def test_diagnostics_table_shows_tokens_safely():
-    diag = ImageDiagnostics(0.5, math.log(2), [(" dog", 0.5), ("a|b", 0.2), ("<b>", 0.1), ("\x03", 0.1)], 400)
+    diag = ImageDiagnostics(0.5, math.log(2), [(" dog", 0.5), ("a|b", 0.2), ("<b>", 0.1), ("\x03", 0.1)], 400,
+                            981.4, 3.21)
     markdown = diagnostics_markdown(diag, "Base")
     assert "| 1 | ␣dog | 0.5000 |" in markdown and "a&#124;b" in markdown and "&lt;b&gt;" in markdown
-    assert "\\x03" in markdown and "H/log V = **0.5000**" in markdown and "**0.6931**" in markdown
+    assert "\\x03" in markdown and "H/log V = **0.5**" in markdown and "**0.6931**" in markdown
+    assert "‖u‖ = 981.4 " in markdown and "against 3.21 for the mean word" in markdown
+    tiny = diagnostics_markdown(ImageDiagnostics(6.9e-5, 9.58, [], 49152, 1e3, 3.2), "Real")
+    assert "H/log V = **6.9e-05**" in tiny  # four decimals would show 0.0000 (a real vocabulary's base model)
 
 
 # ------------------------------------------------------------------------------------------ bad input

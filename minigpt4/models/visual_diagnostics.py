@@ -28,6 +28,8 @@ class ImageDiagnostics:
     alpha: float  # -log(H / log V), clamped as in training
     top_words: list[tuple[str, float]]  # (vocabulary entry as text, probability), most similar first
     vocab_size: int
+    pooled_norm: float  # ‖u‖: with a real vocabulary H/log V follows it more than u's direction
+    word_norm: float  # the mean ‖E_v‖ of the vocabulary's input embeddings, the scale u is compared with
 
 
 @torch.no_grad()
@@ -76,10 +78,12 @@ def diagnose_features(model, features: torch.Tensor, top_k: int = 10) -> list[Im
     ratio, alpha = (t.tolist() for t in entropy_stats(pooled, embed))
     probs = similarity_probs(pooled, embed)
     top_p, top_ids = probs.topk(min(top_k, vocab), dim=-1)
+    norms = pooled.norm(dim=-1).tolist()
+    word_norm = float(embed.float().norm(dim=-1).mean())
     results = []
     for b in range(features.shape[0]):
         words = [(token_text(model.tokenizer, int(i)), float(p)) for p, i in zip(top_p[b], top_ids[b], strict=True)]
-        results.append(ImageDiagnostics(float(ratio[b]), float(alpha[b]), words, vocab))
+        results.append(ImageDiagnostics(float(ratio[b]), float(alpha[b]), words, vocab, float(norms[b]), word_norm))
     return results
 
 
