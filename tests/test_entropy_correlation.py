@@ -122,7 +122,7 @@ def test_an_eval_folder_is_joined_to_its_model_and_reported(tmp_path):
     assert eval_dir_correlation(tmp_path, entropy, "b")[0]["spearman"]["value"] == pytest.approx(2 / math.sqrt(20))
     assert [b["n"] for b in result["bins"]] == [1, 1, 1, 1]
     finding = overall_finding([result])
-    assert finding.startswith("Of 1 measurements") and "0.1000–0.4000" in finding
+    assert finding.startswith("Of 1 measurements") and "0.1–0.4 over every image" in finding
     plot_hallucination_by_bin({"world": {"a": result["bins"]}}, tmp_path / "plot.png", "title")
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 

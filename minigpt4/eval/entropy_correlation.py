@@ -194,7 +194,7 @@ def verdict(result: Mapping) -> str:
     rho = result["spearman"]
     if rho["value"] is None:
         return (f"undefined: {result['n_hallucinated']} of {result['n_captions']} captions hallucinate and H/log V "
-                f"spans {result['entropy_ratio']['min']:.4f}-{result['entropy_ratio']['max']:.4f}")
+                f"spans {result['entropy_ratio']['min']:.4g}-{result['entropy_ratio']['max']:.4g}")
     if rho["ci"] is None:
         return f"ρ = {rho['value']:+.3f}, with no interval: it is undefined in every resample"
     low, high = rho["ci"]
@@ -227,8 +227,9 @@ def _spread_cell(values: Sequence[float | None], signed: bool = True) -> str:
 
 
 def _mean_of(results: Sequence[Mapping], key: str) -> str:
+    # significant digits: a real vocabulary's H/log V goes down to 1e-27, which decimals would print as 0
     values = [r["entropy_ratio"][key] for r in results if r["entropy_ratio"][key] is not None]
-    return f"{np.mean(values):.4f}" if values else "–"
+    return f"{np.mean(values):.4g}" if values else "–"
 
 
 def figure1_table(rows: Mapping[str, Sequence[Mapping]]) -> str:
@@ -246,7 +247,7 @@ def figure1_table(rows: Mapping[str, Sequence[Mapping]]) -> str:
         low = min(r["entropy_ratio"]["min"] for r in results)
         high = max(r["entropy_ratio"]["max"] for r in results)
         lines.append(f"| {name} | {results[0]['n_captions']} | {'/'.join(str(r['n_hallucinated']) for r in results)} "
-                     f"| {_mean_of(results, 'mean')} ({low:.4f}–{high:.4f}) "
+                     f"| {_mean_of(results, 'mean')} ({low:.4g}–{high:.4g}) "
                      f"| {_mean_of(results, 'mean_hallucinated')} / {_mean_of(results, 'mean_clean')} | "
                      + " | ".join(stats) + " |")
         notes.append(f"- {name}: " + "; ".join(verdict(r) for r in results) + ".")
@@ -266,7 +267,7 @@ def overall_finding(results: Sequence[Mapping]) -> str:
     text = (f"Of {len(results)} measurements (model × world × seed), {lower} show hallucinating captions with lower "
             f"H/log V (95 % interval of ρ below 0), {higher} with higher H/log V (interval above 0), "
             f"{neither} no interval that excludes 0" + (f", and {undefined} are undefined" if undefined else "")
-            + f". H/log V lies within {low:.4f}–{high:.4f} over every image and model. ")
+            + f". H/log V lies within {low:.4g}–{high:.4g} over every image and model. ")
     if undefined > len(results) / 2:
         return (text + "Too few of these measurements have both hallucinating and clean captions to say anything "
                 "about the paper's claim here.")
