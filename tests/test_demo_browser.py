@@ -96,6 +96,15 @@ def demo_url(tmp_path):
         yield url
 
 
+def _open_demo(browser, url: str):
+    """A page on the demo, once its upload field is there: (page, the file input)."""
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.goto(url, wait_until="domcontentloaded")
+    file_input = page.locator("#image-upload input[type=file]")
+    file_input.wait_for(state="attached", timeout=20_000)
+    return page, file_input
+
+
 def _wait_text(page, selector: str, text: str, timeout_ms: int = 20_000) -> None:
     page.wait_for_function(
         "([sel, text]) => { const el = document.querySelector(sel); return el && el.innerText.includes(text); }",
@@ -116,10 +125,7 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
     with playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(demo_url, wait_until="domcontentloaded")
-            file_input = page.locator("#image-upload input[type=file]")
-            file_input.wait_for(state="attached", timeout=20_000)
+            page, file_input = _open_demo(browser, demo_url)
 
             # A question before any image, then a file that is not an image: friendly lines, no traceback.
             page.locator("#question textarea").fill("What is this?")
@@ -243,10 +249,7 @@ def test_the_real_small_model_answers_and_shows_diagnostics_over_its_49152_words
             playwright_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.goto(url, wait_until="domcontentloaded")
-            file_input = page.locator("#image-upload input[type=file]")
-            file_input.wait_for(state="attached", timeout=20_000)
+            page, file_input = _open_demo(browser, url)
             file_input.set_input_files(str(image_path))
             _wait_text(page, "#diagnostics", "V = 49152", timeout_ms=60_000)
             diagnostics = page.locator("#diagnostics").inner_text()

@@ -2,24 +2,19 @@
 rows and sizes, the matched-β control's β read from its seed's AdaVIB run, and the POPE subset folder."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 from pathlib import Path
 
 import pytest
+from _scripts import load_script
 
 from minigpt4.shapes.experiment import plan as shapes_plan
 from minigpt4.shapes.world.folder import first_pope_questions
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def _experiment():
-    spec = importlib.util.spec_from_file_location("shapes_experiment", ROOT / "scripts" / "shapes_experiment.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("shapes_experiment")
 
 
 def test_real_small_plan_trains_the_controls_after_adavib_and_asks_the_stated_sizes(tmp_path, capsys):
