@@ -4,7 +4,7 @@
     python scripts/real_small_entropy.py --out out/real_small/entropy.json \
         --model toy eval_configs/shapes_base.yaml \
         --model real-init eval_configs/real_small_base.yaml model.projector_path=null \
-        --model real-base eval_configs/real_small_base.yaml
+        --model real-base eval_configs/real_small_base.yaml --captions real-base=out/eval/real_small_base
 
 Each --model is a name, an evaluation config and its overrides. Over the config's CHAIR images (eval.chair and its
 protocol: the val split of its shapes world), per image: u = Σμᵢ/√N of the projector's mean output (models/vib.py
@@ -14,6 +14,8 @@ protocol: the val split of its shapes world), per image: u = Σμᵢ/√N of the
   * H/log V with u rescaled to that mean word length (`model.vib.entropy_of: length_free`, not the paper's);
   * the vocabulary entry softmax(u·Eᵀ) puts most mass on, and how many images share the most common one.
 Writes --out (JSON: per image and a summary per model) and prints a Markdown table of mean ± std [min, max].
+With --captions NAME=EVAL_DIR (an evaluate.py folder that captioned the same images), also Figure 1 for that
+model: both H/log V against the CHAIR verdicts, with 95 % bootstrap intervals over images.
 A random projector (`model.projector_path=null`) is drawn with torch seed 0.
 """
 from __future__ import annotations
@@ -37,7 +39,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                     help="a model: its name, its evaluation config, then overrides (repeat for more models)")
     ap.add_argument("--out", type=Path, required=True, help="JSON file to write")
     ap.add_argument("--max-images", type=int, default=None, help="the first N CHAIR images only (default: all)")
+    ap.add_argument("--captions", action="append", default=[], metavar="NAME=EVAL_DIR",
+                    help="Figure 1 for model NAME: its per-image H/log V, the paper's and the length-free one, "
+                         "against the CHAIR verdicts of an evaluate.py folder of the same images (repeatable)")
     args = ap.parse_args(argv)
+    for pair in args.captions:
+        if "=" not in pair or pair.split("=", 1)[0] not in {model[0] for model in args.model}:
+            ap.error(f"--captions {pair!r}: expected NAME=EVAL_DIR with NAME one of the --model names")
     if any(len(model) < 2 for model in args.model):
         ap.error("--model needs a name and an evaluation config")
     names = [model[0] for model in args.model]
@@ -117,6 +125,19 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def figure1(measured: dict, name: str, eval_dir: str) -> dict[str, dict]:
+    """Spearman ρ, AUC and the rest (minigpt4.eval.entropy_correlation, bootstrap over images) of the paper's
+    H/log V and of the length-free one against the CHAIR verdicts in `eval_dir`."""
+    from minigpt4.eval.entropy_correlation import eval_dir_correlation
+
+    rows = measured["per_image"]
+    entropy = {"images": measured["images"], "vocab_size": measured["vocab_size"],
+               "models": {"paper": {"entropy_ratio": rows["entropy_ratio"]},
+                          "length-free": {"entropy_ratio": rows["length_free_entropy_ratio"]}}}
+    return {f"{name}, {kind} H/log V": eval_dir_correlation(eval_dir, entropy, kind)[0]
+            for kind in ("paper", "length-free")}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -128,11 +149,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, config, *overrides in args.model:
             result["models"][name] = measure_model(config, overrides, args.max_images)
             log.info("%s: H/log V mean %.4g", name, result["models"][name]["summary"]["entropy_ratio"]["mean"])
-    except (ValueError, *USER_FACING_ERRORS) as err:
+        if args.captions:
+            result["figure1"] = {}
+            for pair in args.captions:
+                name, eval_dir = pair.split("=", 1)
+                result["figure1"].update(figure1(result["models"][name], name, eval_dir))
+    except (ValueError, OSError, *USER_FACING_ERRORS) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     write_json(args.out, result, indent=1)
     print(markdown(result))
+    if args.captions:
+        from minigpt4.eval.entropy_correlation import figure1_table
+
+        print("\n" + figure1_table({label: [r] for label, r in result["figure1"].items()}))
     return 0
 
 

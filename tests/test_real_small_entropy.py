@@ -86,3 +86,27 @@ def test_the_measurement_script_reads_the_paper_formula_and_the_length_free_one(
                                           "vocab_size": vocab, "word_length_mean": 1.0,
                                           "top_token": {"most_common": "x", "images": 2, "of": 3}}}})
     assert table.count("\n") == 2 and "| tiny | " in table
+
+
+def test_figure1_joins_both_entropies_to_the_chair_verdicts_by_image(tmp_path):
+    """--captions: the paper's and the length-free H/log V of each image meet that image's own CHAIR verdict
+    (the captions file lists images in another order than the measurement)."""
+    import json
+
+    from _scripts import load_script
+
+    from minigpt4.eval.entropy_correlation import entropy_hallucination_correlation
+
+    rows = [{"image_id": i, "hallucinated": ["star"] if i in (3, 4) else []} for i in (4, 1, 3, 2, 6, 5)]
+    (tmp_path / "chair.json").write_text(json.dumps({"per_caption": rows}))
+    measured = {"images": ["1", "2", "3", "4", "5", "6"], "vocab_size": 49152,
+                "per_image": {"entropy_ratio": [0.6, 0.5, 0.4, 0.3, 0.2, 0.1],
+                              "length_free_entropy_ratio": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6]}}
+    result = load_script("real_small_entropy").figure1(measured, "base", str(tmp_path))
+    flags = [False, False, True, True, False, False]  # images 1..6
+    for label, values in (("base, paper H/log V", measured["per_image"]["entropy_ratio"]),
+                          ("base, length-free H/log V", measured["per_image"]["length_free_entropy_ratio"])):
+        expected = entropy_hallucination_correlation(values, flags, measured["images"])
+        assert result[label]["spearman"]["value"] == pytest.approx(expected["spearman"]["value"])
+        assert result[label]["auc"]["value"] == pytest.approx(expected["auc"]["value"])
+    assert result["base, paper H/log V"]["auc"]["value"] == pytest.approx(0.5)  # 0.4, 0.3 against 0.6..0.1
