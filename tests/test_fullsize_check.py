@@ -107,7 +107,9 @@ def test_flop_formulas_match_torch_flop_counter(tiny_check):
     with FlopCounterMode(display=False) as counter:
         training_phase(model, settings, planned["inputs"], CPU)
     assert _matmul_flops(counter) == expected["train"]["total"]
-    assert expected["train"]["llm"] == 4 * planned["shapes"].llm_params * 3 * planned["lengths"].train_length
+    shapes, lengths = planned["shapes"], planned["lengths"]  # the LM head runs at the answer positions only
+    assert expected["train"]["llm"] == 4 * 3 * (shapes.llm_decoder_params * lengths.train_length
+                                                 + shapes.llm_head_params * lengths.caption_target)
     inputs = planned["inputs"]
     with FlopCounterMode(display=False) as counter:
         generation_phase(model, "chair", [inputs.chair_prompt], settings.chair_new_tokens, settings, inputs, workdir,

@@ -158,7 +158,8 @@ def test_model_autocast_wraps_forward_and_generate(tiny_model_factory):
     model = tiny_model_factory("vib", llm_dtype="bf16", encoder_dtype="bf16")
     model.autocast_dtype = torch.bfloat16  # CPU stand-in for the fp16 CUDA autocast of precision: reference
     seen = []
-    model.llm.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    # the decoder: training runs it without the LM head (answer-only CE), generation through LlamaForCausalLM
+    model.llm.get_decoder().register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
     images = torch.randn(2, 3, 28, 28)
     model.train()
     out = model({"image": images, "answer": ["a dog", "a cat on a sofa"], "instruction": [None, None]})

@@ -3,8 +3,9 @@ model FLOPs, bytes a decode step reads, and the memory model (weights + activati
 
 FLOPs count the matrix products only (nn.Linear, the patch Conv2d, the entropy's u·Eᵀ), 2 per multiply-add:
 * frozen LLM in training: 4·N per token: forward 2·N, backward 2·N for the activation gradients only (no weight
-  gradient: its weights are frozen). N = the decoder's Linear weights + the LM head (the input embedding is a
-  lookup, the norms are not matmuls).
+  gradient: its weights are frozen). N = the decoder's Linear weights at every position, + the LM head at the
+  positions that predict an answer token only (MiniGPT4.answer_cross_entropy); the input embedding is a lookup,
+  the norms are not matmuls.
 * LLM prefill: 2·N_decoder per prompt token + 2·N_head per sequence (transformers computes the logits of the
   last position only when generating). Decode: the same for one token per sequence.
 * encoder (frozen, forward only, once per image): 2·P per token it is applied to: every ViT Linear on
@@ -28,8 +29,9 @@ from torch import nn
 from minigpt4.models.vib import similarity_entropy
 
 FORMULAS = {
-    "train": "4·N_llm per LLM token (forward 2·N + activation-gradient backward 2·N; frozen weights, no weight "
-             "gradient) + encoder forward + projector (forward, weight and input gradients) + entropy 2·V·d per row",
+    "train": "4·N_decoder per LLM token + 4·N_head per answer token (forward 2·N + activation-gradient backward "
+             "2·N; frozen weights, no weight gradient) + encoder forward + projector (forward, weight and input "
+             "gradients) + entropy 2·V·d per row",
     "prefill": "2·N_decoder per non-padding prompt token + 2·N_head per sequence (logits of the last position only)",
     "encoder": "forward only, once per image: 2·P per token for every Linear (ViT: 1 + patches tokens; Q-Former: "
                "its queries, cross-attention K/V: the image tokens) and the patch Conv2d on the patches",
@@ -160,10 +162,11 @@ def entropy_flops(s: Shapes, rows: int) -> int:
     return 2 * s.entropy_vocab * s.hidden * rows
 
 
-def train_flops(s: Shapes, *, images: int, sequences: int, llm_tokens: int) -> dict[str, int]:
-    """One training micro-step: `images` images, `sequences` = S·B, `llm_tokens` = S·B·L tokens through the LLM
-    (every position: the loss needs the logits of each)."""
-    llm = 4 * s.llm_params * llm_tokens
+def train_flops(s: Shapes, *, images: int, sequences: int, llm_tokens: int, answer_tokens: int) -> dict[str, int]:
+    """One training micro-step: `images` images, `sequences` = S·B, `llm_tokens` = S·B·L tokens through the LLM's
+    decoder, `answer_tokens` of them predicting a label, the only ones through the LM head
+    (MiniGPT4.answer_cross_entropy). Frozen weights: forward 2·N and input gradient 2·N per token."""
+    llm = 4 * s.llm_decoder_params * llm_tokens + 4 * s.llm_head_params * answer_tokens
     encoder = s.encoder_flops_per_image * images
     projector = s.projector_train_flops_per_image * images + entropy_flops(s, sequences)
     return {"llm": llm, "encoder": encoder, "projector": projector, "total": llm + encoder + projector}
@@ -202,11 +205,12 @@ def saved_per_token_layer(s: Shapes) -> int:
     return attention + mlp + norms
 
 
-def training_activations(s: Shapes, *, llm_tokens: int, sequences: int, length: int, images: int) -> dict[str, int]:
+def training_activations(s: Shapes, *, llm_tokens: int, answer_tokens: int, sequences: int, length: int,
+                         images: int) -> dict[str, int]:
     """Saved-for-backward bytes of one training micro-step, by where they are kept."""
     layers = s.layers * saved_per_token_layer(s) * llm_tokens
     final = llm_tokens * (FP32 * s.hidden + FP32) + 2 * length * s.head_dim * s.compute_bytes  # final norm; cos, sin
-    logits = llm_tokens * s.vocab * FP32  # log_softmax output of the fp32 cross-entropy
+    logits = answer_tokens * s.vocab * FP32  # log_softmax output of the fp32 cross-entropy, answer positions only
     # VIB: ε and σ of every sample (fp32), the sampled tokens in the LLM dtype, the σ head's pre-softplus values
     samples = sequences // images
     vib = images * s.visual_tokens * s.hidden * (2 * samples * FP32 + samples * s.compute_bytes + FP32)
@@ -214,15 +218,16 @@ def training_activations(s: Shapes, *, llm_tokens: int, sequences: int, length: 
             "total": layers + final + logits + vib}
 
 
-def memory_model(s: Shapes, *, runtime_bytes: int, llm_tokens: int, sequences: int, length: int,
+def memory_model(s: Shapes, *, runtime_bytes: int, llm_tokens: int, answer_tokens: int, sequences: int, length: int,
                  images: int) -> dict[str, Any]:
     """Peak of the training micro-step, term by term: the runtime (the process before the model exists, measured),
     the weights, the saved activations, the optimizer (fp32 gradients + AdamW's two moments of the trainable
     parameters), and the loss's transient at the start of the backward pass (beside the saved fp32 log-softmax: the
     dense fp32 gradients of the NLL and of the log-softmax input, then their cast back to the LLM dtype)."""
-    activations = training_activations(s, llm_tokens=llm_tokens, sequences=sequences, length=length, images=images)
+    activations = training_activations(s, llm_tokens=llm_tokens, answer_tokens=answer_tokens, sequences=sequences,
+                                       length=length, images=images)
     optimizer = 3 * s.trainable_params * FP32
-    transient = llm_tokens * s.vocab * (2 * FP32 + s.compute_bytes)
+    transient = answer_tokens * s.vocab * (2 * FP32 + s.compute_bytes)
     terms = {"runtime": runtime_bytes, "weights": s.total_weight_bytes, "activations": activations["total"],
              "optimizer": optimizer, "loss_transient": transient}
     return {"terms": terms, "total": sum(terms.values()), "activations": activations,

@@ -347,7 +347,8 @@ def phase_costs(shapes: costs.Shapes, lengths: Lengths, s: CheckSettings) -> dic
     """Model FLOPs and decode bytes of the three phases (costs.py has the formulas)."""
     sequences = s.num_samples * s.batch_size
     train = costs.train_flops(shapes, images=s.batch_size, sequences=sequences,
-                              llm_tokens=sequences * lengths.train_length)
+                              llm_tokens=sequences * lengths.train_length,
+                              answer_tokens=sequences * lengths.caption_target)
     pope = costs.generation_flops(shapes, images=s.pope_questions, prompt_tokens=lengths.pope_prompt_tokens,
                                   new_tokens=s.pope_new_tokens)
     chair = costs.generation_flops(shapes, images=1, prompt_tokens=lengths.chair_width, new_tokens=s.chair_new_tokens)

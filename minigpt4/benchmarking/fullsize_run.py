@@ -72,7 +72,8 @@ def plan(s: CheckSettings, workdir: Path, device: torch.device) -> dict[str, Any
 def memory_models(shapes: costs.Shapes, lengths, s: CheckSettings, runtime: int) -> dict[str, Any]:
     sequences = s.num_samples * s.batch_size
     train = costs.memory_model(shapes, runtime_bytes=runtime, llm_tokens=sequences * lengths.train_length,
-                               sequences=sequences, length=lengths.train_length, images=s.batch_size)
+                               answer_tokens=sequences * lengths.caption_target, sequences=sequences,
+                               length=lengths.train_length, images=s.batch_size)
     pope = costs.generation_memory(shapes, runtime_bytes=runtime, sequences=s.pope_questions,
                                    context=lengths.pope_width + s.pope_new_tokens)
     chair = costs.generation_memory(shapes, runtime_bytes=runtime, sequences=1,
