@@ -64,6 +64,24 @@ def refused_settings_error(tmp_path, tokenizer_dir, capsys, options: list[str]) 
     return err
 
 
+def random_split_runner(tmp_path, tiny_model_factory, tokenizer_dir, monkeypatch, name: str, *fixed: str):
+    """(out folder, run): the tiny fixture written under `tmp_path`, and run(folder, *options) evaluating it into
+    `folder` on POPE's random split and CHAIR without bootstrap, with `fixed` options on every run (the
+    decode-time methods' tests: VCD, OPERA)."""
+    import evaluate
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    _write_fixture(tmp_path, tiny_model_factory)
+    out = tmp_path / name
+    cfg = _eval_cfg(tmp_path, tokenizer_dir, out)
+
+    def run(folder, *options: str) -> int:
+        return evaluate.main(["--cfg-path", str(cfg), "--options", f"eval.output_dir={folder}", "eval.bootstrap=0",
+                              "eval.pope.splits=[random]", *fixed, *options])
+
+    return out, run
+
+
 def _eval_cfg(root, tokenizer_dir, out):
     from minigpt4.common.tiny_models import tiny_model_config
 

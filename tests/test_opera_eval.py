@@ -65,17 +65,10 @@ def test_bad_opera_settings_are_refused_naming_the_keys(tmp_path, tiny_tokenizer
 
 def test_evaluate_with_opera_labels_fingerprints_and_resumes_only_itself(tmp_path, tiny_model_factory,
                                                                         tiny_tokenizer_dir, capsys, monkeypatch):
-    from test_evaluate import _eval_cfg, _write_fixture
+    from test_evaluate import random_split_runner
 
-    import evaluate
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    _write_fixture(tmp_path, tiny_model_factory)
-    out = tmp_path / "opera"
-    cfg = _eval_cfg(tmp_path, tiny_tokenizer_dir, out)
-    run = lambda folder, *options: evaluate.main([  # noqa: E731
-        "--cfg-path", str(cfg), "--options", f"eval.output_dir={folder}", "eval.bootstrap=0",
-        "eval.pope.splits=[random]", "eval.opera.num_beams=3", "eval.opera.num_attn_candidates=3", *options])
+    out, run = random_split_runner(tmp_path, tiny_model_factory, tiny_tokenizer_dir, monkeypatch, "opera",
+                                   "eval.opera.num_beams=3", "eval.opera.num_attn_candidates=3")
     assert run(out, "eval.decoding=opera") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     decoding = "opera(beams=3,scale=50,threshold=15,candidates=3,penalty=1,window=512)"

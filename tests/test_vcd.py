@@ -180,17 +180,9 @@ def test_bad_vcd_settings_are_refused_naming_the_key(tmp_path, tiny_tokenizer_di
 
 def test_evaluate_with_vcd_labels_and_fingerprints_it(tmp_path, tiny_model_factory, tiny_tokenizer_dir, capsys,
                                                       monkeypatch):
-    from test_evaluate import _eval_cfg, _write_fixture
+    from test_evaluate import random_split_runner
 
-    import evaluate
-
-    monkeypatch.setenv("HOME", str(tmp_path))
-    _write_fixture(tmp_path, tiny_model_factory)
-    out = tmp_path / "vcd"
-    cfg = _eval_cfg(tmp_path, tiny_tokenizer_dir, out)
-    run = lambda folder, *options: evaluate.main([  # noqa: E731
-        "--cfg-path", str(cfg), "--options", f"eval.output_dir={folder}", "eval.bootstrap=0",
-        "eval.pope.splits=[random]", *options])
+    out, run = random_split_runner(tmp_path, tiny_model_factory, tiny_tokenizer_dir, monkeypatch, "vcd")
     assert run(out, "eval.decoding=vcd") == 0
     metrics = json.loads((out / "metrics.json").read_text())
     pope_label = "single-string-pope+overrides+vcd(α=1,β=0.2,t=500,sample)"
