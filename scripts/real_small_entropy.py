@@ -88,6 +88,7 @@ def measure_model(config: str, overrides: list[str], max_images: int | None) -> 
     from minigpt4.eval.eval_config import load_eval_config
     from minigpt4.eval.protocol_runs import protocol_runs
     from minigpt4.models.from_config import build_model
+    from minigpt4.models.vib import mean_word_length
 
     cfg = load_eval_config(config, overrides)
     settings = OmegaConf.to_object(cfg.eval)
@@ -107,7 +108,7 @@ def measure_model(config: str, overrides: list[str], max_images: int | None) -> 
     embed = model.embed_weight.float()
     common, count = Counter(rows["top_token"]).most_common(1)[0]
     return {"config": config, "options": overrides, "images": keys, "vocab_size": int(embed.shape[0]),
-            "word_length_mean": float(torch.linalg.vector_norm(embed, dim=-1).mean()), "per_image": rows,
+            "word_length_mean": float(mean_word_length(embed)), "per_image": rows,
             "summary": {key: summary(rows[key]) for key in MEASURES},
             "top_token": {"most_common": common, "images": count, "of": len(keys)}}
 

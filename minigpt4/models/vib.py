@@ -86,6 +86,14 @@ def similarity_entropy(u: torch.Tensor, embed_weight: torch.Tensor, chunk_size: 
         return torch.cat(out).reshape(lead)
 
 
+def mean_word_length(embed_weight: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The mean ‖E_v‖ of the LLM's input embeddings, computed in `dtype` (default: at least fp32): the scale the
+    pooled token u is compared with, by the length-free entropy, the demo's diagnostics and
+    scripts/real_small_entropy.py."""
+    with torch.no_grad(), torch.autocast(device_type=embed_weight.device.type, enabled=False):
+        return torch.linalg.vector_norm(embed_weight.to(dtype or math_dtype(embed_weight)), dim=-1).mean()
+
+
 def rescaled_to_word_length(u: torch.Tensor, embed_weight: torch.Tensor) -> torch.Tensor:
     """u with its length set to the mean length of the LLM's word embeddings, its direction kept (in at least fp32).
 
@@ -96,7 +104,7 @@ def rescaled_to_word_length(u: torch.Tensor, embed_weight: torch.Tensor) -> torc
     """
     with torch.no_grad(), torch.autocast(device_type=u.device.type, enabled=False):
         dtype = math_dtype(u, embed_weight)
-        word_length = torch.linalg.vector_norm(embed_weight.to(dtype), dim=-1).mean()
+        word_length = mean_word_length(embed_weight, dtype)
         u = u.to(dtype)
         return u * (word_length / torch.linalg.vector_norm(u, dim=-1, keepdim=True).clamp_min(STD_FLOOR))
 

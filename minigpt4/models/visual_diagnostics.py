@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from minigpt4.models.vib import adaptive_weight, pool_tokens, similarity_entropy
+from minigpt4.models.vib import adaptive_weight, mean_word_length, pool_tokens, similarity_entropy
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,7 @@ def diagnose_features(model, features: torch.Tensor, top_k: int = 10) -> list[Im
     probs = similarity_probs(pooled, embed)
     top_p, top_ids = probs.topk(min(top_k, vocab), dim=-1)
     norms = pooled.norm(dim=-1).tolist()
-    word_norm = float(embed.float().norm(dim=-1).mean())
+    word_norm = float(mean_word_length(embed))
     results = []
     for b in range(features.shape[0]):
         words = [(token_text(model.tokenizer, int(i)), float(p)) for p, i in zip(top_p[b], top_ids[b], strict=True)]
