@@ -41,9 +41,10 @@ llava-hf checkpoint.''',
 `ckpt:` in its eval config (e.g. eval_configs/minigpt4_eval.yaml) to this file. This project loads it with
 `model.projector_path=minigpt4_projector.pth`.''',
 }
-# The real-small model's projector file: same keys as MiniGPT-4's, but only this project has its encoder.
+# What the card's first paragraph adds for a MiniGPT-4 variant with other backbones (model.visual_tokens).
 _VARIANT_NOTE = {"cnn_grid": " Its encoder is EfficientNet-Lite0 and its LLM SmolLM2-135M-Instruct (this project's "
                              "real-small model), not MiniGPT-4's ViT, Q-Former and Vicuna."}
+# The real-small model's projector file: same keys as MiniGPT-4's, but only this project has its encoder.
 USAGE_CNN_GRID = '''Only this project loads `minigpt4_projector.pth` for this model: the original MiniGPT-4 code has no
 CNN encoder, and this `llama_proj` takes `model.grid_group` concatenated positions of EfficientNet-Lite0's
 feature map per visual token.
