@@ -111,6 +111,23 @@ def _wait_text(page, selector: str, text: str, timeout_ms: int = 20_000) -> None
         arg=[selector, text], timeout=timeout_ms)
 
 
+def _wait_image_size(page, selector: str, size: tuple[int, int], timeout_ms: int = 20_000) -> None:
+    """Wait until the <img> at `selector` is decoded at `size` (naturalWidth, naturalHeight); fail naming what it shows.
+
+    Gradio swaps the preview's src when a new image arrives, and until the browser has decoded the new file
+    naturalWidth reads 0 (or the previous image's size). Reading it once, straight after the status line changed,
+    was a race that CI hit once.
+    """
+    try:
+        page.wait_for_function(
+            "([sel, w, h]) => { const img = document.querySelector(sel);"
+            " return img && img.complete && img.naturalWidth === w && img.naturalHeight === h; }",
+            arg=[selector, *size], timeout=timeout_ms)
+    except playwright_api.TimeoutError:
+        shown = page.locator(selector).evaluate("img => [img.naturalWidth, img.naturalHeight]")
+        pytest.fail(f"{selector} shows an image of {shown}, expected {list(size)} within {timeout_ms} ms")
+
+
 def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
     image_path = tmp_path / "shapes.png"
     image = Image.new("RGB", (160, 120), "white")
@@ -145,7 +162,7 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
             # The 64-px scene is shown enlarged (whole pixels), not as a stamp-sized thumbnail.
             preview = page.locator("#preview img")
             preview.wait_for(state="visible", timeout=10_000)
-            assert preview.evaluate("img => img.naturalWidth") >= 320
+            _wait_image_size(page, "#preview img", (320, 320))  # 64 px × 5, the smallest whole factor ≥ 320
             assert preview.bounding_box()["width"] >= 240 and preview.bounding_box()["height"] >= 240
             # Next to the tables, the same top-k distribution as a bar plot (one panel per projector).
             plot = page.locator("#similarity-plot img").first  # matplotlib figures arrive as a PNG
@@ -169,7 +186,8 @@ def test_upload_ask_compare_and_see_diagnostics(demo_url, tmp_path):
             assert page.locator("#diagnostics table").count() == 2  # one top-10 table per projector
             assert page.locator("#diagnostics table tbody tr").count() == 20
             assert page.locator("#preview img").count() == 1
-            assert page.locator("#preview img").evaluate("img => img.naturalWidth") == 320  # 160 px × 2
+            # 160 × 120 px enlarged × 2; the example scene before it was square, so this is the new image.
+            _wait_image_size(page, "#preview img", (320, 240))
 
             # Compare mode is on by default with --compare-ckpt: both projectors answer, side by side.
             page.locator("#question textarea").fill("Describe this image.")
