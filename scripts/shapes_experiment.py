@@ -10,7 +10,8 @@ train_configs/real_small_adavib.yaml) in 224 px worlds (data/shapes_world_224, d
 the two controls (β matched to AdaVIB's effective KL weight, β = 0) and the length-free α ablation as rows, on 100
 CHAIR images and the first 240 adversarial POPE questions of each world.
 
-Steps, each skipped when its output is already there from the same command (so a rerun resumes):
+Steps, each skipped when its output is already there from the same command and the same files it names (its
+recipe, the checkpoint it reads), so a rerun resumes; the report names the commits that produced the steps:
 1. build the two evaluation worlds (data/shapes_world, data/shapes_world_probe) if they are missing (seconds);
 2. evaluate the base model (assets/shapes_base) on CHAIR and POPE random/popular/adversarial;
 3. for each seed, fine-tune only its projector three ways with train_configs/shapes_adavib.yaml — linear-CE,
@@ -49,7 +50,7 @@ from minigpt4.shapes.experiment.plan import (
     slug,
 )
 from minigpt4.shapes.experiment.report import report
-from minigpt4.shapes.experiment.running import print_plan, run_plan
+from minigpt4.shapes.experiment.running import print_plan, run_plan, step_commits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -100,7 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     start, load_before = time.perf_counter(), load_average()
     ensure_worlds(Path(args.data), worlds, args.backbones)
     run_plan(steps)
-    print("\n" + report(args, worlds, evaluations, header=results_header(load_before)))
+    header = f"{results_header(load_before)} {step_commits(steps)}"
+    print("\n" + report(args, worlds, evaluations, header=header))
     print(f"written {Path(args.out) / 'results.md'}, results.json and figure1.png in "
           f"{time.perf_counter() - start:.0f} s")
     if args.publish:

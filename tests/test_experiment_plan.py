@@ -62,13 +62,55 @@ def test_matched_beta_is_adavibs_effective_kl_weight_and_a_missing_run_is_an_err
     assert step.ready() and step.resolved() == ["python", "train.py", "model.vib.beta=3e-05"]
     step.out_dir.mkdir()
     (step.out_dir / "done").write_text("")
-    (step.out_dir / "command.json").write_text(json.dumps(step.resolved()))
+    (step.out_dir / shapes_plan.STAMP_FILE).write_text(json.dumps(step.stamp()))
     assert step.reusable()
     _run_log(tmp_path / "other", [{"step": 1, "kl": 100.0, "kl_term": 1e-3}])  # AdaVIB ran again, differently
     assert not step._replace(command=["python", "train.py", shapes_plan.MatchedBeta(tmp_path / "other")]).reusable()
     _run_log(tmp_path / "no_kl", [{"step": 1, "loss": 1.0}])
     with pytest.raises(RuntimeError, match="no logged step with kl_term"):
         shapes_plan.MatchedBeta(tmp_path / "no_kl").resolve()
+
+
+def test_a_finished_step_runs_again_when_a_file_it_names_changed(tmp_path, monkeypatch):
+    """Reuse by command line alone lent a table the numbers of a recipe that had since been edited, or of an
+    evaluation whose checkpoint had been retrained: the stamp holds the SHA-256 of the files the command names."""
+    monkeypatch.chdir(tmp_path)  # the experiment runs from the checkout; its paths are relative to it
+    Path("recipe.yaml").write_text("model: {attn_implementation: sdpa}\n")
+    Path("run").mkdir()
+    Path("run/trainable.safetensors").write_bytes(b"weights v1")
+    out_dir = Path("eval")
+    command = ["python", "evaluate.py", "--cfg-path", "recipe.yaml",
+               "--options", "model.ckpt=run/trainable.safetensors", f"eval.output_dir={out_dir}",
+               f"--out={out_dir}/metrics.json", "eval.batch_size=4"]
+    step = shapes_plan.Step("base model", "eval", command, out_dir, "metrics.json")
+    out_dir.mkdir()
+    (out_dir / shapes_plan.STAMP_FILE).write_text(json.dumps(step.stamp()))
+    (out_dir / "metrics.json").write_text("{}")  # an output: not an input of the stamp
+    assert sorted(step.stamp()["inputs"]) == ["recipe.yaml", "run/trainable.safetensors"]
+    assert step.reusable()
+
+    Path("recipe.yaml").write_text("model: {attn_implementation: eager}\n")
+    assert not step.reusable()
+    Path("recipe.yaml").write_text("model: {attn_implementation: sdpa}\n")
+    assert step.reusable()
+    Path("run/trainable.safetensors").write_bytes(b"weights v2")  # the model was trained again
+    assert not step.reusable()
+
+
+def test_the_report_names_the_commits_that_produced_the_steps(tmp_path):
+    from minigpt4.shapes.experiment.running import step_commits
+
+    steps = []
+    made_by = (("a", "1" * 40, False), ("b", "1" * 40, False), ("c", "2" * 40, True), ("d", None, None))
+    for name, commit, dirty in made_by:
+        steps.append(shapes_plan.Step(name, "eval", ["python", "evaluate.py"], tmp_path / name, "metrics.json"))
+        if commit is not None:
+            (tmp_path / name).mkdir()
+            (tmp_path / name / "provenance.json").write_text(json.dumps({"git": {"commit": commit, "dirty": dirty}}))
+    assert step_commits(steps[:2]) == f"Every step was produced by commit {'1' * 12}."
+    assert step_commits(steps) == (f"The steps were produced by 2 commits: {'1' * 12} (2 steps); "
+                                   f"{'2' * 12} with uncommitted changes (1 step).")
+    assert step_commits(steps[3:]) == "No step recorded its commit."
 
 
 def test_the_pope_subset_holds_the_first_questions_of_each_split(tmp_path):
@@ -92,7 +134,8 @@ def test_the_report_names_each_seeds_matched_beta_from_its_own_command(tmp_path)
     for seed, beta in ((0, "2.5e-06"), (1, "3.1e-06")):
         run = tmp_path / f"seed{seed}" / "vib_matched_beta"
         run.mkdir(parents=True)
-        (run / "command.json").write_text(json.dumps(["python", "train.py", f"model.vib.beta={beta}"]))
+        (run / shapes_plan.STAMP_FILE).write_text(json.dumps(
+            {"command": ["python", "train.py", f"model.vib.beta={beta}"], "inputs": {}}))
     text = matched_beta_text(tmp_path, [0, 1], ["base", "linear-CE", shapes_plan.MATCHED])
     assert "β = 2.5e-06, 3.1e-06 (seed 0, 1)" in text
     assert matched_beta_text(tmp_path, [0, 1], ["base", "linear-CE"]) == ""

@@ -199,6 +199,8 @@ def test_experiment_script_end_to_end_on_a_tiny_world(small_worlds, tmp_path, ca
     for row in ("| base |", "| linear-CE |", "| AdaVIB |", "| AdaVIB + VCD |", "co-occurrence probe val"):
         assert row in report
     assert "Backbones: toy (train_configs/shapes_adavib.yaml, eval_configs/shapes_base.yaml)" in report
+    # Each train / evaluate step recorded its commit; one checkout made them all (its dirty flag rides along).
+    assert re.search(r"Every step was produced by commit (unknown|[0-9a-f]{12})( with uncommitted changes)?\.", report)
     # The VCD row decoded with VCD (its label names the source's parameters), from AdaVIB's own fine-tune.
     vcd_metrics = json.loads((out / "seed0/adavib/eval_adavib_vcd_co_occurrence_probe/metrics.json").read_text())
     assert "+vcd(α=1,β=0.1,t=500,sample)" in vcd_metrics["protocols"]["chair"]["label"]

@@ -2,7 +2,7 @@
 table has, the two evaluation worlds, and every train.py / evaluate.py / visual_entropy.py command in order.
 
 Each step is the exact command line a user would type, so the experiment runs the same code paths as the 7B
-recipes; a step already finished by the same command line is reused (running.py).
+recipes; a step already finished by the same command line, with the same files behind it, is reused (running.py).
 """
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import NamedTuple
 
+from minigpt4.common.files import sha256_file
 from minigpt4.shapes.world.folder import ensure_shapes_world, first_pope_questions, pope_folder
 
 TRAIN_CONFIG = "train_configs/shapes_adavib.yaml"
@@ -124,6 +125,22 @@ class MatchedBeta(NamedTuple):
         return f"model.vib.beta={sum(weights) / len(weights):.6g}"
 
 
+STAMP_FILE = "command.json"  # in a step's output folder: what it ran with (Step.stamp)
+
+
+def named_files(command: list[str], out_dir: Path) -> list[str]:
+    """The input files a command line names after its script: the recipe after --cfg-path, a checkpoint or a
+    data file given as key=path (relative to the checkout, the experiment's working directory). Files under the
+    step's own output folder are its outputs, not its inputs."""
+    found = []
+    for part in command[2:]:
+        value = part.split("=", 1)[1] if "=" in part else part
+        path = Path(value)
+        if value and path.is_file() and out_dir.resolve() not in path.resolve().parents:
+            found.append(value)
+    return found
+
+
 class Step(NamedTuple):
     """One train.py / evaluate.py command, its output folder and the file that marks it finished."""
 
@@ -145,12 +162,21 @@ class Step(NamedTuple):
         """False while a placeholder's run has not finished yet (a dry run cannot know its command)."""
         return all(isinstance(part, str) or (part.run_dir / "metrics.jsonl").is_file() for part in self.command)
 
+    def stamp(self) -> dict:
+        """What the step runs with: its command line and the SHA-256 of every input file it names. Editing the
+        recipe, or retraining the model an evaluation reads, changes it, so the step runs again instead of
+        lending its old numbers to the new report. The package's code and the weights a recipe names inside it
+        are not in it: the report names the commits that produced its steps (running.step_commits)."""
+        command = self.resolved()
+        return {"command": command,
+                "inputs": {path: sha256_file(path) for path in named_files(command, self.out_dir)}}
+
     def reusable(self) -> bool:
-        """Finished before by the same command line (a rerun with other options starts the step afresh)."""
-        stamp = self.out_dir / "command.json"
+        """Finished before with the same stamp (other options or changed input files start the step afresh)."""
+        stamp = self.out_dir / STAMP_FILE
         if not (self.out_dir / self.done_file).is_file() or not stamp.is_file() or not self.ready():
             return False
-        return json.loads(stamp.read_text()) == self.resolved()
+        return json.loads(stamp.read_text()) == self.stamp()
 
 
 class Evaluation(NamedTuple):

@@ -20,6 +20,7 @@ from minigpt4.shapes.experiment.plan import (
     BASELINE,
     ENTROPY_FILE,
     MATCHED,
+    STAMP_FILE,
     VARIANTS,
     Backbones,
     Evaluation,
@@ -184,7 +185,7 @@ def matched_beta_text(out: Path, seeds: list[int], variants: list[str]) -> str:
         return ""
     betas = []
     for seed in seeds:
-        command = json.loads((out / f"seed{seed}" / slug(MATCHED) / "command.json").read_text())
+        command = json.loads((out / f"seed{seed}" / slug(MATCHED) / STAMP_FILE).read_text())["command"]
         betas.append(next(part.split("=", 1)[1] for part in command if part.startswith("model.vib.beta=")))
     return (f" {MATCHED}: β = {', '.join(betas)} (seed {', '.join(map(str, seeds))}), the mean effective KL weight "
             "β·Σα·KL/ΣKL of the same seed's AdaVIB run.")

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from minigpt4.shapes.experiment.plan import Step
+from minigpt4.shapes.experiment.plan import STAMP_FILE, Step
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: train.py, evaluate.py, scripts/ run from here
 # Without a terminal (a log file, CI) the child's progress line is printed at most this often, in seconds.
@@ -111,11 +111,12 @@ def run_step(step: Step, index: int, progress: Progress) -> None:
     if step.reusable():
         progress.say(index, f"reuse  {step.out_dir}")
         return
-    command = step.resolved()  # a placeholder (MatchedBeta) reads its run, which ran earlier in the plan
+    stamp = step.stamp()  # a placeholder (MatchedBeta) reads its run, which ran earlier in the plan
+    command = stamp["command"]
     if step.out_dir.exists():
         shutil.rmtree(step.out_dir)
     step.out_dir.mkdir(parents=True)
-    (step.out_dir / "command.json").write_text(json.dumps(command))
+    (step.out_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
     progress.say(index, "run    " + shlex.join(command))
     progress.say(index, f"log    {step.log_path}")
     started = time.perf_counter()
@@ -125,6 +126,27 @@ def run_step(step: Step, index: int, progress: Progress) -> None:
         tail = step.log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-15:]
         raise RuntimeError(f"step failed (exit {returncode}); last lines of {step.log_path}:\n" + "\n".join(tail))
     progress.done(index, time.perf_counter() - started)
+
+
+def step_commits(steps: list[Step]) -> str:
+    """Which commits produced the steps, from the provenance.json that train.py and evaluate.py write: one
+    sentence for the report. A resumed run can mix steps made by older code (reuse checks the command line and
+    its files, not the code), and a table must not look as if one commit made all of it."""
+    counts: dict[str, int] = {}
+    for step in steps:
+        path = step.out_dir / "provenance.json"
+        if not path.is_file():
+            continue  # visual_entropy.py writes none: its numbers come from the models the other steps made
+        git = json.loads(path.read_text()).get("git") or {}
+        name = (git.get("commit") or "unknown")[:12] + (" with uncommitted changes" if git.get("dirty") else "")
+        counts[name] = counts.get(name, 0) + 1
+    if not counts:
+        return "No step recorded its commit."
+    if len(counts) == 1:
+        return f"Every step was produced by commit {next(iter(counts))}."
+    by_count = sorted(counts.items(), key=lambda kv: -kv[1])
+    listed = "; ".join(f"{name} ({n} step{'s' if n != 1 else ''})" for name, n in by_count)
+    return f"The steps were produced by {len(counts)} commits: {listed}."
 
 
 def run_plan(steps: list[Step]) -> None:
