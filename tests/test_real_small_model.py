@@ -107,6 +107,30 @@ def test_a_short_adavib_fine_tune_changes_only_the_projector(adavib_model):
     assert any(k.startswith("projector.llama_proj.") for k in changed)
 
 
+def test_the_recipes_eager_attention_computes_what_sdpa_computes(adavib_model):
+    """The fine-tune recipes choose eager attention for CPU speed (train_configs/real_small_adavib.yaml): on a padded
+    batch in fp32, the loss and the projector's gradient equal SDPA's to float rounding, so the choice changes
+    time, not results."""
+    model = adavib_model
+    assert model.llm.config._attn_implementation == "eager"
+    torch.manual_seed(1)
+    batch = {"image": torch.randn(2, 3, 224, 224), "instruction": ["Describe this image.", "Is there a star?"],
+             "answer": ["A red circle, a blue square and a small green triangle.", "No."]}  # unequal: padding
+    results = {}
+    try:
+        for attention in ("sdpa", "eager"):
+            model.llm.set_attn_implementation(attention)
+            torch.manual_seed(2)  # the same VIB noise for both
+            loss = model(batch)["loss"]
+            weight = model.projector.llama_proj.weight
+            results[attention] = (loss.detach(), torch.autograd.grad(loss, weight)[0])
+    finally:
+        model.llm.set_attn_implementation("eager")
+    (sdpa_loss, sdpa_grad), (eager_loss, eager_grad) = results["sdpa"], results["eager"]
+    torch.testing.assert_close(eager_loss, sdpa_loss, rtol=1e-5, atol=1e-6)
+    assert float((eager_grad - sdpa_grad).norm() / sdpa_grad.norm()) < 1e-5  # elementwise, tiny entries differ
+
+
 def test_shapes_protocols_prompt_smollm2_with_its_training_prompt():
     from minigpt4.conversation.templates import get_template
     from minigpt4.eval.protocol_runs import TEMPLATE_FAMILY
