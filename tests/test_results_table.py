@@ -78,6 +78,25 @@ def test_cli_writes_the_table(tmp_path, capsys):
     assert capsys.readouterr().out == EXPECTED
 
 
+def test_a_crash_while_writing_the_table_keeps_the_old_one(tmp_path, monkeypatch):
+    """--out is written beside and renamed into place (common/jsonfiles.write_text_atomic), so a crash mid-write
+    leaves the previous table whole and no temporary file behind."""
+    from minigpt4.common import jsonfiles
+
+    first = write(tmp_path / "base" / "metrics.json", BASELINE)
+    out = tmp_path / "table.md"
+    out.write_text("the previous table\n")
+
+    def crash(*_):
+        raise OSError("disk gone mid-write")
+
+    monkeypatch.setattr(jsonfiles.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        results_table_module.main([str(first), "--out", str(out)])
+    assert out.read_text() == "the previous table\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "table.md"]
+
+
 @pytest.mark.parametrize(
     "data,message",
     [

@@ -108,16 +108,21 @@ def read_jsonl(path: str | os.PathLike) -> list[tuple[int, Any]]:
     return parse_jsonl(read_text(path), path)
 
 
-def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
-    """`obj` as UTF-8 JSON with a final newline, written whole or not at all: to a temporary file beside `path`,
-    then `os.replace`, so a crash leaves the previous file (or none), never half of one. Creates the folder."""
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`text` as UTF-8, written whole or not at all: to a temporary file beside `path`, then `os.replace`, so a
+    crash leaves the previous file (or none), never half of one. Creates the folder."""
     path = os.fspath(path)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+            f.write(text)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(path: str | os.PathLike, obj: Any, *, indent: int = 2) -> None:
+    """`obj` as UTF-8 JSON with a final newline, written atomically (write_text_atomic)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")

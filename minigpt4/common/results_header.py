@@ -17,6 +17,7 @@ import platform
 from pathlib import Path
 from typing import Sequence
 
+from minigpt4.common.jsonfiles import write_text_atomic
 from minigpt4.common.provenance import git_state
 
 
@@ -86,8 +87,5 @@ def publish(markdown: str | os.PathLike, destination: str | os.PathLike) -> Path
     """Copy a written Markdown file to `destination` (e.g. docs/results/NAME.md), atomically: a crash leaves the
     old copy or the new one, never half of one."""
     destination = check_publish_path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_name(f".{destination.name}.partial")
-    partial.write_text(Path(markdown).read_text(encoding="utf-8"), encoding="utf-8")
-    os.replace(partial, destination)
+    write_text_atomic(destination, Path(markdown).read_text(encoding="utf-8"))
     return destination

@@ -39,6 +39,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from minigpt4.common.jsonfiles import write_text_atomic
 from minigpt4.eval.metrics_file import load_metrics_file
 
 MISSING = "–"
@@ -190,7 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(table, end="")
     if args.out:
-        Path(args.out).write_text(table, encoding="utf-8")
+        write_text_atomic(args.out, table)  # a crash never leaves half a table under the name
     return 0
 
 

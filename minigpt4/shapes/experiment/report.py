@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from minigpt4.common.jsonfiles import write_json, write_text_atomic
 from minigpt4.eval import entropy_correlation as fig1
 from minigpt4.eval.cooccurrence import partner_traps, total, world_pairs
 from minigpt4.eval.paired import compare_eval_dirs
@@ -226,6 +227,6 @@ def report(args: argparse.Namespace, worlds: dict[str, Path], evaluations: list[
     summary["figure1_finding"] = finding
     fig1.plot_hallucination_by_bin(panels, out / "figure1.png", "Hallucination rate by H/log V of the visual tokens")
     markdown = "\n".join(parts)
-    (out / "results.md").write_text(markdown, encoding="utf-8")
-    (out / "results.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_text_atomic(out / "results.md", markdown)
+    write_json(out / "results.json", summary, indent=1)
     return markdown
