@@ -4,7 +4,6 @@ after each step: step k of N, the elapsed time and an estimate of what is left.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shlex
@@ -14,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+from minigpt4.common.jsonfiles import read_json, write_json
+from minigpt4.common.provenance import PROVENANCE_FILE
 from minigpt4.shapes.experiment.plan import STAMP_FILE, Step
 
 ROOT = Path(__file__).resolve().parents[3]  # the checkout: train.py, evaluate.py, scripts/ run from here
@@ -116,7 +117,7 @@ def run_step(step: Step, index: int, progress: Progress) -> None:
     if step.out_dir.exists():
         shutil.rmtree(step.out_dir)
     step.out_dir.mkdir(parents=True)
-    (step.out_dir / STAMP_FILE).write_text(json.dumps(stamp, indent=1))
+    write_json(step.out_dir / STAMP_FILE, stamp, indent=1)
     progress.say(index, "run    " + shlex.join(command))
     progress.say(index, f"log    {step.log_path}")
     started = time.perf_counter()
@@ -134,10 +135,10 @@ def step_commits(steps: list[Step]) -> str:
     its files, not the code), and a table must not look as if one commit made all of it."""
     counts: dict[str, int] = {}
     for step in steps:
-        path = step.out_dir / "provenance.json"
+        path = step.out_dir / PROVENANCE_FILE
         if not path.is_file():
             continue  # visual_entropy.py writes none: its numbers come from the models the other steps made
-        git = json.loads(path.read_text()).get("git") or {}
+        git = read_json(path).get("git") or {}
         name = (git.get("commit") or "unknown")[:12] + (" with uncommitted changes" if git.get("dirty") else "")
         counts[name] = counts.get(name, 0) + 1
     if not counts:
